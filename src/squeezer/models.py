@@ -1,0 +1,145 @@
+"""Resolving a MODEL spec (``zoo:NAME``, ``pkg.module:factory``, ``hf:DIR``) and loading weights safely.
+
+Weights load from safetensors or from a torch file with ``weights_only=True``; a full pickle (which
+can run arbitrary code) loads only when the caller opts in with ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+def load_model(
+    spec: str, *, weights: str | os.PathLike | None = None, trust_pickle: bool = False
+) -> nn.Module:
+    """Build the model a spec names and load ``weights`` into it.
+
+    Args:
+        spec: ``zoo:NAME`` (built-in), ``pkg.module:factory`` (a callable returning an nn.Module),
+            or ``hf:DIR`` / ``hf:minilm`` (Hugging Face encoders; needs the ``hf`` extra).
+        weights: a ``.safetensors`` file or a torch state-dict file.
+        trust_pickle: allow a weights file that is a full pickle (it can execute code).
+
+    Example:
+        >>> m = load_model("zoo:digits_cnn")
+        >>> m.input_shape
+        (1, 8, 8)
+    """
+    spec = str(spec)
+    if spec.startswith("zoo:"):
+        from .zoo import create
+
+        model = create(spec[4:])
+    elif spec.startswith("hf:"):
+        try:
+            from .hf import load_hf
+        except ImportError as exc:  # pragma: no cover - hf module ships with the package
+            raise UnsupportedModelError(f"hf: models are unavailable ({exc})") from exc
+        model = load_hf(spec)
+    elif ":" in spec:
+        model = _from_factory(spec)
+    else:
+        raise UnsupportedModelError(
+            f"cannot resolve model {spec!r}; write zoo:NAME (see 'squeezer zoo'), "
+            "pkg.module:factory, or hf:DIR"
+        )
+    if weights is not None:
+        load_weights(model, weights, trust_pickle=trust_pickle)
+    model.eval()
+    return model
+
+
+def _from_factory(spec: str) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"cannot import {mod_name!r} for model {spec!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise UnsupportedModelError(f"module {mod_name!r} has no attribute {attr!r}")
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:
+        raise UnsupportedModelError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"{spec} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """A state dict from a ``.safetensors`` file or a torch file (``weights_only`` unless trusted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnsupportedModelError(f"weights file {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UnsupportedModelError(
+                f"{path} is not a valid safetensors file ({str(exc).splitlines()[0][:80]}); "
+                "re-export it with safetensors.torch.save_file"
+            ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        text = str(exc)
+        if not trust_pickle and ("weights_only" in text or "Unsupported global" in text):
+            raise UnsupportedModelError(
+                f"{path} is a full pickle, which can run arbitrary code; if you trust it, pass "
+                "--trust-pickle (or save a state_dict / safetensors instead)"
+            ) from None
+        raise UnsupportedModelError(
+            f"cannot read weights {path} ({type(exc).__name__}); save them with "
+            "torch.save(model.state_dict(), path) or safetensors"
+        ) from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UnsupportedModelError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: bool = False) -> None:
+    """Load a weights file into ``model`` (which the caller just built), strictly."""
+    sd = read_state_dict(path, trust_pickle=trust_pickle)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UnsupportedModelError(
+            f"{Path(path).name} does not fit the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}; was it saved from another architecture?"
+        )
+
+
+def save_weights(
+    model_or_state: nn.Module | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a state dict to ``path`` as safetensors, atomically."""
+    from safetensors.torch import save
+
+    from .config import write_bytes_atomic
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+    write_bytes_atomic(path, save(sd, metadata=metadata))

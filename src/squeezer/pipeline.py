@@ -1,0 +1,226 @@
+"""The main job as an API: measure the float model, choose a plan, quantize, evaluate, and collect
+everything the run folder and report need. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Budget, LayerQuant, Plan, QuantConfig
+from .data import Batches, Dataset, evaluate
+from .errors import ConfigError
+from .graph import quantizable_layers
+from .measure import average_bits, bops, latency, model_bytes, profile_layers
+from .quant.apply import quantize
+from .quant.modules import QuantMixin
+
+#: Samples of the training split used to calibrate activation ranges.
+CALIB_SAMPLES = 512
+
+
+@dataclass
+class Evaluation:
+    """One evaluated model variant (a row of the report's variants table)."""
+
+    name: str
+    metric: float
+    size_bytes: float
+    avg_bits: float
+    bops: float
+    plan: Plan | None = None
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "metric": self.metric,
+            "size_bytes": self.size_bytes,
+            "avg_bits": self.avg_bits,
+            "bops": self.bops,
+        }
+        if self.latency_ms is not None:
+            d["latency_ms"] = self.latency_ms
+        return d
+
+
+@dataclass
+class Result:
+    """What one compression run produced."""
+
+    model: nn.Module
+    qmodel: nn.Module
+    plan: Plan
+    before: Evaluation
+    after: Evaluation
+    variants: list[Evaluation] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self, data: Dataset) -> dict[str, Any]:
+        """The ``metrics.json`` document."""
+        return {
+            "metric_name": data.task.metric_name,
+            "higher_is_better": data.task.higher_is_better,
+            "data": data.name,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "variants": [v.to_dict() for v in self.variants],
+            "layers": self.layers,
+            **self.extras,
+        }
+
+
+def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int = 128) -> Batches:
+    """A fixed, seeded subset of the training split for activation calibration."""
+    return Batches(data.x_train, data.y_train, batch, shuffle=True, seed=1234, limit=samples)
+
+
+def example_input(data: Dataset, n: int = 1) -> Any:
+    x = data.x_test
+    if isinstance(x, dict):
+        return {k: v[:n] for k, v in x.items()}
+    return x[:n]
+
+
+def uniform_plan(
+    model: nn.Module,
+    bits: int,
+    *,
+    act_bits: int | None = 8,
+    granularity: str = "channel",
+    group_size: int | None = None,
+) -> Plan:
+    """Every quantizable layer at ``bits`` (per-channel by default) with ``act_bits`` activations.
+
+    Embeddings get no activation quantizer (their inputs are indices)."""
+    layers = quantizable_layers(model)
+    base = LayerQuant(bits=bits, granularity=granularity, group_size=group_size, act_bits=act_bits)
+    plan = QuantConfig(base).to_plan(model)
+    specs = {
+        k: (replace(v, act_bits=None) if isinstance(layers[k], nn.Embedding) else v)
+        for k, v in plan.layers.items()
+    }
+    name = f"W{bits}A{act_bits}" if act_bits else f"W{bits}"
+    return Plan(specs, meta={"method": "uniform", "bits": bits, "act_bits": act_bits, "name": name})
+
+
+def evaluate_variant(
+    name: str, model: nn.Module, qmodel: nn.Module, plan: Plan | None, data: Dataset, profiles: dict
+) -> Evaluation:
+    """Metric, size, average bits and BOPs of one (quantized) model."""
+    return Evaluation(
+        name=name,
+        metric=evaluate(qmodel, data.test_batches(), data.task),
+        size_bytes=model_bytes(model, plan),
+        avg_bits=average_bits(model, plan) if plan else 32.0,
+        bops=sum(bops(profiles, plan).values()),
+        plan=plan,
+    )
+
+
+@torch.no_grad()
+def layer_table(model: nn.Module, qmodel: nn.Module, plan: Plan, profiles: dict) -> list[dict]:
+    """Per-layer rows: FQN, type, params, MACs, bits, activation bits, ‖Q(W) − W‖/‖W‖."""
+    qlayers = dict(qmodel.named_modules())
+    rows = []
+    for fqn, prof in profiles.items():
+        spec = plan.layers.get(fqn)
+        q = qlayers.get(fqn)
+        rel = None
+        if isinstance(q, QuantMixin):
+            w = q.weight
+            rel = float((q.qweight() - w).norm() / w.norm().clamp_min(1e-30))
+        rows.append(
+            {
+                "fqn": fqn,
+                "type": prof.type,
+                "params": prof.params,
+                "macs": prof.macs,
+                "bits": spec.bits if spec else 32,
+                "act_bits": spec.act_bits if spec else None,
+                "rel_error": rel,
+            }
+        )
+    return rows
+
+
+def compress(
+    model: nn.Module,
+    data: Dataset,
+    budget: Budget,
+    *,
+    act_bits: int | None = 8,
+    extra_variants: tuple[Plan, ...] = (),
+    progress: bool = False,
+) -> Result:
+    """Quantize ``model`` to meet ``budget`` and evaluate the result.
+
+    A budget of ``bits=N`` with a whole N quantizes every layer uniformly at N bits per channel;
+    other budgets need the Hessian planner.
+
+    Example:
+        >>> from squeezer.data import load_data
+        >>> from squeezer.zoo import create
+        >>> r = compress(create("digits_cnn"), load_data("digits"), Budget(bits=8))  # doctest: +SKIP
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    example = example_input(data, 1)
+    profiles = profile_layers(model, example)
+    before = evaluate_variant("FP32", model, model, None, data, profiles)
+    before.latency_ms = latency(model, example, warmup=3, runs=20).median_ms
+    timings["measure_fp32"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plan = choose_plan(model, data, budget, act_bits=act_bits)
+    timings["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib = calibration_batches(data)
+    qmodel = quantize(model, plan, calib=calib)
+    timings["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    after = evaluate_variant(
+        plan.meta.get("name", "compressed"), model, qmodel, plan, data, profiles
+    )
+    variants = [before, after]
+    for p in extra_variants:
+        qm = quantize(model, p, calib=calib)
+        variants.append(
+            evaluate_variant(p.meta.get("name", "variant"), model, qm, p, data, profiles)
+        )
+    timings["evaluate"] = time.perf_counter() - t
+    return Result(
+        model,
+        qmodel,
+        plan,
+        before,
+        after,
+        variants,
+        layer_table(model, qmodel, plan, profiles),
+        timings,
+    )
+
+
+def choose_plan(model: nn.Module, data: Dataset, budget: Budget, *, act_bits: int | None) -> Plan:
+    """The plan for ``budget``: uniform for a whole ``bits=N`` budget."""
+    only_bits = (
+        budget.bits is not None
+        and budget.size_bytes is None
+        and budget.bops is None
+        and budget.latency_ms is None
+        and not budget.relative
+    )
+    if only_bits and float(budget.bits).is_integer():
+        plan = uniform_plan(model, int(budget.bits), act_bits=act_bits)
+        return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
+    raise ConfigError(
+        f"budget {budget} needs the Hessian planner, which this build lacks; "
+        "use a whole number of bits, e.g. --budget bits=8"
+    )

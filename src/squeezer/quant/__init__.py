@@ -1,0 +1,1 @@
+"""Quantization: pure primitives, quantized layers, and the `quantize` transform."""

@@ -1,0 +1,278 @@
+"""The run report: a self-contained ``report.html`` (plots inlined as PNG data URIs) and ``report.md``,
+rendered from the JSON files of a run folder, so ``squeezer report DIR`` can always re-write it.
+
+Each section is a function of the loaded run that returns (markdown, html) or None when its inputs
+are absent; later stages add sections by appending to :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import write_text_atomic
+
+Run = dict[str, Any]
+Section = Callable[[Run], tuple[str, str] | None]
+SECTIONS: list[tuple[str, Section]] = []
+
+
+def section(title: str) -> Callable[[Section], Section]:
+    """Register a report section renderer."""
+
+    def deco(fn: Section) -> Section:
+        SECTIONS.append((title, fn))
+        return fn
+
+    return deco
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Every JSON file of a run folder, keyed by file stem (``metrics``, ``plan``, ``spectrum``...)."""
+    run: Run = {"dir": Path(run_dir)}
+    for f in sorted(Path(run_dir).glob("*.json")):
+        try:
+            run[f.stem] = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return run
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Render ``report.md`` and ``report.html`` into ``run_dir`` from its JSON files."""
+    run = load_run(run_dir)
+    title = "squeezer report"
+    man = run.get("manifest", {})
+    subtitle = " · ".join(
+        str(x) for x in (man.get("model"), man.get("data"), man.get("budget")) if x
+    )
+    md_parts = [f"# {title}\n", f"{subtitle}\n" if subtitle else ""]
+    html_parts = []
+    for name, fn in SECTIONS:
+        out = fn(run)
+        if out is None:
+            continue
+        md, body = out
+        md_parts.append(f"\n## {name}\n\n{md}\n")
+        html_parts.append(f"<section><h2>{html.escape(name)}</h2>\n{body}\n</section>")
+    md_text = "".join(md_parts)
+    page = _PAGE.format(
+        title=html.escape(title),
+        subtitle=html.escape(subtitle),
+        body="\n".join(html_parts),
+        version=html.escape(str(man.get("version", ""))),
+    )
+    d = Path(run_dir)
+    write_text_atomic(d / "report.md", md_text)
+    write_text_atomic(d / "report.html", page)
+    return d / "report.html", d / "report.md"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable bytes: ``fmt_bytes(1536)`` → ``'1.5 kB'`` (powers of 1000)."""
+    if n is None:
+        return "–"
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> tuple[str, str]:
+    """A table as (markdown, html)."""
+    md = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
+    md += "".join("| " + " | ".join(fmt_num(c) for c in r) + " |\n" for r in rows)
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt_num(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return md, f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def figure(draw: Callable[[Any], None], *, width: float = 7.0, height: float = 3.2) -> str:
+    """Render ``draw(ax)`` with matplotlib into an inlined PNG ``<img>``; a note if matplotlib is
+    missing (the ``report`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "<p class=note>Plots need matplotlib: pip install 'squeezer[report]'.</p>"
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    try:
+        draw(ax)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+
+
+@section("Summary")
+def _summary(run: Run) -> tuple[str, str] | None:
+    m = run.get("metrics")
+    if not m:
+        return None
+    name = m.get("metric_name", "metric")
+    b, a = m.get("before", {}), m.get("after", {})
+    rows = [
+        [name, b.get("metric"), a.get("metric"), _delta(a.get("metric"), b.get("metric"))],
+        [
+            "size",
+            fmt_bytes(b.get("size_bytes")),
+            fmt_bytes(a.get("size_bytes")),
+            _ratio(b.get("size_bytes"), a.get("size_bytes")),
+        ],
+        ["average weight bits", b.get("avg_bits"), a.get("avg_bits"), ""],
+        ["BOPs per sample", b.get("bops"), a.get("bops"), _ratio(b.get("bops"), a.get("bops"))],
+    ]
+    for key, label in (("latency_ms", "latency (ms, batch 1)"),):
+        if b.get(key) is not None or a.get(key) is not None:
+            rows.append([label, b.get(key), a.get(key), _ratio(b.get(key), a.get(key))])
+    md, body = table(["", "before (FP32)", "after", "change"], rows)
+    return md, body
+
+
+def _delta(a: Any, b: Any) -> str:
+    return f"{a - b:+.2f}" if isinstance(a, int | float) and isinstance(b, int | float) else ""
+
+
+def _ratio(before: Any, after: Any) -> str:
+    if isinstance(before, int | float) and isinstance(after, int | float) and after:
+        return (
+            f"{before / after:.2f}× smaller" if before >= after else f"{after / before:.2f}× larger"
+        )
+    return ""
+
+
+@section("Variants")
+def _variants(run: Run) -> tuple[str, str] | None:
+    m = run.get("metrics") or {}
+    vs = m.get("variants")
+    if not vs:
+        return None
+    name = m.get("metric_name", "metric")
+    rows = [
+        [v["name"], v.get("metric"), fmt_bytes(v.get("size_bytes")), v.get("avg_bits")] for v in vs
+    ]
+    md, body = table(["variant", name, "size", "avg weight bits"], rows)
+
+    def draw(ax):
+        for v in vs:
+            ax.scatter(v["size_bytes"] / 1e3, v["metric"], s=40)
+            ax.annotate(
+                v["name"],
+                (v["size_bytes"] / 1e3, v["metric"]),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        ax.set_xlabel("model size (kB)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} vs size")
+
+    return md, body + figure(draw)
+
+
+@section("Layers")
+def _layers(run: Run) -> tuple[str, str] | None:
+    m = run.get("metrics") or {}
+    layers = m.get("layers")
+    if not layers:
+        return None
+    headers = ["layer", "type", "params", "MACs", "bits", "act bits", "rel. error"]
+    rows = [
+        [
+            r["fqn"],
+            r["type"],
+            r["params"],
+            r["macs"],
+            r.get("bits"),
+            r.get("act_bits") or "–",
+            r.get("rel_error"),
+        ]
+        for r in layers
+    ]
+    md, body = table(headers, rows)
+
+    def draw(ax):
+        names = [r["fqn"] for r in layers]
+        xs = range(len(names))
+        ax.bar(xs, [r.get("bits") or 32 for r in layers], color="#4c72b0", label="weight bits")
+        ax.set_ylabel("weight bits")
+        ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
+        ax2 = ax.twinx()
+        ax2.plot(
+            list(xs),
+            [r.get("rel_error") or 0 for r in layers],
+            "o-",
+            color="#dd8452",
+            label="relative error",
+        )
+        ax2.set_ylabel("‖Q(W) − W‖ / ‖W‖")
+        ax.set_title("per-layer bits and quantization error")
+
+    return md, body + figure(draw, height=3.6)
+
+
+@section("Run")
+def _manifest(run: Run) -> tuple[str, str] | None:
+    man = run.get("manifest")
+    if not man:
+        return None
+    rows = [
+        [k, json.dumps(v) if isinstance(v, dict | list) else v]
+        for k, v in man.items()
+        if k not in ("timings",)
+    ]
+    rows += [[f"time: {k}", f"{v:.2f} s"] for k, v in (man.get("timings") or {}).items()]
+    return table(["key", "value"], rows)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 70rem; padding: 0 1rem; color: #222; }}
+h1 {{ margin-bottom: 0.2rem; }} .sub {{ color: #666; margin-top: 0; }}
+section {{ margin: 2rem 0; }}
+table {{ border-collapse: collapse; font-size: 0.9rem; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.3rem 0.7rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+thead th {{ background: #f4f4f4; }}
+img {{ max-width: 100%; }} .note {{ color: #a60; }}
+footer {{ color: #888; font-size: 0.8rem; margin-top: 3rem; }}
+</style></head>
+<body><h1>{title}</h1><p class="sub">{subtitle}</p>
+{body}
+<footer>written by squeezer {version}</footer>
+</body></html>
+"""

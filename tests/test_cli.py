@@ -1,0 +1,176 @@
+"""The command line: bad input gives exit 2, one line on stderr, and no partial output."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from squeezer.cli import main
+from squeezer.zoo import create
+
+
+@pytest.fixture(scope="module")
+def pickled_model(tmp_path_factory):
+    p = tmp_path_factory.mktemp("w") / "full.pt"
+    torch.save(create("digits_cnn"), p)  # a full pickle of the module object
+    return p
+
+
+def _bad_cases(tmp_path, pickled_model):
+    corrupt_npz = tmp_path / "bad.npz"
+    corrupt_npz.write_bytes(b"PK\x03\x04 this is not a zip")
+    corrupt_st = tmp_path / "bad.safetensors"
+    corrupt_st.write_bytes(b"\x00\x01garbage")
+    return {
+        "missing data": (["--data", str(tmp_path / "nope.npz")], "does not exist"),
+        "corrupt data": (["--data", str(corrupt_npz)], "cannot read"),
+        "unknown data": (["--data", "imagenet"], "unknown data set"),
+        "bad model": (["--model", "zoo:nonexistent"], "no built-in model"),
+        "bad factory": (["--model", "no_such_pkg.mod:make"], "cannot import"),
+        "corrupt safetensors": (["--weights", str(corrupt_st)], "not a valid safetensors"),
+        "pickle": (["--weights", str(pickled_model)], "--trust-pickle"),
+        "budget key": (["--budget", "speed=3"], "unknown budget key"),
+    }
+
+
+def _argv(out, overrides):
+    args = {"--model": "zoo:digits_cnn", "--data": "digits", "--budget": "bits=8"}
+    extra = []
+    it = iter(overrides)
+    for k in it:
+        v = next(it)
+        if k in args:
+            args[k] = v
+        else:
+            extra += [k, v]
+    return [
+        "compress",
+        args.pop("--model"),
+        *sum(([k, v] for k, v in args.items()), []),
+        *extra,
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing data",
+        "corrupt data",
+        "unknown data",
+        "bad model",
+        "bad factory",
+        "corrupt safetensors",
+        "pickle",
+        "budget key",
+    ],
+)
+def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys, pickled_model):
+    overrides, msg = _bad_cases(tmp_path, pickled_model)[case]
+    out = tmp_path / "run"
+    rc = main(_argv(out, overrides))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("squeezer: error:")
+    assert msg in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no staging left
+
+
+def test_trust_pickle_loads_full_pickle(pickled_model):
+    from squeezer.models import load_model
+
+    m = load_model("zoo:digits_cnn", weights=pickled_model, trust_pickle=True)
+    assert m.input_shape == (1, 8, 8)
+
+
+def test_refuses_foreign_output_dir(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    rc = main(
+        ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=8", "--out", str(out)]
+    )
+    assert rc == 2 and "did not write" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_train_then_compress_end_to_end(tmp_path, capsys):
+    w = tmp_path / "trained"
+    assert (
+        main(
+            [
+                "train",
+                "zoo:digits_cnn",
+                "--data",
+                "digits",
+                "--epochs",
+                "3",
+                "--out",
+                str(w),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    npz = tmp_path / "digits.npz"
+    from squeezer.data import load_data
+
+    d = load_data("digits")
+    np.savez(npz, x=d.x_test.numpy(), y=d.y_test.numpy())
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "compress",
+            "zoo:digits_cnn",
+            "--weights",
+            str(w / "model.safetensors"),
+            "--data",
+            str(npz),
+            "--budget",
+            "bits=8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    for f in (
+        "manifest.json",
+        "plan.json",
+        "metrics.json",
+        "model.safetensors",
+        "report.html",
+        "report.md",
+    ):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["after"]["size_bytes"] < m["before"]["size_bytes"] / 3
+    assert m["after"]["avg_bits"] == 8
+    assert "<img" in (out / "report.html").read_text()
+    # re-running into the same run folder replaces it
+    assert main(["report", str(out)]) == 0
+
+
+def test_python_dash_m_and_exit_codes():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "squeezer",
+            "compress",
+            "zoo:digits_cnn",
+            "--data",
+            "digits",
+            "--budget",
+            "bits=8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--out" in r.stderr and r.stderr.count("\n") == 1
+    r = subprocess.run([sys.executable, "-m", "squeezer", "zoo"], capture_output=True, text=True)
+    assert r.returncode == 0 and "zoo:digits_cnn" in r.stdout

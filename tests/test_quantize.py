@@ -1,0 +1,66 @@
+import torch
+from torch import nn
+
+from squeezer import LayerQuant, Plan, QuantConfig, load_quantized, quantize
+from squeezer.data import evaluate
+from squeezer.pipeline import calibration_batches, uniform_plan
+from squeezer.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_quantize_leaves_input_model_bit_identical(trained_digits_cnn, digits):
+    net, _ = trained_digits_cnn
+    before = _state(net)
+    training = net.training
+    q = quantize(net, uniform_plan(net, 4, act_bits=8), calib=calibration_batches(digits))
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training == training
+    assert all(type(m) not in (QuantConv2d, QuantLinear) for m in net.modules())
+    assert any(isinstance(m, QuantConv2d) for m in q.modules())
+
+
+def test_8bit_and_4bit_accuracy(trained_digits_cnn, digits):
+    net, info = trained_digits_cnn
+    calib = calibration_batches(digits)
+    acc8 = evaluate(
+        quantize(net, uniform_plan(net, 8), calib=calib), digits.test_batches(), digits.task
+    )
+    acc4 = evaluate(
+        quantize(net, uniform_plan(net, 4), calib=calib), digits.test_batches(), digits.task
+    )
+    assert abs(acc8 - info["top1"]) <= 0.5
+    assert info["top1"] - acc4 <= 3.0
+
+
+def test_embedding_and_mlp_quantize_and_reload():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(16 * 4, 8))
+    plan = Plan({"0": LayerQuant(bits=4), "2": LayerQuant(bits=8, act_bits=8)})
+    x = torch.randint(0, 50, (32, 4))
+    q = quantize(net, plan, calib=[x])
+    assert isinstance(q[0], QuantEmbedding) and isinstance(q[2], QuantLinear)
+    rel = (q(x) - net(x)).norm() / net(x).norm()
+    assert rel < 0.15
+    again = load_quantized(net, plan, q.state_dict())
+    torch.testing.assert_close(again(x), q(x), rtol=0, atol=0)
+
+
+def test_activation_quant_without_calib_is_a_clear_error():
+    import pytest
+
+    from squeezer.errors import ConfigError
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="calibration data"):
+        quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)))
+
+
+def test_float_layers_in_plan_stay_float():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    q = quantize(net, Plan({"0": LayerQuant(bits=32), "1": LayerQuant(bits=4)}))
+    assert type(q[0]) is nn.Linear and isinstance(q[1], QuantLinear)
