@@ -64,3 +64,27 @@ def test_float_layers_in_plan_stay_float():
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     q = quantize(net, Plan({"0": LayerQuant(bits=32), "1": LayerQuant(bits=4)}))
     assert type(q[0]) is nn.Linear and isinstance(q[1], QuantLinear)
+
+
+def test_packed_storage_round_trip_and_size(trained_digits_cnn, digits, tmp_path):
+    from squeezer.measure import model_bytes
+    from squeezer.models import read_state_dict, save_weights
+    from squeezer.quant.storage import packed_state_dict
+
+    net, _ = trained_digits_cnn
+    plan = Plan(
+        {
+            "conv1": LayerQuant(bits=8, act_bits=8),
+            "conv2": LayerQuant(bits=4),
+            "conv3": LayerQuant(bits=3, granularity="group", group_size=64),
+            "fc1": LayerQuant(bits=2, symmetric=False),
+        }
+    )
+    q = quantize(net, plan, calib=calibration_batches(digits))
+    save_weights(packed_state_dict(q), tmp_path / "m.safetensors")
+    again = load_quantized(net, plan, read_state_dict(tmp_path / "m.safetensors"))
+    x = digits.x_test[:64]
+    torch.testing.assert_close(again.eval()(x), q.eval()(x), rtol=0, atol=0)
+    # the file is close to the accounted size (safetensors adds a JSON header)
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert size < model_bytes(net, plan) * 1.15 + 4096

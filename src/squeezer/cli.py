@@ -121,13 +121,14 @@ def _write_compress_run(
     stage, args, result, data, *, weights_rel: str | None = None, extra_manifest: dict | None = None
 ) -> None:
     from .models import save_weights
+    from .quant.storage import packed_state_dict
 
     stage.write_json("plan.json", result.plan.to_dict())
     stage.write_json("metrics.json", result.metrics(data))
     save_weights(
-        result.qmodel,
+        packed_state_dict(result.qmodel),
         stage.path("model.safetensors"),
-        metadata={"format": "squeezer-fakequant", "plan": "plan.json"},
+        metadata={"format": "squeezer-packed", "plan": "plan.json"},
     )
     weights = weights_rel or (str(Path(args.weights).resolve()) if args.weights else None)
     stage.write_json(

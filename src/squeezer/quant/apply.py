@@ -77,8 +77,12 @@ def quantized_structure(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def load_quantized(model: nn.Module, plan: Plan, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Rebuild a quantized model saved with ``qmodel.state_dict()`` (weights, scales, ranges)."""
+    """Rebuild a quantized model saved with ``qmodel.state_dict()`` or with
+    :func:`squeezer.quant.storage.packed_state_dict` (packed codes, scales, ranges)."""
+    from .storage import unpack_into
+
     qmodel = quantized_structure(model, plan)
+    state_dict = unpack_into(qmodel, state_dict)
     result = qmodel.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
