@@ -65,12 +65,24 @@ def _manifest(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace):
+    """The model and data an invocation names. Text data is tokenized with an hf: model's own
+    tokenizer, and its targets are that FP32 model's embeddings."""
     from .data import load_data
-    from .models import load_model
+    from .models import load_model, load_weights
 
+    seed = getattr(args, "seed", 0)
+    if args.model.startswith("hf:"):
+        from .hf import load_hf
+
+        model, tokenizer = load_hf(args.model)
+        if args.weights:
+            load_weights(model, args.weights, trust_pickle=args.trust_pickle)
+        max_len = getattr(args, "max_len", None) or 128
+        return model, load_data(
+            args.data, seed=seed, model=model, tokenizer=tokenizer, max_len=max_len
+        )
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
-    data = load_data(args.data, seed=getattr(args, "seed", 0))
-    return model, data
+    return model, load_data(args.data, seed=seed)
 
 
 def _check_fits(model, data) -> None:
@@ -189,6 +201,12 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
     p.add_argument(
+        "--max-len",
+        type=int,
+        default=128,
+        help="token length of text inputs for hf: models (default 128)",
+    )
+    p.add_argument(
         "--act-bits",
         type=int,
         default=8,
@@ -250,6 +268,66 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 
 cmd_train.configure = _configure_train
+
+
+@command("analyze", "Hessian spectrum: top eigenvalues, per-layer traces and top eigenvalues")
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .runfolder import Stage, check_output_dir
+    from .spectrum import analyze_dataset, summary
+
+    check_output_dir(args.out)
+    model, data = _load(args)
+    _check_fits(model, data)
+    with Stage(args.out) as stage:
+        spec = analyze_dataset(
+            model,
+            data,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            top_k=args.top_k,
+            max_probes=args.max_probes,
+            rel_stderr=args.rel_stderr,
+            trace_method=args.trace,
+            density=args.density,
+            seed=args.seed,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        stage.write_json("spectrum.json", spec.to_dict())
+        weights = str(Path(args.weights).resolve()) if args.weights else None
+        stage.write_json(
+            "manifest.json",
+            _manifest(
+                args,
+                model=args.model,
+                weights=weights,
+                data=args.data,
+                timings={"analyze": spec.seconds},
+            ),
+        )
+        write_report(stage.dir)
+    if not args.quiet:
+        print(summary(spec))
+        print(f"\nwrote {args.out}/spectrum.json")
+    return 0
+
+
+def _configure_analyze(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--data", required=True, metavar="DATA")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--samples", type=int, default=2048, help="training samples (default 2048)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=3, help="top eigenvalues of the full Hessian")
+    p.add_argument("--max-probes", type=int, default=200, help="most trace probes")
+    p.add_argument("--rel-stderr", type=float, default=0.05, help="trace stopping target")
+    p.add_argument("--trace", choices=["hutchinson", "hutch++"], default="hutchinson")
+    p.add_argument("--density", action="store_true", help="also the SLQ spectral density")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+cmd_analyze.configure = _configure_analyze
 
 
 @command("demo", "train the digits net (or reuse it) and compress it end to end, offline")

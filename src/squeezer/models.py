@@ -43,7 +43,7 @@ def load_model(
             from .hf import load_hf
         except ImportError as exc:  # pragma: no cover - hf module ships with the package
             raise UnsupportedModelError(f"hf: models are unavailable ({exc})") from exc
-        model = load_hf(spec)
+        model = load_hf(spec).model
     elif ":" in spec:
         model = _from_factory(spec)
     else:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import Budget, LayerQuant, Plan, QuantConfig
-from .data import Batches, Dataset, evaluate
+from .data import Batches, Dataset, evaluate, forward
 from .errors import ConfigError
 from .graph import quantizable_layers
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
@@ -33,6 +33,8 @@ class Evaluation:
     bops: float
     plan: Plan | None = None
     latency_ms: float | None = None
+    #: whole-set metrics of tasks that have them (e.g. Spearman and top-10 for embeddings)
+    extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -41,6 +43,7 @@ class Evaluation:
             "size_bytes": self.size_bytes,
             "avg_bits": self.avg_bits,
             "bops": self.bops,
+            **self.extra,
         }
         if self.latency_ms is not None:
             d["latency_ms"] = self.latency_ms
@@ -120,7 +123,23 @@ def evaluate_variant(
         avg_bits=average_bits(model, plan) if plan else 32.0,
         bops=sum(bops(profiles, plan).values()),
         plan=plan,
+        extra=whole_set_metrics(qmodel, data),
     )
+
+
+@torch.no_grad()
+def whole_set_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """Metrics that need every test output at once, for tasks that define ``metrics``."""
+    task_metrics = getattr(data.task, "metrics", None)
+    if task_metrics is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [forward(model, x) for x, _ in data.test_batches()]
+    finally:
+        model.train(was_training)
+    return {k: float(v) for k, v in task_metrics(torch.cat(outs), data.y_test).items()}
 
 
 @torch.no_grad()
