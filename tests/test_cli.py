@@ -133,6 +133,8 @@ def test_train_then_compress_end_to_end(tmp_path, capsys):
             str(npz),
             "--budget",
             "bits=8",
+            "--method",
+            "uniform",
             "--out",
             str(out),
         ]
@@ -174,3 +176,45 @@ def test_python_dash_m_and_exit_codes():
     assert r.returncode == 2 and "--out" in r.stderr and r.stderr.count("\n") == 1
     r = subprocess.run([sys.executable, "-m", "squeezer", "zoo"], capture_output=True, text=True)
     assert r.returncode == 0 and "zoo:digits_cnn" in r.stdout
+
+
+def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
+    from squeezer.models import save_weights
+
+    net, _ = trained_digits_cnn
+    w = tmp_path / "w.safetensors"
+    save_weights(net, w)
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "compress",
+            "zoo:digits_cnn",
+            "--weights",
+            str(w),
+            "--data",
+            "digits",
+            "--budget",
+            "bits=3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    for f in ("spectrum.json", "sensitivity.json", "costs.json", "pareto.json"):
+        assert (out / f).is_file(), f
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["meta"]["achieved"]["bits"] <= 3 + 1e-9
+    assert len({v["bits"] for v in plan["layers"].values()}) > 1  # really mixed
+    spectrum_before = (out / "spectrum.json").read_bytes()
+    # re-plan for a bigger budget from the stored analysis: no Hessian work, a new plan applied
+    assert main(["plan", str(out), "--budget", "bits=5"]) == 0
+    assert (out / "spectrum.json").read_bytes() == spectrum_before
+    m = json.loads((out / "metrics.json").read_text())
+    assert 4 < m["after"]["avg_bits"] <= 5 + 1e-9
+    # an infeasible budget: exit 2 with the smallest feasible value, the run folder untouched
+    before = (out / "plan.json").read_bytes()
+    assert main(["plan", str(out), "--budget", "bits=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "smallest feasible" in err and err.count("\n") == 1
+    assert (out / "plan.json").read_bytes() == before

@@ -23,15 +23,31 @@ from .errors import (
     UnsupportedModelError,
 )
 from .graph import quantizable_layers
+from .integer import fold_batchnorm, to_integer
 from .measure import average_bits, latency, model_bytes, profile_layers
 from .models import load_model, save_weights
 from .pipeline import compress
+from .plan import Costs, pareto_frontier, plan, plan_costs
 from .quant.apply import calibrate, load_quantized, quantize
+from .sensitivity import Sensitivity, sensitivity
+from .spectrum import Spectrum, analyze
+from .zeroshot import distill_data
 
 __all__ = [
     "Batches",
     "Budget",
     "ConfigError",
+    "Costs",
+    "Sensitivity",
+    "Spectrum",
+    "analyze",
+    "distill_data",
+    "fold_batchnorm",
+    "pareto_frontier",
+    "plan",
+    "plan_costs",
+    "sensitivity",
+    "to_integer",
     "DataError",
     "Dataset",
     "ExportError",

@@ -4,6 +4,7 @@ exit codes: 0 done, 2 bad input or infeasible request (one line on stderr), 1 in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -136,6 +137,8 @@ def _write_compress_run(
     from .quant.storage import packed_state_dict
 
     stage.write_json("plan.json", result.plan.to_dict())
+    if result.analysis is not None:
+        _write_analysis(stage.path, result.analysis)
     stage.write_json("metrics.json", result.metrics(data))
     save_weights(
         packed_state_dict(result.qmodel),
@@ -160,6 +163,19 @@ def _write_compress_run(
     write_report(stage.dir)
 
 
+def _write_analysis(path, analysis) -> None:
+    """spectrum.json, sensitivity.json, costs.json and pareto.json: what re-planning needs."""
+    from .runfolder import write_json
+
+    write_json(path("spectrum.json"), analysis.spectrum.to_dict())
+    write_json(path("sensitivity.json"), analysis.sensitivity.to_dict())
+    write_json(
+        path("costs.json"),
+        {"costs": analysis.costs.to_dict(), "ties": [list(t) for t in analysis.ties]},
+    )
+    write_json(path("pareto.json"), [p.to_dict() for p in analysis.frontier])
+
+
 # --------------------------------------------------------------------------------------------------
 # commands
 
@@ -176,9 +192,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_fits(model, data)
     with Stage(args.out) as stage:
         result = compress(
-            model, data, budget, act_bits=args.act_bits or None, progress=not args.quiet
+            model,
+            data,
+            budget,
+            act_bits=args.act_bits or None,
+            method=args.method,
+            seed=args.seed,
+            progress=not args.quiet,
         )
-        _write_compress_run(stage, args, result, data)
+        _write_compress_run(
+            stage,
+            args,
+            result,
+            data,
+            extra_manifest={
+                "act_bits": args.act_bits or None,
+                "max_len": args.max_len,
+                "method": args.method,
+                "trust_pickle": bool(args.trust_pickle),
+            },
+        )
     if not args.quiet:
         _summary(result, data)
         print(f"\nwrote {args.out}/report.html")
@@ -201,6 +234,13 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
     p.add_argument(
+        "--method",
+        choices=("hessian", "uniform"),
+        default="hessian",
+        help="hessian: per-layer bits from Hessian traces and an exact integer program (default); "
+        "uniform: every layer at a whole --budget bits=N",
+    )
+    p.add_argument(
         "--max-len",
         type=int,
         default=128,
@@ -217,6 +257,107 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
 
 
 cmd_compress.configure = _configure_compress
+
+
+def _load_run(run_dir: Path):
+    """The model, data and manifest a run folder was made from."""
+    man = json.loads((run_dir / "manifest.json").read_text())
+    weights = man.get("weights")
+    if weights and not Path(weights).is_absolute():
+        weights = str(run_dir / weights)
+    ns = argparse.Namespace(
+        model=man["model"],
+        weights=weights,
+        trust_pickle=man.get("trust_pickle", False),
+        data=man["data"],
+        seed=man.get("seed", 0),
+        max_len=man.get("max_len", 128),
+    )
+    model, data = _load(ns)
+    return model, data, man
+
+
+def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned: bool) -> int:
+    from .pipeline import apply_plan
+    from .runfolder import Stage
+
+    model, data, man = _load_run(run_dir)
+    with Stage(run_dir, update=True) as stage:
+        result = apply_plan(model, data, plan)
+        args.model, args.data, args.weights = man["model"], man["data"], man.get("weights")
+        args.budget = plan.meta.get("budget", man.get("budget"))
+        keep = {k: man[k] for k in ("act_bits", "max_len", "method", "trust_pickle") if k in man}
+        _write_compress_run(
+            stage,
+            args,
+            result,
+            data,
+            weights_rel=man.get("weights"),
+            extra_manifest={**keep, "replanned": replanned},
+        )
+    _summary(result, data)
+    print(f"\nwrote {run_dir}/report.html")
+    return 0
+
+
+@command(
+    "plan", "re-plan bits from DIR's Hessian analysis for a new budget, then apply and evaluate"
+)
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import Budget
+    from .pipeline import Analysis, hessian_plan
+    from .plan import Costs
+    from .runfolder import require_run_folder
+    from .sensitivity import Sensitivity
+
+    d = require_run_folder(args.dir)
+    budget = Budget.parse(args.budget)
+    if not (d / "sensitivity.json").is_file() or not (d / "costs.json").is_file():
+        raise ConfigError(
+            f"{d} has no Hessian analysis (sensitivity.json, costs.json); make it with "
+            "'squeezer compress MODEL --data DATA --budget B --out DIR' (--method hessian)"
+        )
+    man = json.loads((d / "manifest.json").read_text())
+    t0 = time.perf_counter()
+    sens = Sensitivity.load(d / "sensitivity.json")
+    c = json.loads((d / "costs.json").read_text())
+    analysis = Analysis(
+        None, sens, Costs.from_dict(c["costs"]), [], tuple(tuple(t) for t in c.get("ties", []))
+    )
+    plan = hessian_plan(analysis, budget, man.get("act_bits", 8))
+    ach = plan.meta.get("achieved", {})
+    print(
+        f"planned in {time.perf_counter() - t0:.3f} s: predicted loss increase "
+        f"{plan.meta.get('predicted_omega', 0):.4g}, size {ach.get('size_bytes', 0):,.0f} B, "
+        f"average bits {ach.get('bits', float('nan')):.2f}"
+    )
+    return _apply_and_write(d, args, plan, replanned=True)
+
+
+def _configure_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a run folder written by 'squeezer compress'")
+    p.add_argument("--budget", required=True, metavar="B", help="e.g. bits=3, size=40kB, size=0.5r")
+
+
+cmd_plan.configure = _configure_plan
+
+
+@command("quantize", "apply DIR's plan.json (e.g. after editing it) and evaluate the result")
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .config import Plan
+    from .runfolder import require_run_folder
+
+    d = require_run_folder(args.dir)
+    if not (d / "plan.json").is_file():
+        raise ConfigError(f"{d} has no plan.json; run 'squeezer compress' or 'squeezer plan' first")
+    return _apply_and_write(d, args, Plan.load(d / "plan.json"), replanned=False)
+
+
+def _configure_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a run folder with a plan.json")
+
+
+cmd_quantize.configure = _configure_quantize
 
 
 @command("train", "train a built-in net on a data set and save its weights (for demos and tests)")
@@ -343,7 +484,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.out)
     spec, data_name = "zoo:digits_cnn", "digits"
-    args.model, args.data, args.weights, args.budget = spec, data_name, None, "bits=4"
+    args.model, args.data, args.weights, args.budget = spec, data_name, None, "bits=3"
     torch.manual_seed(args.seed)
     data = load_data(data_name, seed=args.seed)
     model = load_model(spec)
@@ -363,7 +504,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             data,
             Budget.parse(args.budget),
             act_bits=8,
-            extra_variants=(uniform_plan(model, 8, act_bits=8),),
+            extra_variants=tuple(uniform_plan(model, b, act_bits=8) for b in (8, 4, 3)),
+            seed=args.seed,
             progress=True,
         )
         result.timings["train"] = t_train
@@ -415,6 +557,161 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 cmd_zoo.configure = lambda p: None
+
+
+def _load_compressed(run: Path):
+    """(float model, quantized model, data set) of a compress run folder."""
+    from .config import Plan
+    from .models import read_state_dict
+    from .quant.apply import load_quantized
+
+    if not (run / "plan.json").is_file() or not (run / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{run} holds no compressed model (plan.json and model.safetensors); make one with "
+            f"'squeezer compress MODEL --data DATA --budget B --out {run}'"
+        )
+    model, data, _ = _load_run(run)
+    sd = read_state_dict(run / "model.safetensors")
+    qmodel = load_quantized(model, Plan.load(run / "plan.json"), sd)
+    return model.eval(), qmodel.eval(), data
+
+
+def _examples(data, n: int):
+    """``n`` test inputs (repeated if the test split is smaller)."""
+    import torch
+
+    from .data import batch_size
+    from .pipeline import example_input
+
+    x = example_input(data, n)
+    reps = -(-n // batch_size(x))
+    if isinstance(x, dict):
+        return {k: torch.cat([v] * reps)[:n] for k, v in x.items()}
+    return torch.cat([x] * reps)[:n]
+
+
+def _update_metrics(run: Path, **entries: Any) -> None:
+    import json
+
+    from .runfolder import write_json
+
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(entries)
+    write_json(path, metrics)
+
+
+def _export_run(run: Path, qmodel, data, *, samples: int, requantize: bool, atol, threads):
+    from .export import export_onnx
+
+    report = export_onnx(
+        qmodel,
+        run / "model.onnx",
+        _examples(data, samples),
+        requantize=requantize,
+        atol=atol,
+        threads=threads,
+    )
+    _update_metrics(run, export={**report.to_dict(), "path": "model.onnx"})
+    return report
+
+
+@command("export", "export DIR's compressed model to ONNX (QDQ int8), checked in ONNX Runtime")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .report import fmt_bytes, write_report
+    from .runfolder import require_run_folder
+
+    run = require_run_folder(args.dir)
+    _, qmodel, data = _load_compressed(run)
+    rep = _export_run(
+        run,
+        qmodel,
+        data,
+        samples=args.samples,
+        requantize=args.requantize,
+        atol=args.atol,
+        threads=args.threads,
+    )
+    write_report(run)
+    agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
+    print(
+        f"wrote {run}/model.onnx ({fmt_bytes(rep.size_bytes)}; theoretical "
+        f"{fmt_bytes(rep.theoretical_bytes)}); ONNX Runtime matches squeezer to "
+        f"{rep.max_abs_error:.3g} (tolerance {rep.atol:.3g}{agree})"
+    )
+    return 0
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="also quantize residual sums and pooled maps to 8 bits (faster in ONNX Runtime, "
+        "one more rounding per tensor than the simulation)",
+    )
+    p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
+    p.add_argument("--atol", type=float, default=None, help="tolerance of the check")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+
+
+cmd_export.configure = _configure_export
+
+
+@command("bench", "measure latency of PyTorch FP32, ONNX Runtime FP32 and DIR's exported ONNX")
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .export import export_float_onnx, latency_table, ort_session
+    from .report import write_report
+    from .runfolder import require_run_folder
+
+    run = require_run_folder(args.dir)
+    model, qmodel, data = _load_compressed(run)
+    threads = args.threads or torch.get_num_threads()
+    if not (run / "model.onnx").is_file():
+        print(f"no {run}/model.onnx yet: exporting it first", file=sys.stderr)
+        _export_run(run, qmodel, data, samples=64, requantize=False, atol=None, threads=threads)
+    examples = {b: _examples(data, b) for b in args.batch}
+    variants = {
+        "PyTorch FP32": model,
+        "ORT FP32": ort_session(export_float_onnx(model, examples[args.batch[0]]), threads=threads),
+        "ONNX (squeezer)": ort_session(run / "model.onnx", threads=threads),
+    }
+    table = latency_table(variants, examples, threads=threads, warmup=args.warmup, runs=args.runs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    first = table[f"batch_{args.batch[0]}"]
+    before = {**metrics.get("before", {}), "latency_ms": first["PyTorch FP32"]["median_ms"]}
+    after = {**metrics.get("after", {}), "latency_ms": first["ONNX (squeezer)"]["median_ms"]}
+    _update_metrics(run, latency=table, before=before, after=after)
+    write_report(run)
+    last = table[f"batch_{args.batch[-1]}"]
+    rows = [
+        [name]
+        + [f"{table[f'batch_{b}'][name]['median_ms']:.2f}" for b in args.batch]
+        + [f"{last['PyTorch FP32']['median_ms'] / last[name]['median_ms']:.2f}x"]
+        for name in variants
+    ]
+    speed = f"× PyTorch FP32 speed (batch {args.batch[-1]})"
+    _print_table(rows, ["variant", *(f"batch {b} (ms)" for b in args.batch), speed])
+    print(f"\nmedians of {args.runs} runs, {threads} threads; written to {run}/metrics.json")
+    return 0
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    p.add_argument(
+        "--threads", type=int, default=None, help="PyTorch and ONNX Runtime intra-op threads"
+    )
+
+
+cmd_bench.configure = _configure_bench
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import Budget, LayerQuant, Plan, QuantConfig
-from .data import Batches, Dataset, evaluate, forward
+from .data import Batches, Dataset, evaluate, forward, mean_loss
 from .errors import ConfigError
 from .graph import quantizable_layers
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
@@ -63,6 +63,7 @@ class Result:
     layers: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    analysis: Any = None
 
     def metrics(self, data: Dataset) -> dict[str, Any]:
         """The ``metrics.json`` document."""
@@ -168,25 +169,150 @@ def layer_table(model: nn.Module, qmodel: nn.Module, plan: Plan, profiles: dict)
     return rows
 
 
+@dataclass
+class Analysis:
+    """The Hessian side of a run: spectrum, sensitivity, costs and the frontier (all JSON-able)."""
+
+    spectrum: Any
+    sensitivity: Any
+    costs: Any
+    frontier: list[Any]
+    ties: tuple[tuple[str, ...], ...] = ()
+
+
+#: Candidate weight bit-widths of the planner.
+PLAN_BITS = (2, 3, 4, 8)
+
+
+def template_for(act_bits: int | None) -> LayerQuant:
+    """The per-layer settings every planned layer shares (only ``bits`` varies)."""
+    return LayerQuant(bits=8, granularity="channel", act_bits=act_bits)
+
+
+def analyze_for_plan(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    act_bits: int | None = 8,
+    bits: tuple[int, ...] = PLAN_BITS,
+    samples: int = 512,
+    seed: int = 0,
+    progress: bool = False,
+) -> Analysis:
+    """Hessian traces per layer → HAWQ-V2 sensitivity Ω_i(b) → costs per (layer, bits) → frontier."""
+    from .plan import pareto_frontier, plan_costs, residual_ties
+    from .sensitivity import sensitivity
+    from .spectrum import analyze_dataset
+
+    template = template_for(act_bits)
+    spectrum = analyze_dataset(
+        model,
+        data,
+        samples=min(samples, batch_size_of_split(data)),
+        batch_size=128,
+        top_k=1,
+        per_layer_eig=False,
+        max_probes=100,
+        rel_stderr=0.05,
+        seed=seed,
+        progress=progress,
+    )
+    sens = sensitivity(
+        model,
+        spectrum,
+        bits=bits,
+        method="trace",
+        granularity=template.granularity,
+        group_size=template.group_size,
+    )
+    costs = plan_costs(model, bits, example=example_input(data, 1), template=template)
+    ties = () if isinstance(data.x_train, dict) else _quiet_ties(model, residual_ties)
+    frontier = pareto_frontier(sens, costs, ties=ties)
+    return Analysis(spectrum, sens, costs, frontier, ties)
+
+
+def _quiet_ties(model: nn.Module, finder) -> tuple[tuple[str, ...], ...]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(tuple(t) for t in finder(model))
+
+
+def batch_size_of_split(data: Dataset) -> int:
+    from .data import batch_size
+
+    return batch_size(data.x_train)
+
+
+def hessian_plan(analysis: Analysis, budget: Budget, act_bits: int | None) -> Plan:
+    """The ILP's plan for ``budget`` from an :class:`Analysis` (no Hessian work: milliseconds)."""
+    from .plan import plan
+
+    p = plan(
+        analysis.sensitivity,
+        budget,
+        costs=analysis.costs,
+        ties=analysis.ties,
+        template=template_for(act_bits),
+    )
+    return Plan(p.layers, meta={**p.meta, "name": f"Hessian mixed ({budget})"})
+
+
 def compress(
     model: nn.Module,
     data: Dataset,
     budget: Budget,
     *,
     act_bits: int | None = 8,
+    method: str = "hessian",
+    analysis: Analysis | None = None,
     extra_variants: tuple[Plan, ...] = (),
+    seed: int = 0,
     progress: bool = False,
 ) -> Result:
     """Quantize ``model`` to meet ``budget`` and evaluate the result.
 
-    A budget of ``bits=N`` with a whole N quantizes every layer uniformly at N bits per channel;
-    other budgets need the Hessian planner.
+    ``method="hessian"`` (default) runs the Hessian analysis, HAWQ-V2 sensitivity and the exact
+    integer program over per-layer bit-widths; ``method="uniform"`` quantizes every layer at a whole
+    ``bits=N`` budget.
 
     Example:
         >>> from squeezer.data import load_data
         >>> from squeezer.zoo import create
-        >>> r = compress(create("digits_cnn"), load_data("digits"), Budget(bits=8))  # doctest: +SKIP
+        >>> r = compress(create("digits_cnn"), load_data("digits"), Budget(bits=4))  # doctest: +SKIP
     """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if method == "uniform":
+        plan = uniform_only_plan(model, budget, act_bits=act_bits)
+    elif method == "hessian":
+        if analysis is None:
+            analysis = analyze_for_plan(
+                model, data, act_bits=act_bits, seed=seed, progress=progress
+            )
+            timings["analyze"] = time.perf_counter() - t
+            t = time.perf_counter()
+        plan = hessian_plan(analysis, budget, act_bits)
+    else:
+        raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
+    timings["plan"] = time.perf_counter() - t
+    res = apply_plan(model, data, plan, extra_variants=extra_variants)
+    res.timings = {**timings, **res.timings}
+    res.analysis = analysis
+    return res
+
+
+def apply_plan(
+    model: nn.Module,
+    data: Dataset,
+    plan: Plan,
+    *,
+    calib: Any = None,
+    extra_variants: tuple[Plan, ...] = (),
+) -> Result:
+    """Measure the float model, quantize it by ``plan`` (calibrating on ``calib``, by default a
+    seeded subset of the training split), and evaluate the result and any extra variants."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     example = example_input(data, 1)
@@ -196,11 +322,7 @@ def compress(
     timings["measure_fp32"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    plan = choose_plan(model, data, budget, act_bits=act_bits)
-    timings["plan"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    calib = calibration_batches(data)
+    calib = calibration_batches(data) if calib is None else calib
     qmodel = quantize(model, plan, calib=calib)
     timings["quantize"] = time.perf_counter() - t
 
@@ -214,8 +336,10 @@ def compress(
         variants.append(
             evaluate_variant(p.meta.get("name", "variant"), model, qm, p, data, profiles)
         )
+    loss_fp32 = mean_loss(model, data.test_batches(), data.task)
+    loss_q = mean_loss(qmodel, data.test_batches(), data.task)
     timings["evaluate"] = time.perf_counter() - t
-    return Result(
+    res = Result(
         model,
         qmodel,
         plan,
@@ -225,10 +349,14 @@ def compress(
         layer_table(model, qmodel, plan, profiles),
         timings,
     )
+    res.extras["loss"] = {"fp32": loss_fp32, "after": loss_q, "increase": loss_q - loss_fp32}
+    if "predicted_omega" in plan.meta:
+        res.extras["loss"]["predicted_increase"] = plan.meta["predicted_omega"]
+    return res
 
 
-def choose_plan(model: nn.Module, data: Dataset, budget: Budget, *, act_bits: int | None) -> Plan:
-    """The plan for ``budget``: uniform for a whole ``bits=N`` budget."""
+def uniform_only_plan(model: nn.Module, budget: Budget, *, act_bits: int | None) -> Plan:
+    """Uniform quantization for a whole ``bits=N`` budget (and nothing else)."""
     only_bits = (
         budget.bits is not None
         and budget.size_bytes is None
@@ -240,6 +368,6 @@ def choose_plan(model: nn.Module, data: Dataset, budget: Budget, *, act_bits: in
         plan = uniform_plan(model, int(budget.bits), act_bits=act_bits)
         return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
     raise ConfigError(
-        f"budget {budget} needs the Hessian planner, which this build lacks; "
-        "use a whole number of bits, e.g. --budget bits=8"
+        f"--method uniform takes a whole number of bits (e.g. --budget bits=4), got {budget}; "
+        "use the default --method hessian for size, BOPs or latency budgets"
     )

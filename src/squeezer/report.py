@@ -244,6 +244,101 @@ def _layers(run: Run) -> tuple[str, str] | None:
     return md, body + figure(draw, height=3.6)
 
 
+@section("Hessian spectrum")
+def _spectrum(run: Run) -> tuple[str, str] | None:
+    from .spectrum import report_section
+
+    return report_section(run.get("spectrum"))
+
+
+@section("Deployment")
+def _deployment(run: Run) -> tuple[str, str] | None:
+    from .export import report_section
+
+    return report_section(run.get("metrics"))
+
+
+@section("Mixed precision")
+def _mixed(run: Run) -> tuple[str, str] | None:
+    pareto, plan = run.get("pareto"), run.get("plan") or {}
+    sens = run.get("sensitivity")
+    if not pareto and not sens:
+        return None
+    meta = plan.get("meta", {})
+    md, body = "", ""
+    loss = (run.get("metrics") or {}).get("loss") or {}
+    if loss:
+        rows = [
+            ["loss, FP32", loss.get("fp32")],
+            ["loss, compressed", loss.get("after")],
+            ["measured increase", loss.get("increase")],
+            ["predicted increase (ΣΩ)", loss.get("predicted_increase")],
+        ]
+        tm, th = table(["", "value"], rows)
+        md += tm + "\n"
+        body += th
+    if pareto:
+        chosen = meta.get("achieved", {}).get("size_bytes")
+        chosen_omega = meta.get("predicted_omega")
+
+        def draw(ax):
+            xs = [p["cost"] / 1e3 for p in pareto]
+            ys = [p["omega"] for p in pareto]
+            ax.step(xs, ys, where="post", marker="o", ms=3, label="Pareto frontier (ILP optimum)")
+            if chosen is not None and chosen_omega is not None:
+                ax.scatter(
+                    [chosen / 1e3],
+                    [chosen_omega],
+                    s=90,
+                    color="#c44e52",
+                    zorder=5,
+                    label="chosen plan",
+                )
+            ax.set_xlabel("model size (kB)")
+            ax.set_ylabel("predicted loss increase ΣΩ")
+            ax.set_yscale("symlog", linthresh=max(min([y for y in ys if y > 0] or [1e-6]), 1e-9))
+            ax.legend(fontsize=8)
+            ax.set_title("size vs predicted sensitivity")
+
+        body += figure(draw)
+        md += "The Pareto frontier and the chosen point are plotted in report.html.\n"
+    if sens:
+        omega = sens.get("omega", {})
+        chosen_bits = {k: v.get("bits") for k, v in plan.get("layers", {}).items()}
+        bits = sorted({int(b) for per in omega.values() for b in per}, key=int)
+        headers = ["layer", "params", *[f"Ω({b} bit)" for b in bits], "chosen bits"]
+        rows = [
+            [
+                fqn,
+                (sens.get("params") or {}).get(fqn),
+                *[per.get(str(b), per.get(b)) for b in bits],
+                chosen_bits.get(fqn, 32),
+            ]
+            for fqn, per in omega.items()
+        ]
+        tm, th = table(headers, rows)
+        md += tm
+
+        def draw2(ax):
+            names = list(omega)
+            for b in bits:
+                ax.plot(
+                    range(len(names)),
+                    [max(omega[n].get(str(b), omega[n].get(b)) or 0, 1e-12) for n in names],
+                    "o-",
+                    label=f"{b} bit",
+                    ms=3,
+                )
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("Ω = ½·Tr(H)/n·‖Q(W) − W‖²")
+            ax.legend(fontsize=8)
+            ax.set_title("per-layer sensitivity (HAWQ-V2)")
+
+        body += th + figure(draw2, height=3.6)
+    return md, body
+
+
 @section("Run")
 def _manifest(run: Run) -> tuple[str, str] | None:
     man = run.get("manifest")

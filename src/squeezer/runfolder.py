@@ -59,8 +59,9 @@ class Stage:
         ...     st.write_json("metrics.json", {"top1": 99.1})
     """
 
-    def __init__(self, out: str | os.PathLike):
-        self.out = check_output_dir(out)
+    def __init__(self, out: str | os.PathLike, *, update: bool = False):
+        self.out = require_run_folder(out) if update else check_output_dir(out)
+        self.update = update
         self.t0 = time.perf_counter()
         self.timings: dict[str, float] = {}
 
@@ -71,6 +72,10 @@ class Stage:
             tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=parent)
         )
         os.chmod(self.dir, 0o755)
+        if self.update:  # start from the run's current files; changed ones are overwritten
+            for f in self.out.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, self.dir / f.name)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

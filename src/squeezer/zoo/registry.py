@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -37,13 +38,16 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create(name: str, **kwargs) -> nn.Module:
-    """A freshly initialised model ``name`` with its ``input_shape`` attribute set."""
+def create(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
+    """A freshly initialised model ``name`` (weights drawn from ``seed``, without touching the global
+    random state) with its ``input_shape`` attribute set."""
     if name not in MODELS:
         raise UnsupportedModelError(
             f"no built-in model {name!r}; choose one of {', '.join(list_models())}"
         )
     entry = MODELS[name]
-    model = entry.factory(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = entry.factory(**kwargs)
     model.input_shape = entry.input_shape
     return model

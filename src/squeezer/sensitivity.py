@@ -1,0 +1,591 @@
+"""Per-layer, per-bit-width sensitivity: how much the loss grows when one layer is quantized.
+
+Methods (a registry; a new method registers a handler, ``register_sensitivity``):
+
+- ``"trace"`` (default), HAWQ-V2 (Dong et al., arXiv:1911.03852):
+  Ω_i(b) = ½ · Tr(H_i) / n_i · ‖Q_b(W_i) − W_i‖², the average Hessian eigenvalue of layer i's
+  weight block times the squared quantization perturbation. The paper's score omits the ½, which
+  changes no ranking; we keep it so Ω is the second-order Taylor estimate of the loss increase
+  (its expectation for a perturbation of that size in a random direction) and can be compared
+  with the measured increase.
+- ``"eigen"``, HAWQ (Dong et al., arXiv:1905.03696): ½ · λ_max(H_i) · ‖Q_b(W_i) − W_i‖², the worst
+  case over directions. HAWQ-V1 ranked blocks by λ_max / n_i and fine-tuned; multiplying by the
+  perturbation instead makes the score comparable across bit widths, which the planner needs.
+- ``"measured"``: the loss increase on ``data`` when only layer i's weight is quantized to b bits
+  (no Taylor expansion; costs one pass over ``data`` per layer and bit width).
+- Activation sensitivity (``activations=True``): the loss increase when only layer i's *input
+  activations* are quantized to b bits (per tensor, percentile range from the same data), stored in
+  :attr:`Sensitivity.act`.
+
+ZeroQ's KL-divergence sensitivity (arXiv:2001.00281) plugs in as ``method="kl"`` through the same
+registry. The result is plain data keyed by the layer's fully qualified name (FQN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .config import write_text_atomic
+from .data import batch_size, forward, to_device
+from .errors import ConfigError
+from .graph import copy_model, model_device, quantizable_layers
+from .quant.primitives import GRANULARITIES, fake_quantize, observe, quantize_weight
+
+SENSITIVITY_VERSION = 1
+DEFAULT_BITS = (2, 3, 4, 8)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Ω per layer and bit width, keyed by FQN; what the planner minimises (summed over layers).
+
+    Attributes:
+        omega: {FQN: {bits: Ω}}, the predicted (or measured) loss increase of quantizing that
+            layer's weight alone to that many bits. Float widths (16, 32) have Ω = 0.
+        method: the method that produced ``omega`` ("trace", "eigen", "measured", "kl", ...).
+        bits: the candidate bit widths, ascending.
+        params: {FQN: number of weight entries}, for parameter-weighted average bits.
+        granularity: the weight granularity Ω was computed for ("tensor", "channel", "group").
+        group_size: group length for granularity "group", else None.
+        act: {FQN: {bits: loss increase}} of quantizing the layer's input activations alone, or {}.
+        meta: free-form provenance (observer, number of batches, clamped layers, ...).
+
+    Example:
+        >>> s = Sensitivity({"fc": {2: 0.5, 8: 0.001}}, "trace", (2, 8), {"fc": 64})
+        >>> Sensitivity.from_json(s.to_json()) == s
+        True
+        >>> s.total({"fc": 8})
+        0.001
+    """
+
+    omega: Mapping[str, Mapping[int, float]]
+    method: str
+    bits: tuple[int, ...]
+    params: Mapping[str, int]
+    granularity: str = "channel"
+    group_size: int | None = None
+    act: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    version: int = SENSITIVITY_VERSION
+
+    def __post_init__(self) -> None:
+        missing = [k for k in self.omega if k not in self.params]
+        if missing:
+            raise ConfigError(f"sensitivity has no parameter count for layers {missing[:3]}")
+        for fqn, row in self.omega.items():
+            absent = [b for b in self.bits if b not in row]
+            if absent:
+                raise ConfigError(f"sensitivity of layer {fqn!r} lacks bit widths {absent}")
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer FQNs in model order."""
+        return list(self.omega)
+
+    def total(self, bits: Mapping[str, int]) -> float:
+        """Predicted loss increase ΣΩ_i(b_i) of a bit assignment {FQN: bits}."""
+        return float(sum(self.omega[fqn][int(b)] for fqn, b in bits.items()))
+
+    def ranking(self, bits: int | None = None) -> list[str]:
+        """Layers from most to least sensitive at ``bits`` (default: the lowest candidate)."""
+        b = min(self.bits) if bits is None else bits
+        return sorted(self.omega, key=lambda k: self.omega[k][b], reverse=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sensitivity) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def to_dict(self) -> dict[str, Any]:
+        def table(t: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, float]]:
+            return {k: {str(b): float(v) for b, v in row.items()} for k, row in t.items()}
+
+        return {
+            "version": self.version,
+            "method": self.method,
+            "bits": list(self.bits),
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "params": {k: int(v) for k, v in self.params.items()},
+            "omega": table(self.omega),
+            "act": table(self.act),
+            "meta": json.loads(json.dumps(dict(self.meta), default=str)),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Sensitivity:
+        if not isinstance(d, Mapping) or "omega" not in d:
+            raise ConfigError("a sensitivity is a JSON object with an 'omega' table; regenerate it")
+        version = int(d.get("version", SENSITIVITY_VERSION))
+        if version > SENSITIVITY_VERSION:
+            raise ConfigError(
+                f"sensitivity version {version} is newer than this squeezer understands "
+                f"({SENSITIVITY_VERSION}); upgrade squeezer"
+            )
+
+        def table(t: Mapping[str, Mapping[str, float]]) -> dict[str, dict[int, float]]:
+            return {k: {int(b): float(v) for b, v in row.items()} for k, row in t.items()}
+
+        return cls(
+            omega=table(d["omega"]),
+            method=str(d["method"]),
+            bits=tuple(int(b) for b in d["bits"]),
+            params={k: int(v) for k, v in d["params"].items()},
+            granularity=str(d.get("granularity", "channel")),
+            group_size=d.get("group_size"),
+            act=table(d.get("act", {})),
+            meta=dict(d.get("meta", {})),
+            version=version,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Sensitivity:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"the sensitivity is not valid JSON ({exc}); regenerate it") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read sensitivity {path}: {exc.strerror}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# What a method handler receives, and the registry
+
+
+@dataclass(frozen=True)
+class SensitivityRequest:
+    """Everything a sensitivity handler may use. Handlers must not mutate ``model``.
+
+    Attributes:
+        model: the caller's float model (read only).
+        layers: {FQN: layer} of the layers to score, in model order.
+        bits: candidate bit widths, ascending.
+        spectrum: a Hessian ``Spectrum`` (or None).
+        data: a list of (inputs, targets) batches (or None).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar mean loss`` (or None).
+        granularity, group_size, symmetric, observer: how weights are quantized.
+        options: extra keyword arguments given to :func:`sensitivity`, for the handler.
+    """
+
+    model: nn.Module
+    layers: Mapping[str, nn.Module]
+    bits: tuple[int, ...]
+    spectrum: Any = None
+    data: Sequence[Any] | None = None
+    loss_fn: LossFn | None = None
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    observer: str = "minmax"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def quantized_weight(self, fqn: str, bits: int) -> torch.Tensor:
+        """Q_b(W) of layer ``fqn`` (the original weight for float widths ≥ 16)."""
+        w = self.layers[fqn].weight.detach()
+        if bits >= 16:
+            return w
+        wq, _ = quantize_weight(
+            w,
+            bits,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            observer=self.observer,
+        )
+        return wq
+
+    def perturbation(self, fqn: str, bits: int) -> float:
+        """‖Q_b(W) − W‖² of layer ``fqn``."""
+        w = self.layers[fqn].weight.detach()
+        return float((self.quantized_weight(fqn, bits) - w).double().pow(2).sum())
+
+
+SensitivityHandler = Callable[[SensitivityRequest], Mapping[str, Mapping[int, float]]]
+
+#: method name -> handler returning {FQN: {bits: Ω}}. Extend with :func:`register_sensitivity`.
+SENSITIVITY_METHODS: dict[str, SensitivityHandler] = {}
+
+
+def register_sensitivity(name: str) -> Callable[[SensitivityHandler], SensitivityHandler]:
+    """Register ``handler(request) -> {FQN: {bits: Ω}}`` as ``sensitivity(..., method=name)``.
+
+    Example:
+        >>> @register_sensitivity("size_only")
+        ... def _size_only(req):
+        ...     return {k: {b: req.perturbation(k, b) for b in req.bits} for k in req.layers}
+        >>> "size_only" in SENSITIVITY_METHODS
+        True
+        >>> del SENSITIVITY_METHODS["size_only"]
+    """
+
+    def deco(fn: SensitivityHandler) -> SensitivityHandler:
+        SENSITIVITY_METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------------
+# The verb
+
+
+def sensitivity(
+    model: nn.Module,
+    spectrum: Any = None,
+    *,
+    bits: Sequence[int] = DEFAULT_BITS,
+    method: str = "trace",
+    granularity: str = "channel",
+    group_size: int | None = None,
+    symmetric: bool = True,
+    observer: str = "minmax",
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    layers: Sequence[str] | None = None,
+    activations: bool = False,
+    act_percentile: float = 99.99,
+    max_batches: int | None = None,
+    **options: Any,
+) -> Sensitivity:
+    """Per-layer, per-bit sensitivity Ω of ``model``; the model is not modified.
+
+    Args:
+        model: the float model.
+        spectrum: a ``Spectrum`` from the Hessian engine for "trace" and "eigen"; when None and
+            ``data`` is given, one is computed (``squeezer.spectrum.analyze``, ``seed`` option).
+        bits: candidate weight bit widths (2–8, or 16/32 for "stay in float", whose Ω is 0).
+        method: a key of :data:`SENSITIVITY_METHODS` ("trace", "eigen", "measured", ...).
+        granularity, group_size, symmetric, observer: the weight quantizer Ω is computed for; plan
+            and quantize with the same settings.
+        data: batches of ``(inputs, targets)`` (needed by "measured" and ``activations=True``).
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss``; cross-entropy when None.
+        layers: FQNs to score (default: every quantizable layer).
+        activations: also measure the input-activation sensitivity into ``Sensitivity.act``.
+        act_percentile: percentile clipping of the activation range (asymmetric, per tensor).
+        max_batches: use at most this many batches of ``data``.
+        **options: passed to the method's handler.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batches = [(torch.randn(32, 4, generator=g), torch.randint(3, (32,), generator=g))]
+        >>> s = sensitivity(net, method="measured", data=batches, bits=(2, 8))
+        >>> sorted(s.omega), s.bits
+        (['0', '2'], (2, 8))
+    """
+    if method not in SENSITIVITY_METHODS:
+        raise ConfigError(
+            f"unknown sensitivity method {method!r}; choose one of {', '.join(SENSITIVITY_METHODS)}"
+        )
+    if granularity not in GRANULARITIES:
+        raise ConfigError(
+            f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+        )
+    cand = tuple(sorted({int(b) for b in bits}))
+    if not cand:
+        raise ConfigError("no candidate bit widths; pass e.g. bits=(2, 4, 8)")
+    for b in cand:
+        if not (2 <= b <= 8 or b in (16, 32)):
+            raise ConfigError(f"candidate bit width {b} is not 2–8, 16 or 32; e.g. bits=(2, 4, 8)")
+    all_layers = quantizable_layers(model)
+    if layers is None:
+        chosen = all_layers
+    else:
+        unknown = [k for k in layers if k not in all_layers]
+        if unknown:
+            raise ConfigError(
+                f"layers {unknown[:3]} are not quantizable layers of the model; "
+                f"known: {list(all_layers)[:8]}"
+            )
+        chosen = {k: all_layers[k] for k in all_layers if k in set(layers)}
+    batches = _take(data, max_batches) if data is not None else None
+    meta: dict[str, Any] = {"symmetric": symmetric, "observer": observer}
+    if spectrum is None and method in ("trace", "eigen") and batches:
+        from .spectrum import analyze
+
+        spectrum = analyze(
+            model,
+            loss_fn or _cross_entropy,
+            batches,
+            top_k=0,
+            per_layer_eig=method == "eigen",
+            seed=int(options.pop("seed", 0)),
+        )
+        meta["spectrum"] = {"probes": spectrum.probes, "seed": spectrum.seed}
+    req = SensitivityRequest(
+        model=model,
+        layers=chosen,
+        bits=cand,
+        spectrum=spectrum,
+        data=batches,
+        loss_fn=loss_fn,
+        granularity=granularity,
+        group_size=group_size,
+        symmetric=symmetric,
+        observer=observer,
+        options=options,
+    )
+    omega = SENSITIVITY_METHODS[method](req)
+    omega = {k: {b: float(omega[k][b]) for b in cand} for k in chosen}
+    act: dict[str, dict[int, float]] = {}
+    if activations:
+        act = activation_sensitivity(
+            model,
+            _require_data(batches, "activations=True"),
+            bits=[b for b in cand if b < 16],
+            loss_fn=loss_fn,
+            layers=list(chosen),
+            percentile=act_percentile,
+        )
+    if batches is not None:
+        meta["batches"] = len(batches)
+    attr = {"trace": "layer_trace", "eigen": "layer_top_eigenvalue"}.get(method)
+    if attr is not None:
+        # Clamped to zero curvature in Ω: a noisy trace estimate or a saddle direction.
+        table = getattr(spectrum, attr, None) or {}
+        meta["negative_curvature"] = [k for k in chosen if float(table.get(k, 0.0)) < 0]
+    return Sensitivity(
+        omega=omega,
+        method=method,
+        bits=cand,
+        params={k: int(m.weight.numel()) for k, m in chosen.items()},
+        granularity=granularity,
+        group_size=group_size,
+        act=act,
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in methods
+
+
+def _spectrum_value(req: SensitivityRequest, attr: str, fqn: str, method: str) -> float:
+    spec = req.spectrum
+    if spec is None:
+        raise ConfigError(
+            f"method {method!r} needs a Hessian spectrum: pass spectrum=analyze(...) or "
+            "data=[(inputs, targets), ...] to compute one"
+        )
+    table = getattr(spec, attr, None) or {}
+    if fqn not in table:
+        raise ConfigError(
+            f"the spectrum has no {attr} for layer {fqn!r}; re-run the analysis on this model"
+            + (" with top-eigenvalues per layer" if attr == "layer_top_eigenvalue" else "")
+        )
+    return float(table[fqn])
+
+
+@register_sensitivity("trace")
+def _trace(req: SensitivityRequest) -> dict[str, dict[int, float]]:
+    """HAWQ-V2: ½ Tr(H_i)/n_i · ‖Q_b(W_i) − W_i‖²; a negative trace estimate is clamped to 0."""
+    out = {}
+    for fqn, m in req.layers.items():
+        tr = _spectrum_value(req, "layer_trace", fqn, "trace")
+        n = int((getattr(req.spectrum, "layer_params", None) or {}).get(fqn, m.weight.numel()))
+        avg = max(tr, 0.0) / n
+        out[fqn] = {b: 0.5 * avg * req.perturbation(fqn, b) for b in req.bits}
+    return out
+
+
+@register_sensitivity("eigen")
+def _eigen(req: SensitivityRequest) -> dict[str, dict[int, float]]:
+    """HAWQ-V1: ½ λ_max(H_i) · ‖Q_b(W_i) − W_i‖²; a negative top eigenvalue is clamped to 0."""
+    out = {}
+    for fqn in req.layers:
+        lam = _spectrum_value(req, "layer_top_eigenvalue", fqn, "eigen")
+        out[fqn] = {b: 0.5 * max(lam, 0.0) * req.perturbation(fqn, b) for b in req.bits}
+    return out
+
+
+@register_sensitivity("measured")
+def _measured(req: SensitivityRequest) -> dict[str, dict[int, float]]:
+    """Loss with layer i's weight replaced by Q_b(W_i), minus the float loss, over ``req.data``."""
+    batches = _require_data(req.data, "method='measured'")
+    net = _eval_copy(req.model)
+    loss_fn = req.loss_fn or _cross_entropy
+    base = mean_loss(net, batches, loss_fn)
+    out: dict[str, dict[int, float]] = {}
+    for fqn in req.layers:
+        row = {}
+        for b in req.bits:
+            if b >= 16:
+                row[b] = 0.0
+                continue
+            overrides = {f"{fqn}.weight": req.quantized_weight(fqn, b)}
+            row[b] = mean_loss(net, batches, loss_fn, overrides) - base
+        out[fqn] = row
+    return out
+
+
+def activation_sensitivity(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    loss_fn: LossFn | None = None,
+    layers: Sequence[str] | None = None,
+    percentile: float = 99.99,
+) -> dict[str, dict[int, float]]:
+    """Measured loss increase when only layer i's *input* is fake-quantized to b bits.
+
+    The range of each layer's input is fixed first, from the float model on ``data`` (per tensor,
+    asymmetric, clipped at ``percentile``), as static quantization would calibrate it.
+    Embedding layers (integer inputs) are skipped.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batches = [(torch.randn(32, 4, generator=g), torch.randint(3, (32,), generator=g))]
+        >>> a = activation_sensitivity(net, batches, bits=(2, 8))
+        >>> sorted(a), sorted(a["2"])
+        (['0', '2'], [2, 8])
+    """
+    batches = list(data)
+    net = _eval_copy(model)
+    loss_fn = loss_fn or _cross_entropy
+    qlayers = quantizable_layers(net)
+    names = [k for k in (layers or list(qlayers)) if not isinstance(qlayers[k], nn.Embedding)]
+    # One calibration pass records every layer's input sample.
+    samples: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    gen = torch.Generator().manual_seed(0)
+
+    def recorder(fqn: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            flat = args[0].detach().float().reshape(-1)
+            if flat.numel() > 65536:  # extremes kept exactly, the rest subsampled for percentiles
+                idx = torch.randint(flat.numel(), (65536,), generator=gen, device=flat.device)
+                flat = torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
+            samples[fqn].append(flat.cpu())
+
+        return hook
+
+    handles = [qlayers[k].register_forward_pre_hook(recorder(k)) for k in names]
+    try:
+        base = mean_loss(net, batches, loss_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, dict[int, float]] = {}
+    for fqn in names:
+        xs = torch.cat(samples[fqn]).reshape(1, 1, -1)
+        row = {}
+        for b in bits:
+            qp = observe(xs, b, False, "percentile", percentile)
+            scale, zp = qp.scale.reshape(()), qp.zero_point.reshape(())
+            qp = type(qp)(scale, zp, qp.qmin, qp.qmax)
+
+            def fq(_m: nn.Module, args: tuple[Any, ...], qp: Any = qp) -> tuple[Any, ...]:
+                return (fake_quantize(args[0], qp), *args[1:])
+
+            h = qlayers[fqn].register_forward_pre_hook(fq)
+            try:
+                row[b] = mean_loss(net, batches, loss_fn) - base
+            finally:
+                h.remove()
+        out[fqn] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by handlers (the KL method uses forward_with)
+
+
+@torch.no_grad()
+def forward_with(
+    model: nn.Module, inputs: Any, overrides: Mapping[str, torch.Tensor] | None = None
+) -> Any:
+    """``model(inputs)`` with some parameters replaced (``{"fc.weight": tensor}``), without
+    touching the model's own parameters (``torch.func.functional_call``)."""
+    if not overrides:
+        return forward(model, inputs)
+    if isinstance(inputs, Mapping):
+        return functional_call(model, dict(overrides), args=(), kwargs=dict(inputs), strict=False)
+    return functional_call(model, dict(overrides), args=(inputs,), strict=False)
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Sample-weighted mean of ``loss_fn`` over ``(inputs, targets)`` batches."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs, targets = _split(batch)
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        n = batch_size(inputs)
+        total += float(loss_fn(forward_with(model, inputs, overrides), targets)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def _cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    return F.cross_entropy(logits, targets)
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        "sensitivity data must be batches of (inputs, targets); e.g. [(x[:256], y[:256])]"
+    )
+
+
+def _take(data: Iterable[Any], max_batches: int | None) -> list[Any]:
+    out = []
+    for batch in data:
+        out.append(batch)
+        if max_batches is not None and len(out) >= max_batches:
+            break
+    return out
+
+
+def _require_data(batches: Sequence[Any] | None, what: str) -> Sequence[Any]:
+    if not batches:
+        raise ConfigError(f"{what} needs data: pass data=[(inputs, targets), ...]")
+    return batches
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    net = copy_model(model)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+# Handlers living beside their concept register themselves on import.
+from . import zeroshot as _zeroshot  # noqa: E402, F401  (method "kl", ZeroQ)

@@ -1,0 +1,101 @@
+"""Data-parallel Hessian analysis: 2 gloo processes on 127.0.0.1 give the one-process answer.
+
+Each rank takes every other batch; the Hessian-vector products are all-reduced (weighted by
+sample counts), so the spectrum must equal the single-process run on the same data to 1e-5
+relative, on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_hvp import CE, one_thread, split, trained  # noqa: F401
+
+from squeezer import distributed
+from squeezer.spectrum import Spectrum, analyze
+
+# Uneven batches (5 of them over 2 ranks: 3 + 2 batches, 29 + 19 samples).
+SIZES = (10, 10, 9, 9, 10)
+KW = dict(
+    top_k=2,
+    max_probes=16,
+    rel_stderr=None,
+    probe_batch=8,
+    eig_rtol=1e-6,
+    density=True,
+    density_probes=2,
+    density_steps=6,
+    seed=5,
+)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        net, x, y = trained("conv")
+        spec = analyze(net, CE, split(x, y, SIZES), **KW)
+        spec.save(f"{out}/rank{rank}.json")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _numbers(spec: Spectrum) -> dict[str, float]:
+    """Every number of the spectrum that must agree, flattened."""
+    out = {"trace": spec.trace, "trace_stderr": spec.trace_stderr}
+    out.update({f"eig{i}": v for i, v in enumerate(spec.top_eigenvalues)})
+    for name in ("layer_trace", "layer_trace_stderr", "layer_top_eigenvalue"):
+        out.update({f"{name}.{k}": v for k, v in getattr(spec, name).items()})
+    out["density_m1"] = spec.density.moment(1)
+    out["density_m2"] = spec.density.moment(2)
+    return out
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    # fork starts in milliseconds (spawn re-imports torch: seconds); the workers use one thread,
+    # so no OpenMP pool is inherited half-initialised.
+    method = "fork" if sys.platform == "linux" else "spawn"
+    args = (2, _free_port(), str(tmp_path))
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method=method)
+    ranks = [Spectrum.load(tmp_path / f"rank{r}.json") for r in range(2)]
+
+    net, x, y = trained("conv")
+    single = analyze(net, CE, split(x, y, SIZES), **KW)
+    assert single.samples == ranks[0].samples == 48
+    want = _numbers(single)
+    for spec in ranks:
+        assert spec.probes == single.probes and spec.params == single.params
+        got = _numbers(spec)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-12), key
+    assert _numbers(ranks[0]) == _numbers(ranks[1])  # the ranks agree exactly
+
+
+def test_single_process_helpers_are_identities():
+    assert distributed.world() == (0, 1)
+    assert not distributed.is_active()
+    t = torch.tensor([1.5, 2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.5, 2.0]
+    assert distributed.broadcast_flag(False) is False
+
+
+def test_shard_deals_batches_round_robin():
+    assert distributed.shard(list(range(7)), 1, 3) == [1, 4]
+    lazy = distributed.shard(range(7), 0, 3)  # a re-iterable, not a list
+    assert list(lazy) == [0, 3, 6] and list(lazy) == [0, 3, 6]
+    everything = sorted(i for r in range(3) for i in distributed.shard(range(7), r, 3))
+    assert everything == list(range(7))

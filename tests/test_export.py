@@ -1,0 +1,189 @@
+"""ONNX export (squeezer.export) and the ``export``/``bench`` commands.
+
+Oracles: squeezer's own fake-quant outputs (the export must match them to within one 8-bit step of
+the output range, and exactly up to float rounding where no activation is quantized), ONNX
+Runtime's optimized graph (the QDQ groups must fuse into integer kernels), and the theoretical
+size Σ params × bits / 8 plus the parts kept in float.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from squeezer import LayerQuant, Plan, QuantConfig, quantize
+from squeezer.cli import main
+from squeezer.errors import ExportError
+from squeezer.pipeline import calibration_batches, uniform_plan
+
+pytest.importorskip("onnxruntime")
+from squeezer.export import export_onnx, ort_feeds, ort_session  # noqa: E402
+
+
+def optimized_ops(path, tmp_path) -> list[str]:
+    """Op types of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.fixture(scope="module")
+def trained_resnet(digits):
+    from squeezer.train import fit
+    from squeezer.zoo import create
+
+    net, _ = fit(create("digits_resnet"), digits, epochs=1, seed=0)
+    return net
+
+
+def _w8a8(net, digits):
+    return quantize(net, uniform_plan(net, 8, act_bits=8), calib=calibration_batches(digits))
+
+
+def test_digits_cnn_matches_fake_quant_runs_int8_and_is_small(trained_digits_cnn, digits, tmp_path):
+    net, _ = trained_digits_cnn
+    q = _w8a8(net, digits)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = digits.x_test[:256]
+    rep = export_onnx(q, tmp_path / "m.onnx", x)
+    # the check inside export_onnx passed; restate the oracle here
+    assert rep.max_abs_error <= rep.output_step
+    assert rep.argmax_agreement >= 0.99
+    assert set(rep.layers.values()) == {"qdq-int8"}
+    assert rep.size_bytes <= 1.05 * rep.theoretical_bytes
+    assert (tmp_path / "m.onnx").stat().st_size == rep.size_bytes
+    # every conv and linear runs as an integer kernel in ONNX Runtime
+    ops = optimized_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2
+    assert "Conv" not in ops and "Gemm" not in ops
+    # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    # and an independent run of the file agrees on held-out inputs
+    sess = ort_session(tmp_path / "m.onnx", threads=1)
+    xt = digits.x_test[256:]
+    got = sess.run(None, ort_feeds(xt, sess))[0]
+    with torch.no_grad():
+        ref = q(xt).numpy()
+    assert np.abs(got - ref).max() <= rep.atol
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.99
+
+
+def test_residual_net_exact_and_requantized(trained_resnet, digits, tmp_path):
+    q = _w8a8(trained_resnet, digits)
+    x = digits.x_test[:256]
+    exact = export_onnx(q, tmp_path / "exact.onnx", x)
+    assert exact.max_abs_error <= exact.output_step
+    assert exact.argmax_agreement >= 0.99
+    assert exact.size_bytes <= 1.05 * exact.theoretical_bytes
+    # requantize: residual sums and the pooled map at 8 bits, so everything runs in int8
+    rq = export_onnx(q, tmp_path / "rq.onnx", x, requantize=True)
+    assert rq.max_abs_error <= 2 * rq.output_step
+    assert rq.argmax_agreement >= 0.98
+    ops = optimized_ops(tmp_path / "rq.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 6 and ops.count("QLinearAdd") == 2
+    assert "Conv" not in ops and "Add" not in ops
+    assert "QLinearGlobalAveragePool" in ops
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 256), nn.Linear(256, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LayerQuant(bits=4, granularity="group", group_size=32),
+        LayerQuant(bits=4, granularity="channel", symmetric=False),
+        LayerQuant(bits=3, granularity="tensor"),
+        LayerQuant(bits=8),
+    ],
+    ids=["w4-group32", "w4-channel-asym", "w3-tensor", "w8-channel"],
+)
+def test_weight_only_linear_goes_to_matmulnbits_exactly(spec, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    net = MLP().eval()
+    x = torch.randn(64, 64, generator=g)
+    q = quantize(net, QuantConfig(spec))
+    rep = export_onnx(q, tmp_path / "m.onnx", x)
+    bits = 4 if spec.bits <= 4 else 8
+    assert set(rep.layers.values()) == {f"matmulnbits-{bits}"}
+    # no activation is quantized: only float summation order differs
+    with torch.no_grad():
+        scale = float(q(x).abs().max())
+    assert rep.max_abs_error <= 1e-5 * scale
+    assert rep.size_bytes <= 1.05 * rep.stored_bytes
+    if spec.granularity != "tensor":  # MatMulNBits keeps a scale per block, not one per tensor
+        assert rep.size_bytes <= 1.05 * rep.theoretical_bytes
+    assert optimized_ops(tmp_path / "m.onnx", tmp_path).count("MatMulNBits") == 3
+
+
+def test_disagreement_raises_and_writes_nothing(trained_digits_cnn, digits, tmp_path):
+    net, _ = trained_digits_cnn
+    q = _w8a8(net, digits)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_onnx(q, tmp_path / "m.onnx", digits.x_test[:64], atol=1e-9)
+    assert not list(tmp_path.iterdir())
+
+
+def test_mixed_plan_float_layer_and_narrow_activations(trained_digits_cnn, digits, tmp_path):
+    """4-bit activations need a clip before the uint8 QuantizeLinear; fc2 stays float."""
+    net, _ = trained_digits_cnn
+    layers = {k: LayerQuant(bits=4, act_bits=4) for k in ("conv1", "conv2", "conv3", "fc1")}
+    q = quantize(net, Plan(layers), calib=calibration_batches(digits))
+    rep = export_onnx(q, tmp_path / "m.onnx", digits.x_test[:256])
+    assert "fc2" not in rep.layers
+    assert rep.max_abs_error <= rep.output_step
+
+
+def test_bad_inputs():
+    q = quantize(MLP(), QuantConfig(LayerQuant(bits=8)))
+    with pytest.raises(ExportError, match="tensor or a dict"):
+        export_onnx(q, "never.onnx", [1, 2, 3])
+    with pytest.raises(ExportError, match="no quantized layers"):
+        export_onnx(MLP(), "never.onnx", torch.zeros(1, 64))
+
+
+def test_cli_export_and_bench(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=8"]
+    assert main([*argv, "--method", "uniform", "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "onnx"]) == 0, capsys.readouterr().err
+    assert (run / "model.onnx").is_file()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["export"]["path"] == "model.onnx"
+    assert m["export"]["max_abs_error"] <= m["export"]["atol"]
+    assert main(["bench", str(run), "--runs", "3", "--warmup", "1", "--threads", "1"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    lat = m["latency"]
+    assert lat["threads"] == 1
+    for b in ("batch_1", "batch_32"):
+        assert set(lat[b]) == {"PyTorch FP32", "ORT FP32", "ONNX (squeezer)"}
+        assert all(v["median_ms"] > 0 and v["runs"] == 3 for v in lat[b].values())
+    assert m["after"]["latency_ms"] == lat["batch_1"]["ONNX (squeezer)"]["median_ms"]
+    report = (run / "report.md").read_text()
+    assert "## Deployment" in report and "ONNX (squeezer)" in report
+
+
+def test_cli_export_needs_a_compressed_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
+    assert "not a squeezer run folder" in capsys.readouterr().err
+    w = tmp_path / "trained"  # a run folder without a compressed model (as `train` writes)
+    w.mkdir()
+    (w / "manifest.json").write_text(json.dumps({"tool": "squeezer", "command": "train"}))
+    assert main(["bench", str(w)]) == 2
+    assert "no compressed model" in capsys.readouterr().err

@@ -1,0 +1,351 @@
+"""The ILP planner against brute-force enumeration, infeasibility messages, ties, the frontier."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from squeezer import measure
+from squeezer.config import Budget, LayerQuant, Plan
+from squeezer.errors import ConfigError, InfeasibleBudgetError
+from squeezer.plan import (
+    BUDGET_KEYS,
+    Costs,
+    achieved,
+    latency_table,
+    pareto_frontier,
+    plan,
+    plan_costs,
+    residual_ties,
+)
+from squeezer.sensitivity import Sensitivity
+
+BITS = (2, 4, 8)
+KEYS = tuple(BUDGET_KEYS)  # size_bytes, bits, bops, latency_ms
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two threads on this shared 2-core machine are ~50x slower than one for these tiny nets."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_instance(seed: int, n_layers: int = 8, bits=BITS) -> tuple[Sensitivity, Costs]:
+    """Ω falling with bits; sizes with scales; latency deliberately not monotone in bits."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    names = [f"l{i}" for i in range(n_layers)]
+    sizes = torch.randint(50, 5000, (n_layers,), generator=g).tolist()
+    params = dict(zip(names, sizes, strict=True))
+    scale = u(n_layers) * 10 ** (u(n_layers) * 3)  # sensitivities spanning ~1000x
+    omega = {
+        k: {b: float(scale[i] * 4.0 ** (-b) * (1 + 0.3 * u(1))) for b in bits}
+        for i, k in enumerate(names)
+    }
+    rows = {k: int(torch.randint(4, 64, (1,), generator=g)) for k in names}
+    size = {k: {b: params[k] * b / 8 + 4 * rows[k] for b in bits} for k in names}
+    macs = {k: int(params[k] * torch.randint(1, 50, (1,), generator=g)) for k in names}
+    lat = {k: {b: float(u(1) + 0.1) for b in bits} for k in names}
+    sens = Sensitivity(omega, "trace", tuple(bits), params)
+    costs = Costs(
+        params=params,
+        size_bytes=size,
+        macs=macs,
+        latency_ms=lat,
+        act_bits=8,
+        fixed_bytes=float(u(1) * 1000),
+        fixed_bops=float(u(1) * 1e5),
+        fixed_latency_ms=float(u(1)),
+    )
+    return sens, costs
+
+
+def brute_force(sens, costs, limits, ties=()):
+    """Least ΣΩ over every assignment meeting ``limits`` (absolute values), or None."""
+    names = sens.layers
+    best, best_a = None, None
+    for combo in itertools.product(sens.bits, repeat=len(names)):
+        a = dict(zip(names, combo, strict=True))
+        if any(len({a[k] for k in group}) > 1 for group in ties):
+            continue
+        if any(costs.total(key, a) > cap * (1 + 1e-12) for key, cap in limits.items()):
+            continue
+        om = sens.total(a)
+        if best is None or om < best:
+            best, best_a = om, a
+    return best, best_a
+
+
+def span(sens, costs, key):
+    lo = costs.total(key, {k: min(sens.bits) for k in sens.layers})
+    hi = costs.total(key, {k: max(sens.bits) for k in sens.layers})
+    return lo, hi
+
+
+def budget_of(limits):
+    return Budget(**limits)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_ilp_matches_brute_force_for_each_budget_kind(key):
+    # 8 layers x 3 widths = 6561 assignments; 6 random instances per budget kind, budgets spread
+    # from tight to loose.
+    for seed in range(6):
+        sens, costs = random_instance(100 * KEYS.index(key) + seed)
+        lo, hi = span(sens, costs, key)
+        cap = lo + (0.1 + 0.15 * seed) * (hi - lo)
+        if key == "latency_ms":  # latency is not monotone in bits: span its true range
+            lo_t = min(
+                costs.total(key, dict(zip(sens.layers, c, strict=True)))
+                for c in itertools.product(sens.bits, repeat=len(sens.layers))
+            )
+            cap = lo_t + (0.05 + 0.1 * seed) * (hi - lo_t)
+        want, _ = brute_force(sens, costs, {key: cap})
+        p = plan(sens, budget_of({key: cap}), costs=costs)
+        got = p.bits()
+        assert costs.total(key, got) <= cap * (1 + 1e-9)
+        assert sens.total(got) == pytest.approx(want, rel=1e-9, abs=1e-15)
+        assert p.meta["predicted_omega"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+def test_ilp_matches_brute_force_with_all_limits_and_ties():
+    for seed in range(5):
+        sens, costs = random_instance(1000 + seed)
+        limits = {}
+        for j, key in enumerate(KEYS):
+            lo, hi = span(sens, costs, key)
+            limits[key] = lo + (0.45 + 0.1 * ((seed + j) % 4)) * (hi - lo)
+        if "latency_ms" in limits:
+            limits["latency_ms"] = max(limits["latency_ms"], span(sens, costs, "latency_ms")[1])
+        ties = (("l1", "l4"), ("l2", "l6", "l7"))
+        want, _ = brute_force(sens, costs, limits, ties)
+        if want is None:
+            with pytest.raises(InfeasibleBudgetError):
+                plan(sens, budget_of(limits), costs=costs, ties=ties)
+            continue
+        got = plan(sens, budget_of(limits), costs=costs, ties=ties).bits()
+        assert got["l1"] == got["l4"] and got["l2"] == got["l6"] == got["l7"]
+        for key, cap in limits.items():
+            assert costs.total(key, got) <= cap * (1 + 1e-9)
+        assert sens.total(got) == pytest.approx(want, rel=1e-9)
+
+
+def test_ties_change_the_optimum_and_are_respected():
+    # Untied, l0 (very sensitive) takes 8 bits and l1 (insensitive) 2 bits; tied they must agree,
+    # and the tied optimum is the brute-force optimum over tie-respecting assignments.
+    sens = Sensitivity(
+        {"l0": {2: 100.0, 4: 10.0, 8: 0.0}, "l1": {2: 0.1, 4: 0.01, 8: 0.0}},
+        "trace",
+        (2, 4, 8),
+        {"l0": 100, "l1": 100},
+    )
+    costs = Costs(params={"l0": 100, "l1": 100})
+    assert plan(sens, Budget(bits=5), costs=costs).bits() == {"l0": 8, "l1": 2}
+    tied = plan(sens, Budget(bits=5), costs=costs, ties=[("l0", "l1")]).bits()
+    assert tied == {"l0": 4, "l1": 4}
+    assert brute_force(sens, costs, {"bits": 5}, ties=[("l0", "l1")])[1] == tied
+
+
+def test_infeasible_budget_names_the_smallest_feasible_value():
+    sens, costs = random_instance(7, n_layers=6)
+    lo, _ = span(sens, costs, "size_bytes")
+    with pytest.raises(InfeasibleBudgetError) as err:
+        plan(sens, Budget(size_bytes=lo * 0.9), costs=costs)
+    msg = str(err.value)
+    assert "\n" not in msg
+    m = re.search(r"smallest feasible size is size=(\d+)B", msg)
+    assert m, msg
+    assert int(m.group(1)) == int(np.ceil(lo))  # the all-lowest-bits size
+    # The suggestion is itself a valid budget string and is feasible.
+    plan(sens, Budget.parse(f"size={m.group(1)}B"), costs=costs)
+
+
+def test_infeasible_message_accounts_for_the_other_limits_and_ties():
+    sens, costs = random_instance(11, n_layers=6)
+    ties = (("l0", "l3"),)
+    bits_cap = 5.0
+    size_cap = span(sens, costs, "size_bytes")[0]  # the all-2-bit size,
+    # unreachable once l1 is pinned to 8 bits.
+    with pytest.raises(InfeasibleBudgetError) as err:
+        plan(
+            sens,
+            Budget(size_bytes=size_cap, bits=bits_cap),
+            costs=costs,
+            ties=ties,
+            pin={"l1": 8},
+        )
+    msg = str(err.value)
+    m = re.search(r"size=(\d+)B", msg.split("smallest feasible")[1])
+    assert m and "with the other limits" in msg, msg
+    # Oracle: the least size over assignments meeting bits, ties and the pin.
+    best = min(
+        costs.total("size_bytes", a)
+        for c in itertools.product(sens.bits, repeat=len(sens.layers))
+        for a in [dict(zip(sens.layers, c, strict=True))]
+        if a["l1"] == 8 and a["l0"] == a["l3"] and costs.total("bits", a) <= bits_cap
+    )
+    assert int(m.group(1)) == int(np.ceil(best))
+
+
+def test_infeasible_bits_budget_message():
+    sens, costs = random_instance(3, n_layers=4)
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest feasible bits is bits=2\b"):
+        plan(sens, Budget(bits=1.5), costs=costs)
+
+
+def test_relative_budget_follows_hawq_v3_convention():
+    sens, costs = random_instance(5)
+    lo, hi = span(sens, costs, "size_bytes")
+    rel = plan(sens, Budget.parse("size=0.4r"), costs=costs)
+    absolute = plan(sens, Budget(size_bytes=lo + 0.4 * (hi - lo)), costs=costs)
+    assert rel.bits() == absolute.bits()
+    assert rel.meta["budget_limits"]["size_bytes"] == pytest.approx(lo + 0.4 * (hi - lo))
+
+
+def test_pin_and_candidate_subset():
+    sens, costs = random_instance(9, n_layers=5)
+    p = plan(sens, Budget(bits=4), costs=costs, pin={"l0": 2}, bits=(2, 4))
+    assert p.bits()["l0"] == 2
+    assert set(p.bits().values()) <= {2, 4}
+    with pytest.raises(ConfigError, match="no sensitivity"):
+        plan(sens, Budget(bits=4), costs=costs, bits=(3,))
+
+
+def test_pareto_frontier_points_are_optimal_and_monotone():
+    sens, costs = random_instance(21, n_layers=6)
+    front = pareto_frontier(sens, costs, points=12)
+    assert len(front) >= 3
+    for a, b in itertools.pairwise(front):
+        assert a.cost < b.cost and a.omega > b.omega
+    for p in front:
+        want, _ = brute_force(sens, costs, {"size_bytes": p.cost})
+        assert p.omega == pytest.approx(want, rel=1e-9)
+    lo, hi = span(sens, costs, "size_bytes")
+    assert front[0].cost == pytest.approx(lo) and front[-1].cost == pytest.approx(hi)
+
+
+def test_plan_meta_and_json_round_trip():
+    sens, costs = random_instance(2, n_layers=5)
+    p = plan(sens, Budget.parse("bits=4,size=0.6r"), costs=costs)
+    assert p.meta["method"] == "trace" and p.meta["planner"] == "ilp-highs"
+    assert p.meta["achieved"] == achieved(p.bits(), costs)
+    assert p.meta["achieved"]["bits"] <= 4 + 1e-9
+    assert Plan.from_json(p.to_json()) == p
+    assert Costs.from_json(costs.to_json()) == costs
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    )
+
+
+def test_plan_costs_agree_with_measure():
+    net = _tiny_cnn()
+    x = torch.zeros(2, 1, 6, 6)
+    template = LayerQuant(act_bits=8)
+    costs = plan_costs(net, (2, 4, 8, 32), example=x, template=template)
+    sens = Sensitivity(
+        {k: {2: 3.0, 4: 2.0, 8: 1.0, 32: 0.0} for k in costs.params},
+        "trace",
+        (2, 4, 8, 32),
+        dict(costs.params),
+    )
+    p = plan(sens, Budget(bits=6), costs=costs)
+    assert p.layers["0"].act_bits == 8 and p.layers["0"].granularity == "channel"
+    assert p.meta["achieved"]["size_bytes"] == pytest.approx(measure.model_bytes(net, p))
+    assert p.meta["achieved"]["bits"] == pytest.approx(measure.average_bits(net, p))
+    prof = measure.profile_layers(net, x)
+    assert p.meta["achieved"]["bops"] == pytest.approx(sum(measure.bops(prof, p).values()))
+
+
+def test_plan_costs_of_a_subset_count_the_rest_as_float():
+    net = _tiny_cnn()
+    costs = plan_costs(net, (4, 8), layers=["4"])
+    p = Plan({"4": LayerQuant(bits=4, act_bits=8)})
+    assert costs.total("size_bytes", {"4": 4}) == pytest.approx(measure.model_bytes(net, p))
+
+
+def test_budget_kind_without_costs_is_a_config_error():
+    sens, costs = random_instance(1, n_layers=3)
+    bare = Costs(params=costs.params)
+    with pytest.raises(ConfigError, match="size budget needs"):
+        plan(sens, Budget(size_bytes=1e6), costs=bare)
+
+
+def test_residual_ties_on_a_resnet():
+    from squeezer.zoo import create
+
+    ties = residual_ties(create("digits_resnet"))
+    # The first block adds its input (after a ReLU) unchanged: no tie. The second block adds its
+    # last conv (through BN) and its 1x1 shortcut conv (through BN).
+    assert ties == (("layers.1.conv2", "layers.1.shortcut.0"),)
+    assert residual_ties(_tiny_cnn()) == ()
+
+
+def test_residual_ties_fall_back_to_none_when_untraceable():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.a(x) + self.b(x)
+            return self.a(x)
+
+    with pytest.warns(UserWarning, match="cannot trace"):
+        assert residual_ties(DataDependent()) == ()
+
+
+def test_tie_with_unknown_layer_is_a_config_error():
+    sens, costs = random_instance(4, n_layers=3)
+    with pytest.raises(ConfigError, match="tied layers"):
+        plan(sens, Budget(bits=4), costs=costs, ties=[("l0", "nope")])
+
+
+def test_latency_budget_from_a_proxy_table():
+    net = _tiny_cnn()
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    table = latency_table(net, x, (2, 4, 8), backend="proxy", runs=5)
+    for row in table.values():
+        assert row[2] == pytest.approx(row[8] / 4) and row[4] == pytest.approx(row[8] / 2)
+    costs = plan_costs(net, (2, 4, 8), example=x, latency=table)
+    sens = Sensitivity(
+        {k: {2: 4.0, 4: 1.0, 8: 0.0} for k in costs.params}, "trace", (2, 4, 8), costs.params
+    )
+    lo, hi = span(sens, costs, "latency_ms")
+    p = plan(sens, Budget(latency_ms=(lo + hi) / 2), costs=costs)
+    assert p.meta["achieved"]["latency_ms"] <= (lo + hi) / 2
+    assert brute_force(sens, costs, {"latency_ms": (lo + hi) / 2})[0] == pytest.approx(
+        p.meta["predicted_omega"]
+    )
+
+
+@pytest.mark.slow
+def test_latency_table_in_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    table = latency_table(net, x, (2, 8, 32), runs=20)
+    assert set(table) == {"0", "2"}
+    for row in table.values():
+        assert row[2] == row[8] > 0 and row[32] > 0  # no sub-byte kernels: 2 bits time as 8
