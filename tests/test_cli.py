@@ -218,3 +218,51 @@ def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
     err = capsys.readouterr().err
     assert "smallest feasible" in err and err.count("\n") == 1
     assert (out / "plan.json").read_bytes() == before
+
+
+def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
+    from squeezer.models import save_weights
+
+    net, info = trained_digits_cnn
+    w = tmp_path / "w.safetensors"
+    save_weights(net, w)
+    out = tmp_path / "zs"
+    rc = main(
+        [
+            "compress",
+            "zoo:digits_cnn",
+            "--weights",
+            str(w),
+            "--calib",
+            "zeroshot",
+            "--budget",
+            "bits=4",
+            "--eval-data",
+            "digits",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["calibration"]["source"].startswith("distilled")
+    assert m["after"]["avg_bits"] <= 4 + 1e-9
+    assert m["after"]["metric"] >= info["top1"] - 3.0
+    # a model without BatchNorm cannot be distilled from: exit 2, advice, nothing written
+    out2 = tmp_path / "zs2"
+    rc = main(
+        [
+            "compress",
+            "torch.nn:Linear",
+            "--calib",
+            "zeroshot",
+            "--budget",
+            "bits=4",
+            "--out",
+            str(out2),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and not out2.exists()
+    assert "BatchNorm" in err and "--calib real" in err

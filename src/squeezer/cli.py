@@ -122,9 +122,14 @@ def _print_table(rows: list[list[str]], headers: list[str]) -> None:
 def _summary(result, data) -> None:
     from .report import fmt_bytes
 
-    name = data.task.metric_name
+    name = data.task.metric_name if data is not None else "metric"
     rows = [
-        [v.name, f"{v.metric:.2f}", fmt_bytes(v.size_bytes), f"{v.avg_bits:.2f}"]
+        [
+            v.name,
+            "–" if v.metric is None else f"{v.metric:.2f}",
+            fmt_bytes(v.size_bytes),
+            f"{v.avg_bits:.2f}",
+        ]
         for v in result.variants
     ]
     _print_table(rows, ["variant", name, "size", "avg bits"])
@@ -139,7 +144,7 @@ def _write_compress_run(
     stage.write_json("plan.json", result.plan.to_dict())
     if result.analysis is not None:
         _write_analysis(stage.path, result.analysis)
-    stage.write_json("metrics.json", result.metrics(data))
+    stage.write_json("metrics.json", result.metrics(data))  # data may be None (zero-shot)
     save_weights(
         packed_state_dict(result.qmodel),
         stage.path("model.safetensors"),
@@ -167,7 +172,8 @@ def _write_analysis(path, analysis) -> None:
     """spectrum.json, sensitivity.json, costs.json and pareto.json: what re-planning needs."""
     from .runfolder import write_json
 
-    write_json(path("spectrum.json"), analysis.spectrum.to_dict())
+    if analysis.spectrum is not None:
+        write_json(path("spectrum.json"), analysis.spectrum.to_dict())
     write_json(path("sensitivity.json"), analysis.sensitivity.to_dict())
     write_json(
         path("costs.json"),
@@ -183,46 +189,81 @@ def _write_analysis(path, analysis) -> None:
 @command("compress", "quantize a model to meet a budget, evaluate it, and write a run folder")
 def cmd_compress(args: argparse.Namespace) -> int:
     from .config import Budget
-    from .pipeline import compress
+    from .pipeline import compress, compress_zeroshot
     from .runfolder import Stage, check_output_dir
 
     budget = Budget.parse(args.budget)
     check_output_dir(args.out)
-    model, data = _load(args)
-    _check_fits(model, data)
+    if args.calib == "real" and not args.data:
+        raise ConfigError(
+            "--data is required to calibrate on real data; give --data DATA, or use "
+            "--calib zeroshot to quantize without any data"
+        )
+    if args.calib == "zeroshot":
+        args.data = args.eval_data or args.data
+        if args.data:
+            model, data = _load(args)
+            _check_fits(model, data)
+        else:
+            model, data = _load_model_only(args), None
+    else:
+        model, data = _load(args)
+        _check_fits(model, data)
+    manifest = {
+        "act_bits": args.act_bits or None,
+        "max_len": args.max_len,
+        "method": args.method,
+        "calib": args.calib,
+        "trust_pickle": bool(args.trust_pickle),
+    }
     with Stage(args.out) as stage:
-        result = compress(
-            model,
-            data,
-            budget,
-            act_bits=args.act_bits or None,
-            method=args.method,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-        _write_compress_run(
-            stage,
-            args,
-            result,
-            data,
-            extra_manifest={
-                "act_bits": args.act_bits or None,
-                "max_len": args.max_len,
-                "method": args.method,
-                "trust_pickle": bool(args.trust_pickle),
-            },
-        )
+        if args.calib == "zeroshot":
+            result = compress_zeroshot(
+                model,
+                budget,
+                eval_data=data,
+                act_bits=args.act_bits or None,
+                method="uniform" if args.method == "uniform" else "kl",
+                input_shape=_shape(args.input_shape),
+                seed=args.seed,
+                progress=not args.quiet,
+            )
+        else:
+            result = compress(
+                model,
+                data,
+                budget,
+                act_bits=args.act_bits or None,
+                method=args.method,
+                seed=args.seed,
+                progress=not args.quiet,
+            )
+        _write_compress_run(stage, args, result, data, extra_manifest=manifest)
     if not args.quiet:
         _summary(result, data)
         print(f"\nwrote {args.out}/report.html")
     return 0
 
 
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r} is not a shape like 1,8,8") from None
+
+
+def _load_model_only(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+
+
 def _configure_compress(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument(
         "--data",
-        required=True,
         metavar="DATA",
         help="digits, mnist1d, a .npz with x and y, an image folder, or a .txt file",
     )
@@ -233,6 +274,21 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         help="e.g. bits=8, bits=4.5, size=1.2MB, bops=2e9, latency=3ms, size=0.5r",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    p.add_argument(
+        "--calib",
+        choices=("real", "zeroshot"),
+        default="real",
+        help="real: calibrate and plan on --data (default); zeroshot: no data at all "
+        "(ZeroQ distilled inputs, KL sensitivity)",
+    )
+    p.add_argument(
+        "--eval-data", metavar="DATA", help="with --calib zeroshot: data to report the metric on"
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="one input's shape (e.g. 1,8,8) for --calib zeroshot on non-zoo models",
+    )
     p.add_argument(
         "--method",
         choices=("hessian", "uniform"),
@@ -281,6 +337,12 @@ def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned
     from .pipeline import apply_plan
     from .runfolder import Stage
 
+    man = json.loads((run_dir / "manifest.json").read_text())
+    if man.get("calib") == "zeroshot":
+        raise ConfigError(
+            f"{run_dir} is a zero-shot run; re-plan it with 'squeezer compress ... --calib zeroshot' "
+            "and the new budget (re-planning reuses real calibration data only)"
+        )
     model, data, man = _load_run(run_dir)
     with Stage(run_dir, update=True) as stage:
         result = apply_plan(model, data, plan)

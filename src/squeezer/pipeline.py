@@ -27,7 +27,7 @@ class Evaluation:
     """One evaluated model variant (a row of the report's variants table)."""
 
     name: str
-    metric: float
+    metric: float | None
     size_bytes: float
     avg_bits: float
     bops: float
@@ -65,12 +65,12 @@ class Result:
     extras: dict[str, Any] = field(default_factory=dict)
     analysis: Any = None
 
-    def metrics(self, data: Dataset) -> dict[str, Any]:
+    def metrics(self, data: Dataset | None) -> dict[str, Any]:
         """The ``metrics.json`` document."""
         return {
-            "metric_name": data.task.metric_name,
-            "higher_is_better": data.task.higher_is_better,
-            "data": data.name,
+            "metric_name": data.task.metric_name if data is not None else None,
+            "higher_is_better": data.task.higher_is_better if data is not None else None,
+            "data": data.name if data is not None else None,
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "variants": [v.to_dict() for v in self.variants],
@@ -353,6 +353,103 @@ def apply_plan(
     if "predicted_omega" in plan.meta:
         res.extras["loss"]["predicted_increase"] = plan.meta["predicted_omega"]
     return res
+
+
+def compress_zeroshot(
+    model: nn.Module,
+    budget: Budget,
+    *,
+    eval_data: Dataset | None = None,
+    act_bits: int | None = 8,
+    method: str = "kl",
+    samples: int = 64,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Result:
+    """Data-free compression (ZeroQ): distil inputs that match the model's BatchNorm statistics,
+    rank layers by the KL divergence their quantization causes on those inputs, plan with the same
+    integer program, and calibrate activations on the distilled inputs. ``eval_data``, if given,
+    is used only to report the metric.
+
+    Example:
+        >>> from squeezer.zoo import create
+        >>> r = compress_zeroshot(create("digits_cnn"), Budget(bits=4))  # doctest: +SKIP
+    """
+    from .plan import pareto_frontier, plan, plan_costs
+    from .sensitivity import sensitivity
+    from .zeroshot import zeroshot_batches
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    distilled = zeroshot_batches(
+        model, samples, seed=seed, input_shape=input_shape, progress=progress
+    )
+    timings["distill"] = time.perf_counter() - t
+    t = time.perf_counter()
+    analysis = None
+    if method == "uniform":
+        chosen = uniform_only_plan(model, budget, act_bits=act_bits)
+    elif method in ("kl", "hessian"):
+        template = template_for(act_bits)
+        sens = sensitivity(
+            model,
+            method="kl",
+            data=distilled,
+            bits=PLAN_BITS,
+            granularity=template.granularity,
+            group_size=template.group_size,
+        )
+        costs = plan_costs(model, PLAN_BITS, example=distilled[0][:1], template=template)
+        ties = _quiet_ties(model, _residual_ties())
+        analysis = Analysis(None, sens, costs, pareto_frontier(sens, costs, ties=ties), ties)
+        p = plan(sens, budget, costs=costs, ties=ties, template=template)
+        chosen = Plan(p.layers, meta={**p.meta, "name": f"zero-shot mixed ({budget})"})
+    else:
+        raise ConfigError(f"unknown method {method!r} for --calib zeroshot; use 'kl' or 'uniform'")
+    timings["plan"] = time.perf_counter() - t
+    if eval_data is not None:
+        res = apply_plan(model, eval_data, chosen, calib=distilled)
+    else:
+        t = time.perf_counter()
+        qmodel = quantize(model, chosen, calib=distilled)
+        profiles = profile_layers(model, distilled[0][:1])
+        before = Evaluation(
+            "FP32", None, model_bytes(model), 32.0, sum(bops(profiles, None).values())
+        )
+        after = Evaluation(
+            chosen.meta.get("name", "compressed"),
+            None,
+            model_bytes(model, chosen),
+            average_bits(model, chosen),
+            sum(bops(profiles, chosen).values()),
+            plan=chosen,
+        )
+        timings["quantize"] = time.perf_counter() - t
+        res = Result(
+            model,
+            qmodel,
+            chosen,
+            before,
+            after,
+            [before, after],
+            layer_table(model, qmodel, chosen, profiles),
+            {},
+        )
+    res.timings = {**timings, **res.timings}
+    res.analysis = analysis
+    res.extras["calibration"] = {
+        "source": "distilled (ZeroQ)",
+        "samples": samples,
+        "seconds": timings["distill"],
+    }
+    return res
+
+
+def _residual_ties():
+    from .plan import residual_ties
+
+    return residual_ties
 
 
 def uniform_only_plan(model: nn.Module, budget: Budget, *, act_bits: int | None) -> Plan:

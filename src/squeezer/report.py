@@ -142,7 +142,7 @@ def _summary(run: Run) -> tuple[str, str] | None:
     m = run.get("metrics")
     if not m:
         return None
-    name = m.get("metric_name", "metric")
+    name = m.get("metric_name") or "metric"
     b, a = m.get("before", {}), m.get("after", {})
     rows = [
         [name, b.get("metric"), a.get("metric"), _delta(a.get("metric"), b.get("metric"))],
@@ -180,20 +180,24 @@ def _variants(run: Run) -> tuple[str, str] | None:
     vs = m.get("variants")
     if not vs:
         return None
-    name = m.get("metric_name", "metric")
+    name = m.get("metric_name") or "metric"
     rows = [
         [v["name"], v.get("metric"), fmt_bytes(v.get("size_bytes")), v.get("avg_bits")] for v in vs
     ]
     md, body = table(["variant", name, "size", "avg weight bits"], rows)
 
+    measured = [v for v in vs if v.get("metric") is not None]
+    if not measured:
+        return md, body
+
     def draw(ax):
-        for v in vs:
+        for k, v in enumerate(sorted(measured, key=lambda v: v["size_bytes"])):
             ax.scatter(v["size_bytes"] / 1e3, v["metric"], s=40)
             ax.annotate(
                 v["name"],
                 (v["size_bytes"] / 1e3, v["metric"]),
                 fontsize=8,
-                xytext=(4, 4),
+                xytext=(5, 6 if k % 2 == 0 else -12),
                 textcoords="offset points",
             )
         ax.set_xlabel("model size (kB)")
