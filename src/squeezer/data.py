@@ -161,46 +161,46 @@ def _index(x: Any, idx: torch.Tensor) -> Any:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, task: Task) -> float:
-    """The task's metric of ``model`` (run in eval mode, restored afterwards) over ``batches``.
-
-    Example:
-        >>> ds = load_data("digits")
-        >>> round(evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), ds.test_batches(), ds.task))
-        ...  # doctest: +SKIP
-    """
+def _accumulate(model: nn.Module, batches: Any, fn: Callable[[Any, Any], tuple[float, int]]):
+    """Σ fn(outputs, targets) over ``batches`` as (total, count), with the model in eval mode
+    (its mode restored afterwards)."""
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     total, count = 0.0, 0
     try:
         for inputs, targets in batches:
-            out = forward(model, to_device(inputs, device))
-            s, c = task.metric_sums(out, to_device(targets, device))
+            s, c = fn(forward(model, to_device(inputs, device)), to_device(targets, device))
             total, count = total + s, count + c
     finally:
         model.train(was_training)
     if count == 0:
         raise DataError("no evaluation data: the test split is empty")
+    return total, count
+
+
+def evaluate(model: nn.Module, batches: Any, task: Task) -> float:
+    """The task's metric of ``model`` (run in eval mode, restored afterwards) over ``batches``.
+
+    Example:
+        >>> ds = load_data("digits")
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        >>> 0 <= evaluate(net, ds.test_batches(), ds.task) <= 100
+        True
+    """
+    total, count = _accumulate(model, batches, task.metric_sums)
     return total / count
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, batches: Any, task: Task) -> float:
     """Sample-weighted mean of the task loss over ``batches`` (model in eval mode, restored)."""
-    was_training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    total, count = 0.0, 0
-    try:
-        for inputs, targets in batches:
-            n = batch_size(inputs)
-            out = forward(model, to_device(inputs, device))
-            total += float(task.loss(out, to_device(targets, device))) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+
+    def weighted(out: Any, targets: Any) -> tuple[float, int]:
+        n = batch_size(targets) if isinstance(targets, torch.Tensor) else batch_size(out)
+        return float(task.loss(out, targets)) * n, n
+
+    total, count = _accumulate(model, batches, weighted)
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------------
