@@ -54,7 +54,6 @@ from squeezer.pipeline import uniform_plan
 from squeezer.quant.apply import quantize
 from squeezer.zoo import create
 
-
 _T0 = time.perf_counter()
 
 
@@ -225,37 +224,39 @@ def minilm(args, work: Path) -> dict[str, Any] | None:
     e_fp32 = embed_batches(model, x_test)
     log(f"MiniLM: {param_count(model):,} parameters, {args.n_test} test sentences")
 
-    linear = {k for k, m in quantizable_layers(model).items() if isinstance(m, torch.nn.Linear)}
-    plans = {
-        "squeezer ONNX W8A8 (Q-BERT template)": qbert_plan(model, 8, group_size=None, act_bits=8),
-        "squeezer ONNX W8 weights-only": Plan(
-            {k: LayerQuant(bits=8) for k in quantizable_layers(model)}
-        ),
-        "squeezer ONNX W4 g128 weights-only": Plan(
-            {
-                k: LayerQuant(bits=4, granularity="group", group_size=128)
-                if k in linear
-                else LayerQuant(bits=8)
-                for k in quantizable_layers(model)
-            }
-        ),
-    }
+    layers = quantizable_layers(model)
+    linear = {k for k, m in layers.items() if isinstance(m, torch.nn.Linear)}
+    w8 = Plan({k: LayerQuant(bits=8) for k in layers})
+    g128 = LayerQuant(bits=4, granularity="group", group_size=128)
+    w4 = Plan({k: g128 if k in linear else LayerQuant(bits=8) for k in layers})
+    variants = [  # (name, plan, export options)
+        ("W8A8 (Q-BERT template)", qbert_plan(model, 8, group_size=None, act_bits=8), {}),
+        ("W8 weights-only", w8, {}),
+        ("W8 weights-only, int8 compute", w8, {"accuracy_level": 4}),
+        ("W4 g128 weights-only", w4, {}),
+        ("W4 g128 weights-only, int8 compute", w4, {"accuracy_level": 4}),
+    ]
     example = {k: v[:16] for k, v in x_test.items()}
     fp32_path = work / "minilm_fp32.onnx"
     fp32_path.write_bytes(export_float_onnx(model, example))
     paths = {"ORT FP32": fp32_path}
-    reports, fid, theory = {}, {}, {}
-    for name, plan in plans.items():
-        q = quantize(model, plan, calib=calib)
-        fid[name.replace("ONNX", "fake-quant")] = embedding_metrics(
-            e_fp32, embed_batches(q, x_test)
-        )
+    reports, fid, theory, qmodels = {}, {}, {}, {}
+    for label, plan, options in variants:
+        if id(plan) not in qmodels:
+            qmodels.clear()
+            qmodels[id(plan)] = quantize(model, plan, calib=calib)
+            fid[f"squeezer fake-quant {label}"] = embedding_metrics(
+                e_fp32, embed_batches(qmodels[id(plan)], x_test)
+            )
+        name = f"squeezer ONNX {label}"
         p = work / f"minilm_{len(paths)}.onnx"
-        reports[name] = export_onnx(q, p, example, threads=args.threads[0])
+        reports[name] = export_onnx(
+            qmodels[id(plan)], p, example, threads=args.threads[0], **options
+        )
         theory[name] = model_bytes(model, plan)
         paths[name] = p
         log(f"{name}: verified, max |Δ| {reports[name].max_abs_error:.3g}")
-        del q
+    qmodels.clear()
     calib_feeds = [
         ort_feeds({k: v[i : i + 32] for k, v in x_cal.items()}, _names(fp32_path))
         for i in range(0, 256, 32)

@@ -410,3 +410,37 @@ def test_minilm_matches_sentence_transformers():
     assert ours.shape == (64, 384)
     assert mean_cosine(ref, ours) > 1 - 1e-6
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+
+
+def test_cli_compress_tiny_encoder_uniform_and_mixed(tiny_dir, tmp_path, capsys):
+    """End to end on an hf: folder and a .txt corpus: uniform W8A8, then Q-BERT mixed precision."""
+    import json
+
+    from squeezer.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{a} {b}." for a in WORDS for b in WORDS[:6]) + "\n")
+    for budget, extra in (("bits=8", ["--method", "uniform"]), ("bits=4.5", [])):
+        out = tmp_path / budget.replace("=", "")
+        rc = main(
+            [
+                "compress",
+                f"hf:{tiny_dir}",
+                "--data",
+                str(corpus),
+                "--budget",
+                budget,
+                "--max-len",
+                "16",
+                "--out",
+                str(out),
+                "--quiet",
+                *extra,
+            ]
+        )
+        assert rc == 0, capsys.readouterr().err
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["metric_name"] == "cosine" and {"spearman", "top10"} <= set(m["after"])
+        assert m["after"]["avg_bits"] <= float(budget.split("=")[1]) + 1e-9
+        assert 0.5 < m["after"]["metric"] <= 1.0 + 1e-6
+    assert (tmp_path / "bits4.5" / "sensitivity.json").is_file()

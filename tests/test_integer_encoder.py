@@ -77,27 +77,27 @@ def test_int_matmul_is_exact():
         int_matmul(a.long(), b)
 
 
-@settings(max_examples=60, deadline=None)
+def _round_half_even(num: int, den: int) -> int:
+    q, rem = divmod(num, den)
+    return q + (1 if 2 * rem > den or (2 * rem == den and q % 2 == 1) else 0)
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    xs=st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=20),
+    xs=st.lists(st.integers(-(2**45), 2**45), min_size=1, max_size=20),
     m=st.floats(1e-9, 1e3),
     zp=st.integers(0, 255),
 )
 def test_rescale_is_exact_dyadic_rounding(xs, m, zp):
-    """Oracle: Python integers. The output is round-half-even(x · b / 2^c) + zp clamped, with
-    (b, c) the 31-bit dyadic form of m; within 1 code of the real-valued round(x · m) + zp."""
-    r = Rescale(m, zero_point=zp, qmin=0, qmax=255, x_bound=2**40)
+    """Oracle: Python integers on the unclamped input. The output is round-half-even of
+    round-half-even(x / 2^pre) · b / 2^c, plus zp, clamped, with (b, c) the 31-bit dyadic form of
+    m · 2^pre: the input clamp never changes it. It is within 1 code of round(x · m) + zp."""
+    r = Rescale(m, zero_point=zp, qmin=0, qmax=255, x_bound=2**45)
     out = r(torch.tensor(xs)).tolist()
-    b = int(r.b)
+    b, c, pre = int(r.b), int(r.c), int(r.pre)
     for x, o in zip(xs, out, strict=True):
-        num = x * b
-        if int(r.pre):  # pre-shifted inputs: the oracle follows the documented rounding
-            continue
-        den = 2 ** int(r.c)
-        q, rem = divmod(num, den)
-        if 2 * rem > den or (2 * rem == den and q % 2 == 1):
-            q += 1
-        assert o == min(255, max(0, q + zp))
+        x_pre = _round_half_even(x, 2**pre)
+        assert o == min(255, max(0, _round_half_even(x_pre * b, 2**c) + zp))
         assert abs(o - min(255, max(0, round(x * m) + zp))) <= 1
 
 
@@ -155,7 +155,7 @@ def test_integer_encoder_close_to_fake_quant_and_fp32(built):
     with torch.no_grad():
         e32, efq, eint = model(**x), qmodel(**x), imodel(**x)
     vs_fq, vs_fp = embedding_metrics(efq, eint), embedding_metrics(e32, eint)
-    # Measured: cosine 0.99993 vs fake-quant, 0.99986 vs FP32 (fake-quant itself: 0.99988).
+    # Measured: cosine 0.99992 vs fake-quant, 0.99985 vs FP32 (fake-quant itself: 0.99986).
     assert vs_fq["cosine"] > 0.9995 and vs_fq["spearman"] > 0.995
     assert vs_fp["cosine"] > 0.999
     assert float((eint.norm(dim=-1) - 1).abs().max()) < 1e-3
@@ -297,5 +297,5 @@ def test_minilm_w8a8_integer_only_fidelity():
     imodel = to_integer_encoder(qmodel, calib)
     e32, eint = embed_batches(model, x), embed_batches(imodel, x)
     m = embedding_metrics(e32, eint)
-    assert m["cosine"] > 0.985 and m["spearman"] > 0.975
+    assert m["cosine"] > 0.99 and m["spearman"] > 0.98  # measured: 0.992, 0.989
     assert math.isfinite(m["top10"])

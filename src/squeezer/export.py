@@ -67,13 +67,13 @@ MS_DOMAIN = "com.microsoft"
 COMMUTING_OPS = frozenset(
     {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 )
-#: Default tolerance of the check: max(steps × one 8-bit step of squeezer's output range,
-#: share × max |squeezer − FP32|), as (steps, share); the second entry is for requantize mode.
-#: Float reassociation and the int32 bias move a few pre-activations across a rounding boundary,
-#: flipping codes by one: measured 0.3–0.9 step on the digits nets, but 2.9 steps on MiniLM at
-#: W8A8 (whose quantization itself moves the outputs by ~75 steps), hence the relative term.
-#: Requantize mode adds real rounding (residual sums at 8 bits), so it gets more room.
-ATOL = {False: (1.0, 0.1), True: (2.0, 0.25)}
+#: Default tolerance of the typical sample: max(steps × one 8-bit step of squeezer's output range,
+#: share × max |squeezer − FP32|), as (steps, share), keyed by whether the export rounds more than
+#: squeezer does (``requantize``, or an ``accuracy_level`` below fp32): its extra rounding may
+#: add as much as the quantization itself did.
+#: Measured: 0.3–0.9 step at worst on the digits nets; on MiniLM at W8A8 most sentences match
+#: exactly and a few move by up to 15 steps after one flipped code (see :func:`export_onnx`).
+ATOL = {False: (1.0, 0.1), True: (2.0, 1.0)}
 #: Block sizes MatMulNBits accepts.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 
@@ -90,7 +90,8 @@ class ExportReport:
         stored_bytes: the same sum with the widths actually stored (8 for QDQ codes, 4 for
             MatMulNBits), the floor this format can reach.
         max_abs_error: max |ONNX Runtime − squeezer| over the example's outputs.
-        atol: the tolerance it was checked against.
+        median_sample_error: the median over samples of each sample's max |Δ|.
+        atol: the tolerance it was checked against (see :func:`export_onnx`).
         output_step: one 8-bit step of the outputs' range, (max − min) / 255.
         quant_error: max |squeezer − FP32| over the example: the quantization's own effect.
         argmax_agreement: share of rows whose argmax agrees (2-D outputs), else None.
@@ -104,6 +105,7 @@ class ExportReport:
     theoretical_bytes: float
     stored_bytes: float
     max_abs_error: float | None
+    median_sample_error: float | None
     atol: float | None
     output_step: float | None
     quant_error: float | None
@@ -128,6 +130,7 @@ def export_onnx(
     verify: bool = True,
     atol: float | None = None,
     requantize: bool = False,
+    accuracy_level: int | None = None,
     threads: int | None = None,
 ) -> ExportReport:
     """Export a fake-quantized model to a QDQ int8 ONNX file, verified in ONNX Runtime.
@@ -138,16 +141,25 @@ def export_onnx(
         example: inputs (a tensor, or a dict of tensors for text models) used to trace the graph
             and to check it; a few dozen real samples make a meaningful check.
         verify: run the file in ONNX Runtime and compare with ``qmodel(example)``.
-        atol: max |ONNX Runtime − squeezer| allowed. Default: the larger of one 8-bit step of the
-            outputs' range ((max − min) / 255 over ``example``'s outputs) and 10% of the
-            quantization's own effect, max |squeezer − FP32| (2 steps and 25% with
-            ``requantize``). Float reassociation and the int32 bias can move a value across a
-            rounding boundary of an activation quantizer, flipping a code by one; the tolerance
-            admits a few such flips, not a wrong scale or a missing quantizer.
+        atol: max |ONNX Runtime − squeezer| allowed over all outputs. By default the check is in
+            two parts. The typical sample (median over samples of each one's max |Δ|) must be
+            within the larger of one 8-bit step of the outputs' range ((max − min) / 255 over
+            ``example``'s outputs) and 10% of the quantization's own effect, max |squeezer −
+            FP32| (2 steps and 100% with ``requantize`` or ``accuracy_level`` > 1); and no sample
+            may be farther from squeezer than that, or than twice as far as squeezer is from
+            FP32 (two equally quantized models, each that far from FP32). Float reassociation
+            (and the int32 bias) can move a value across a rounding boundary of an activation
+            quantizer; the flipped code can cascade through a deep net (in squeezer's own W8A8
+            MiniLM, noise of 1e-6 relative after the embeddings moves 4 of 16 embeddings by up
+            to 10 output steps), but it cannot move every sample, as a wrong scale or a missing
+            quantizer does.
         requantize: also quantize, to 8 bits per tensor with min-max ranges observed on
             ``example``, the tensors squeezer keeps in float between integer-capable ops
             (residual sums, pooled maps), so that ONNX Runtime runs every Conv as QLinearConv and
             every residual Add as QLinearAdd. Faster; one more rounding per such tensor.
+        accuracy_level: ``accuracy_level`` of the MatMulNBits nodes of weight-only layers. Unset
+            (default), their inputs stay float, as squeezer computes them; 4 lets ONNX Runtime
+            quantize those inputs to int8 on the fly (faster, not what squeezer simulates).
         threads: ONNX Runtime intra-op threads for the check (default: torch's thread count).
 
     Returns:
@@ -172,7 +184,7 @@ def export_onnx(
     layers = _collect_layers(qmodel)
     fmodel = _float_twin(qmodel, layers)
     proto = _torch_export(fmodel, example)
-    rewriter = _Rewriter(proto, layers)
+    rewriter = _Rewriter(proto, layers, accuracy_level=accuracy_level)
     proto = rewriter.run(requantize=requantize, example=example, threads=threads)
     lost = [
         f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
@@ -188,21 +200,28 @@ def export_onnx(
         raise ExportError(f"the rewritten ONNX graph is invalid ({_first_line(exc)})") from exc
     data = proto.SerializeToString()
 
-    max_err = step = agree = tol = quant_err = None
+    max_err = median_err = step = agree = tol = quant_err = None
     if verify:
         with torch.no_grad():
             ref = _outputs(forward(qmodel, example))
             fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
         got = ort_session(data, threads=threads).run(None, ort_feeds(example, proto))
-        max_err, step, agree = _compare(ref, got)
+        rows, step, agree = _compare(ref, got)
+        max_err, median_err = float(rows.max()), float(np.median(rows))
         quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
-        steps, share = ATOL[requantize]
-        tol = max(steps * step, share * quant_err) if atol is None else float(atol)
-        if not max_err <= tol:
+        if atol is None:
+            steps, share = ATOL[requantize or (accuracy_level or 0) > 1]
+            tol = max(steps * step, share * quant_err)
+            ok = median_err <= tol and max_err <= max(tol, 2 * quant_err)
+        else:
+            tol = float(atol)
+            ok = max_err <= tol
+        if not ok:
             raise ExportError(
-                f"ONNX Runtime disagrees with squeezer: max |Δ| = {max_err:.3g} > atol = {tol:.3g} "
-                f"(one output step = {step:.3g}, max |squeezer − FP32| = {quant_err:.3g}); pass a "
-                "larger atol if that is expected, or verify=False to write the file and inspect it"
+                f"ONNX Runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median over "
+                f"samples {median_err:.3g}, tolerance {tol:.3g} (one output step = {step:.3g}, "
+                f"max |squeezer − FP32| = {quant_err:.3g}); pass atol=... if that is expected, or "
+                "verify=False to write the file and inspect it"
             )
     write_bytes_atomic(path, data)
     plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
@@ -212,6 +231,7 @@ def export_onnx(
         theoretical_bytes=_plan_bytes(fmodel, plan),
         stored_bytes=_stored_bytes(fmodel, layers),
         max_abs_error=max_err,
+        median_sample_error=median_err,
         atol=tol,
         output_step=step,
         quant_error=quant_err,
@@ -368,6 +388,7 @@ def report_section(metrics: Mapping[str, Any] | None) -> tuple[str, str] | None:
             ["theoretical (Σ params × bits / 8 + float parts)", fmt_bytes(theo)],
             ["size / theoretical", f"{ex['size_bytes'] / theo:.3f}" if theo else "–"],
             ["max abs. difference, ONNX Runtime vs squeezer", ex.get("max_abs_error")],
+            ["the same, median over samples", ex.get("median_sample_error")],
             ["tolerance", ex.get("atol")],
             ["one 8-bit output step", ex.get("output_step")],
             [
@@ -610,10 +631,11 @@ def _digest(a: np.ndarray) -> tuple:
 class _Rewriter:
     """Turns the float graph into the QDQ/MatMulNBits graph. One instance per export."""
 
-    def __init__(self, proto, layers: Mapping[str, _Layer]):
+    def __init__(self, proto, layers: Mapping[str, _Layer], *, accuracy_level: int | None = None):
         from onnx import numpy_helper
 
         self.proto, self.g, self.layers = proto, proto.graph, layers
+        self.accuracy_level = accuracy_level
         self.inits = {t.name: t for t in self.g.initializer}
         self._arrays: dict[str, np.ndarray] = {}
         self.new_inits: list = []
@@ -679,7 +701,7 @@ class _Rewriter:
 
     def match(self, node, producers) -> tuple[_Layer, str] | None:
         op = node.op_type
-        if op == "Conv" or (op == "MatMul") or op == "Gemm":
+        if op in ("Conv", "MatMul", "Gemm"):
             idx = 1
         elif op == "Gather" and _attr(node, "axis", 0) == 0:
             idx = 0
@@ -731,11 +753,10 @@ class _Rewriter:
                 continue
             layer, layout = hit
             w = _WeightCodes.of(layer)
-            bias_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-            bias = self.array(self.resolve(bias_name, producers)) if bias_name else None
-            if bias_name and bias is None:
-                bias_name = None  # a computed bias: leave it as it is
-            if n.op_type == "Conv":
+            # the bias as an array; None when there is none or it is computed (then left alone)
+            has_bias = len(n.input) > 2 and bool(n.input[2])
+            bias = self.array(self.resolve(n.input[2], producers) or "") if has_bias else None
+            if n.op_type == "Conv" and (bias is not None or not has_bias):
                 bn = _single_consumer(n.output[0], consumers, outputs)
                 if bn is not None and bn.op_type == "BatchNormalization":
                     folded = self.fold_bn(w, bias, bn, producers)
@@ -743,8 +764,7 @@ class _Rewriter:
                         w, bias = folded
                         dropped.add(id(bn))
                         n.output[0] = bn.output[0]
-                        bias_name = "folded"
-            new_nodes.extend(self.rewrite(n, layer, layout, w, bias, bias_name))
+            new_nodes.extend(self.rewrite(n, layer, layout, w, bias))
         calib = None
         if requantize:
             names = self.int8_inputs(new_nodes)
@@ -767,7 +787,7 @@ class _Rewriter:
         new_bias = ((b - mean) * f + beta).astype(np.float32)
         return w.scaled(f), new_bias
 
-    def rewrite(self, n, layer: _Layer, layout: str, w: _WeightCodes, bias, bias_name):
+    def rewrite(self, n, layer: _Layer, layout: str, w: _WeightCodes, bias: np.ndarray | None):
         """The nodes replacing ``n``: weight DequantizeLinear (or MatMulNBits), quantized bias."""
         out = []
         if n.op_type == "Gather":
@@ -779,7 +799,7 @@ class _Rewriter:
             and (n.op_type == "MatMul" or (n.op_type == "Gemm" and layout == "rows"))
             and _attr(n, "beta", 1.0) == 1.0
         ):
-            nb = self.matmul_nbits(n, layer, w, bias, bias_name)
+            nb = self.matmul_nbits(n, layer, w, bias)
             if nb is not None:
                 return nb
         dtype = _code_dtype(layer.qmin, layer.qmax)
@@ -797,11 +817,12 @@ class _Rewriter:
                 wscale = extra[0].input[1]
             layer.status = "qdq-int8" if layer.act is not None else "qdq-int8 weight-only"
         after = []
-        if bias is not None and bias_name is not None:
+        if bias is not None:
             n_in = list(n.input)
             while len(n_in) < 3:
                 n_in.append("")
-            if layer.act is not None and not _full_range_8bit(layer.act):
+            narrow = layer.act is not None and not _full_range_8bit(layer.act)
+            if narrow and _attr(n, "beta", 1.0) == 1.0:
                 # ONNX Runtime rounds a float bias of DQ → Conv/Gemm to int32 at s_x·s_w (its
                 # WeightBiasQuantization pass), up to 0.5 s_x·s_w off: large at 4 bits. A separate
                 # Add keeps it exact; these layers do not fuse into integer kernels anyway.
@@ -894,14 +915,15 @@ class _Rewriter:
                 ]
         return self.add_init(base, bias.astype(np.float32)), []
 
-    def matmul_nbits(self, n, layer: _Layer, w: _WeightCodes, bias, bias_name):
+    def matmul_nbits(self, n, layer: _Layer, w: _WeightCodes, bias: np.ndarray | None):
         """A MatMulNBits node (4-bit codes up to 4 bits, else 8-bit) for a weight-only Linear, or
         None if the layout does not fit (then the caller falls back to int8 QDQ).
 
         Weight-only layers go here even at 8 bits: left as DequantizeLinear → MatMul, ONNX Runtime
         turns them into MatMulNBits itself with ``accuracy_level`` 4, which quantizes the float
         input to int8 on the fly (measured: ~0.5 output step off squeezer). The nodes written
-        here leave ``accuracy_level`` unset, so the input stays float, as squeezer computes it.
+        here leave ``accuracy_level`` unset unless asked, so the input stays float, as squeezer
+        computes it.
         """
         bits = 4 if layer.qmax - layer.qmin <= 15 else 8
         rows, k = w.codes.shape
@@ -939,7 +961,7 @@ class _Rewriter:
         else:
             z = _pack(zp.astype(np.uint8), bits).reshape(-1)  # packed per row
             ins.append(self.add_init(f"{base}_zero_points", z))
-        if bias is not None and bias_name is not None:
+        if bias is not None:
             ins += ["", self.add_init(f"{layer.fqn}.bias", bias.astype(np.float32))]
         self.uses_ms = True
         layer.status, layer.block = f"matmulnbits-{bits}", int(block)
@@ -951,6 +973,7 @@ class _Rewriter:
             N=int(rows),
             bits=bits,
             block_size=int(block),
+            **({} if self.accuracy_level is None else {"accuracy_level": int(self.accuracy_level)}),
             name=n.name,
         )
         return [node]
@@ -1342,18 +1365,21 @@ def _toposort(nodes: list, graph, inits: Mapping[str, Any]) -> list:
 # checking and sizes
 
 
-def _compare(ref: list[torch.Tensor], got: list[np.ndarray]) -> tuple[float, float, float | None]:
-    """(max |Δ|, one 8-bit output step, argmax agreement of 2-D outputs)."""
-    max_err, step, agree = 0.0, 0.0, None
+def _compare(
+    ref: list[torch.Tensor], got: list[np.ndarray]
+) -> tuple[np.ndarray, float, float | None]:
+    """(max |Δ| of each sample, one 8-bit output step, argmax agreement of 2-D outputs)."""
+    rows, step, agree = None, 0.0, None
     for r, g in zip(ref, got, strict=True):
         r = r.detach().float().cpu().numpy()
         if r.shape != g.shape:
             raise ExportError(f"ONNX Runtime returned shape {g.shape}, squeezer {r.shape}")
-        max_err = max(max_err, float(np.max(np.abs(r - g))) if r.size else 0.0)
+        d = np.abs(r - g).reshape(r.shape[0], -1).max(1) if r.size else np.zeros(len(r))
+        rows = d if rows is None else np.maximum(rows, d)
         step = max(step, float(r.max() - r.min()) / 255.0 if r.size else 0.0)
         if r.ndim == 2 and r.shape[1] > 1 and agree is None:
             agree = float(np.mean(r.argmax(1) == g.argmax(1)))
-    return max_err, step, agree
+    return rows, step, agree
 
 
 def _plan_bytes(fmodel: nn.Module, plan: Plan) -> float:

@@ -79,9 +79,32 @@ class Result:
         }
 
 
-def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int = 128) -> Batches:
-    """A fixed, seeded subset of the training split for activation calibration."""
+def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int = 128) -> Any:
+    """A fixed, seeded subset of the training split for activation calibration. Token inputs are
+    cut to each batch's longest sentence: padding positions would otherwise widen the ranges."""
+    if is_token_data(data):
+        from .qbert import token_batches
+
+        g = torch.Generator().manual_seed(1234)
+        n = batch_size_of_split(data)
+        idx = torch.randperm(n, generator=g)[: min(samples, n)]
+        return token_batches({k: v[idx] for k, v in data.x_train.items()}, data.y_train[idx], 32)
     return Batches(data.x_train, data.y_train, batch, shuffle=True, seed=1234, limit=samples)
+
+
+def is_token_data(data: Dataset) -> bool:
+    """True for tokenized text (dict inputs with an attention mask)."""
+    return isinstance(data.x_train, dict) and "attention_mask" in data.x_train
+
+
+def test_batches(data: Dataset) -> Any:
+    """Evaluation batches: the test split, with token inputs cut to each batch's longest sentence
+    (the outputs are the same; the compute is a fraction)."""
+    if is_token_data(data):
+        from .qbert import token_batches
+
+        return token_batches(data.x_test, data.y_test, 64)
+    return data.test_batches()
 
 
 def example_input(data: Dataset, n: int = 1) -> Any:
@@ -119,7 +142,7 @@ def evaluate_variant(
     """Metric, size, average bits and BOPs of one (quantized) model."""
     return Evaluation(
         name=name,
-        metric=evaluate(qmodel, data.test_batches(), data.task),
+        metric=evaluate(qmodel, test_batches(data), data.task),
         size_bytes=model_bytes(model, plan),
         avg_bits=average_bits(model, plan) if plan else 32.0,
         bops=sum(bops(profiles, plan).values()),
@@ -137,10 +160,12 @@ def whole_set_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
-        outs = [forward(model, x) for x, _ in data.test_batches()]
+        pairs = [(forward(model, x), y) for x, y in test_batches(data)]
     finally:
         model.train(was_training)
-    return {k: float(v) for k, v in task_metrics(torch.cat(outs), data.y_test).items()}
+    outs = torch.cat([o for o, _ in pairs])
+    targets = torch.cat([y for _, y in pairs])
+    return {k: float(v) for k, v in task_metrics(outs, targets).items()}
 
 
 @torch.no_grad()
@@ -285,7 +310,13 @@ def compress(
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if method == "uniform":
-        plan = uniform_only_plan(model, budget, act_bits=act_bits)
+        plan = uniform_only_plan(model, budget, act_bits=act_bits, data=data)
+    elif method == "hessian" and is_token_data(data) and analysis is None:
+        from .qbert import encoder_plan
+
+        enc = encoder_plan(model, data, budget, act_bits=act_bits, seed=seed, progress=progress)
+        analysis = Analysis(enc.spectrum, enc.sensitivity, None, [])
+        plan = Plan(enc.plan.layers, meta={**enc.plan.meta, "name": f"Q-BERT mixed ({budget})"})
     elif method == "hessian":
         if analysis is None:
             analysis = analyze_for_plan(
@@ -336,8 +367,8 @@ def apply_plan(
         variants.append(
             evaluate_variant(p.meta.get("name", "variant"), model, qm, p, data, profiles)
         )
-    loss_fp32 = mean_loss(model, data.test_batches(), data.task)
-    loss_q = mean_loss(qmodel, data.test_batches(), data.task)
+    loss_fp32 = mean_loss(model, test_batches(data), data.task)
+    loss_q = mean_loss(qmodel, test_batches(data), data.task)
     timings["evaluate"] = time.perf_counter() - t
     res = Result(
         model,
@@ -452,8 +483,11 @@ def _residual_ties():
     return residual_ties
 
 
-def uniform_only_plan(model: nn.Module, budget: Budget, *, act_bits: int | None) -> Plan:
-    """Uniform quantization for a whole ``bits=N`` budget (and nothing else)."""
+def uniform_only_plan(
+    model: nn.Module, budget: Budget, *, act_bits: int | None, data: Dataset | None = None
+) -> Plan:
+    """Uniform quantization for a whole ``bits=N`` budget (and nothing else). Sentence encoders get
+    the Q-BERT template: per-channel at 8 bits, groups of 128 below."""
     only_bits = (
         budget.bits is not None
         and budget.size_bytes is None
@@ -462,6 +496,12 @@ def uniform_only_plan(model: nn.Module, budget: Budget, *, act_bits: int | None)
         and not budget.relative
     )
     if only_bits and float(budget.bits).is_integer():
+        if data is not None and is_token_data(data):
+            from .qbert import qbert_plan
+
+            b = int(budget.bits)
+            plan = qbert_plan(model, b, group_size=None if b >= 8 else 128, act_bits=act_bits)
+            return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
         plan = uniform_plan(model, int(budget.bits), act_bits=act_bits)
         return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
     raise ConfigError(

@@ -21,7 +21,9 @@ curvature is. Here:
   encoder block (Q-BERT ranks whole blocks).
 * :func:`qbert_sensitivity` turns the traces into HAWQ-V2 scores Ω = ½ Tr(H_l)/n_l · ‖Q_b(W_l) −
   W_l‖² with each layer's *own* granularity, and :func:`mixed_precision_plan` hands them to the ILP
-  planner (:func:`squeezer.plan.plan`), per layer or per block (all layers of a block tied).
+  planner (:func:`squeezer.plan.plan`), per layer or per block (all layers of an encoder block
+  tied, as in Q-BERT; the embedding tables are planned one by one). :func:`encoder_plan` chains
+  the three for a :class:`squeezer.data.Dataset` of sentences.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def qbert_plan(
             (default) follows ``group_size``, ``None`` is one range per row.
         small_table_bits: bits of the position and token-type tables (:data:`POSITION_TABLES`),
             unless ``bits`` is a mapping.
-        act_percentile: percentile clipping of the activation ranges (two-sided).
+        act_percentile: percentile clipping of the activation ranges (two-sided). 99.999 rather
+            than the library's 99.99: on MiniLM W8A8 it gives cosine 0.9933 against 0.9919.
 
     Returns:
         A :class:`~squeezer.config.Plan` with ``meta["method"] == "qbert"``.
