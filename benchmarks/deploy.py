@@ -240,7 +240,8 @@ def minilm(args, work: Path) -> dict[str, Any] | None:
     fp32_path = work / "minilm_fp32.onnx"
     fp32_path.write_bytes(export_float_onnx(model, example))
     paths = {"ORT FP32": fp32_path}
-    reports, fid, theory, qmodels = {}, {}, {}, {}
+    reports, theory, qmodels = {}, {}, {}
+    fid = {"PyTorch FP32": embedding_metrics(e_fp32, e_fp32)}
     for label, plan, options in variants:
         if id(plan) not in qmodels:
             qmodels.clear()

@@ -195,6 +195,8 @@ def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
             "digits",
             "--budget",
             "bits=3",
+            "--hessian-samples",
+            "128",
             "--out",
             str(out),
             "--quiet",
@@ -254,7 +256,7 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     rc = main(
         [
             "compress",
-            "torch.nn:Linear",
+            "torch.nn:Identity",
             "--calib",
             "zeroshot",
             "--budget",

@@ -48,7 +48,18 @@ def optimized_ops(path, tmp_path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained_resnet(digits):
+def trained_cnn(one_thread, digits):
+    """The digits CNN, trained here on one thread (seconds, where conftest's shared fixture takes
+    minutes on two contended threads)."""
+    from squeezer.train import fit
+    from squeezer.zoo import create
+
+    net, _ = fit(create("digits_cnn"), digits, epochs=6, seed=0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def trained_resnet(one_thread, digits):
     from squeezer.train import fit
     from squeezer.zoo import create
 
@@ -60,8 +71,8 @@ def _w8a8(net, digits):
     return quantize(net, uniform_plan(net, 8, act_bits=8), calib=calibration_batches(digits))
 
 
-def test_digits_cnn_matches_fake_quant_runs_int8_and_is_small(trained_digits_cnn, digits, tmp_path):
-    net, _ = trained_digits_cnn
+def test_digits_cnn_matches_fake_quant_runs_int8_and_is_small(trained_cnn, digits, tmp_path):
+    net = trained_cnn
     q = _w8a8(net, digits)
     before = {k: v.clone() for k, v in q.state_dict().items()}
     x = digits.x_test[:256]
@@ -142,17 +153,18 @@ def test_weight_only_linear_goes_to_matmulnbits_exactly(spec, tmp_path):
     assert optimized_ops(tmp_path / "m.onnx", tmp_path).count("MatMulNBits") == 3
 
 
-def test_disagreement_raises_and_writes_nothing(trained_digits_cnn, digits, tmp_path):
-    net, _ = trained_digits_cnn
+def test_disagreement_raises_and_writes_nothing(trained_cnn, digits, tmp_path):
+    net = trained_cnn
     q = _w8a8(net, digits)
     with pytest.raises(ExportError, match="disagrees"):
         export_onnx(q, tmp_path / "m.onnx", digits.x_test[:64], atol=1e-9)
     assert not list(tmp_path.iterdir())
 
 
-def test_mixed_plan_float_layer_and_narrow_activations(trained_digits_cnn, digits, tmp_path):
-    """4-bit activations need a clip before the uint8 QuantizeLinear; fc2 stays float."""
-    net, _ = trained_digits_cnn
+def test_mixed_plan_float_layer_and_narrow_activations(trained_cnn, digits, tmp_path):
+    """4-bit activations need a clip before the uint8 QuantizeLinear and an exact float bias;
+    fc2 stays float."""
+    net = trained_cnn
     layers = {k: LayerQuant(bits=4, act_bits=4) for k in ("conv1", "conv2", "conv3", "fc1")}
     q = quantize(net, Plan(layers), calib=calibration_batches(digits))
     rep = export_onnx(q, tmp_path / "m.onnx", digits.x_test[:256])

@@ -22,6 +22,7 @@ from .errors import (
     SqueezerError,
     UnsupportedModelError,
 )
+from .export import export_onnx
 from .graph import quantizable_layers
 from .integer import fold_batchnorm, to_integer
 from .measure import average_bits, latency, model_bytes, profile_layers
@@ -42,6 +43,7 @@ __all__ = [
     "Spectrum",
     "analyze",
     "distill_data",
+    "export_onnx",
     "fold_batchnorm",
     "pareto_frontier",
     "plan",

@@ -237,6 +237,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 budget,
                 act_bits=args.act_bits or None,
                 method=args.method,
+                hessian_samples=args.hessian_samples,
                 seed=args.seed,
                 progress=not args.quiet,
             )
@@ -290,6 +291,13 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         "--input-shape",
         metavar="SHAPE",
         help="one input's shape (e.g. 1,8,8) for --calib zeroshot on non-zoo models",
+    )
+    p.add_argument(
+        "--hessian-samples",
+        type=int,
+        default=512,
+        metavar="N",
+        help="training samples the Hessian traces average over (default 512)",
     )
     p.add_argument(
         "--method",

@@ -293,6 +293,7 @@ def compress(
     method: str = "hessian",
     analysis: Analysis | None = None,
     extra_variants: tuple[Plan, ...] = (),
+    hessian_samples: int = 512,
     seed: int = 0,
     progress: bool = False,
 ) -> Result:
@@ -320,7 +321,12 @@ def compress(
     elif method == "hessian":
         if analysis is None:
             analysis = analyze_for_plan(
-                model, data, act_bits=act_bits, seed=seed, progress=progress
+                model,
+                data,
+                act_bits=act_bits,
+                samples=hessian_samples,
+                seed=seed,
+                progress=progress,
             )
             timings["analyze"] = time.perf_counter() - t
             t = time.perf_counter()
