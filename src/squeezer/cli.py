@@ -556,6 +556,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.out)
     spec, data_name = "zoo:digits_cnn", "digits"
+    # The digits net is tiny: one thread is as fast on an idle machine and many times faster on a
+    # busy one (threads of an oversubscribed OpenMP pool stall each other).
+    torch.set_num_threads(1)
     args.model, args.data, args.weights, args.budget = spec, data_name, None, "bits=3"
     torch.manual_seed(args.seed)
     data = load_data(data_name, seed=args.seed)

@@ -851,11 +851,13 @@ def _progress_bar(enabled: bool) -> Any:
     from tqdm import tqdm
 
     rank, _ = distributed.world()
+    # Shown only on a terminal (as squeezer.progress does), never in logs or CI output.
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("SQUEEZER_NO_PROGRESS"))
     return tqdm(
         desc="Hessian-vector products",
         unit="hvp",
         file=sys.stderr,
-        disable=not enabled or rank != 0,
+        disable=not enabled or rank != 0 or quiet,
         leave=False,
     )
 
