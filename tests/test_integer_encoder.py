@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 
 from squeezer.config import LayerQuant, Plan
 from squeezer.errors import ConfigError, DataError, UnsupportedModelError
-from squeezer.hf import SentenceEncoder
 from squeezer.integer import IntegerEncoder, Rescale, int_matmul, to_integer_encoder
 from squeezer.integer.encoder import IntLinear, integer_normalize
 from squeezer.qbert import qbert_plan, token_batches
@@ -27,31 +26,7 @@ from squeezer.text import embedding_metrics
 
 transformers = pytest.importorskip("transformers")
 
-
-def tiny_encoder(seed: int = 0, hidden_act: str = "gelu") -> SentenceEncoder:
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        initializer_range=0.2,
-        hidden_act=hidden_act,
-        attn_implementation="eager",
-    )
-    with torch.random.fork_rng():  # transformers initialises from the global generator
-        torch.manual_seed(seed)
-        bert = transformers.BertModel(cfg, add_pooling_layer=False)
-    return SentenceEncoder(bert).eval()
-
-
-def token_data(n: int, seed: int, t: int = 16) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (n, t), generator=g)
-    lens = torch.randint(3, t + 1, (n,), generator=g)
-    mask = (torch.arange(t)[None] < lens[:, None]).long()
-    return {"input_ids": ids * mask, "attention_mask": mask}
+from tiny_bert import tiny_encoder, token_data  # noqa: E402  (needs transformers)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +177,7 @@ def test_every_activation_is_an_integer_tensor(built):
     """No operation of the integer program turns an integer tensor into a float one, and the only
     float tensors it touches are the LayerNorm affine parameters (quantized inside i_layernorm)."""
     _, _, imodel, _ = built
-    x = token_data(8, seed=3)
+    x = token_data(8, seed=3, t=16)
     with _FloatLeakDetector() as mode:
         codes = imodel.run(**x)
     assert mode.leaks == []

@@ -65,6 +65,11 @@ def _manifest(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _weights_ref(args: argparse.Namespace) -> str | None:
+    """The weights file as the manifest records it (absolute, so the run can be rebuilt)."""
+    return str(Path(args.weights).resolve()) if args.weights else None
+
+
 def _load(args: argparse.Namespace):
     """The model and data an invocation names. Text data is tokenized with an hf: model's own
     tokenizer, and its targets are that FP32 model's embeddings."""
@@ -150,7 +155,7 @@ def _write_compress_run(
         stage.path("model.safetensors"),
         metadata={"format": "squeezer-packed", "plan": "plan.json"},
     )
-    weights = weights_rel or (str(Path(args.weights).resolve()) if args.weights else None)
+    weights = weights_rel or _weights_ref(args)
     stage.write_json(
         "manifest.json",
         _manifest(
@@ -507,7 +512,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             progress=not args.quiet and sys.stderr.isatty(),
         )
         stage.write_json("spectrum.json", spec.to_dict())
-        weights = str(Path(args.weights).resolve()) if args.weights else None
+        weights = _weights_ref(args)
         stage.write_json(
             "manifest.json",
             _manifest(

@@ -123,26 +123,3 @@ def _default(o: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as JSON (dataclasses through their ``to_dict``)."""
     write_text_atomic(path, json.dumps(obj, indent=2, default=_default))
-
-
-def load_run_models(run_dir: str | os.PathLike, *, trust_pickle: bool = False):
-    """Rebuild a run's float model and its quantized model (and the plan) from the run folder.
-
-    Returns:
-        (model, qmodel, plan, manifest)
-    """
-    from .config import Plan
-    from .models import load_model, read_state_dict
-    from .quant.apply import load_quantized
-
-    d = require_run_folder(run_dir)
-    manifest = json.loads((d / MANIFEST).read_text())
-    weights = manifest.get("weights")
-    if weights and not Path(weights).is_absolute():
-        weights = d / weights
-    model = load_model(manifest["model"], weights=weights, trust_pickle=trust_pickle)
-    if not (d / "plan.json").is_file() or not (d / "model.safetensors").is_file():
-        raise ConfigError(f"{d} holds no compressed model; run 'squeezer compress' into it first")
-    plan = Plan.load(d / "plan.json")
-    qmodel = load_quantized(model, plan, read_state_dict(d / "model.safetensors"))
-    return model, qmodel.eval(), plan, manifest
