@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from squeezer.data import load_data
+from squeezer.estimators import hutchinson, rademacher, slq, top_eigen
 from squeezer.hvp import HessianOperator
-from squeezer.spectrum import hutchinson, rademacher, slq, top_eigen
 from squeezer.train import fit
 from squeezer.zoo import create
 from squeezer.zoo.small import ResNet

@@ -33,9 +33,10 @@ from squeezer.quant.apply import quantize
 from squeezer.sensitivity import sensitivity
 from squeezer.train.fit import fit
 from squeezer.zeroshot import bn_stat_loss, distill
+from squeezer.zoo import MODELS as ZOO
 from squeezer.zoo import create
 
-MODELS = (("digits", "digits_cnn"), ("mnist1d", "mnist1d_cnn"))
+MODELS = ("digits_cnn", "mnist1d_cnn", "digits_resnet_deep", "mnist1d_resnet")
 SOURCES = ("real", "distilled", "distilled-sample", "noise")
 SETTINGS = ("W8A8", "W6A6", "W4A4", "mixed-4")
 N = 64
@@ -71,6 +72,19 @@ def quantized(net, setting: str, x: torch.Tensor) -> tuple[torch.nn.Module, dict
 
 
 @torch.no_grad()
+def fidelity(net, qnet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """On the test inputs ``x``: top-1 (%), top-1 agreement with the FP32 net (%), and the mean KL
+    divergence KL(FP32 || quantized) of the predicted class distributions (nats). Top-1 on a few
+    hundred inputs moves in steps of one input; agreement and KL resolve smaller differences."""
+    ref = torch.log_softmax(net(x), -1)
+    out = torch.log_softmax(qnet(x), -1)
+    acc = 100.0 * float((out.argmax(-1) == y).float().mean())
+    agree = 100.0 * float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    kl = float((ref.exp() * (ref - out)).sum(-1).mean())
+    return acc, agree, kl
+
+
+@torch.no_grad()
 def act_ranges(net, x: torch.Tensor) -> dict[str, float]:
     """Per quantizable layer: the 0.01–99.99 percentile width of its input on ``x`` (the range the
     percentile observer would pick)."""
@@ -96,7 +110,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--steps", type=int, default=None, help="distillation steps (default: 200)")
     ap.add_argument("--prior", default=None, help="input prior MEAN,STD for distillation")
-    ap.add_argument("--only", default=None, choices=[d for d, _ in MODELS], help="one data set")
+    ap.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=MODELS, help="zoo nets to run"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the raw results as JSON here")
     args = ap.parse_args()
@@ -104,17 +120,19 @@ def main() -> None:
     prior = tuple(float(v) for v in args.prior.split(",")) if args.prior else None
 
     results = {}
-    for data_name, zoo in MODELS:
-        if args.only and data_name != args.only:
-            continue
+    for zoo in args.models:
+        data_name = ZOO[zoo].data
         ds = load_data(data_name)
         torch.manual_seed(0)  # the zoo's initialisation draws from the global generator
         t0 = time.perf_counter()
         net, info = fit(create(zoo), ds, epochs=args.epochs, seed=0)
         train_s = time.perf_counter() - t0
+        net.eval()
         test = ds.test_batches()
         fp32 = evaluate(net, test, ds.task)
         acc = {(s, src): [] for s in SETTINGS for src in SOURCES}
+        agree = {(s, src): [] for s in SETTINGS for src in SOURCES}
+        kl = {(s, src): [] for s in SETTINGS for src in SOURCES}
         avg_bits = {src: [] for src in SOURCES}
         same_bits = {src: [] for src in SOURCES}
         range_ratio = {src: [] for src in SOURCES}
@@ -133,19 +151,25 @@ def main() -> None:
                 range_ratio[src].append(statistics.mean(rr[k] / ref_ranges[k] for k in rr))
                 for setting in SETTINGS:
                     q, bits = quantized(net, setting, x)
-                    acc[(setting, src)].append(evaluate(q, test, ds.task))
+                    a, g, k = fidelity(net, q, ds.x_test, ds.y_test)
+                    acc[(setting, src)].append(a)
+                    agree[(setting, src)].append(g)
+                    kl[(setting, src)].append(k)
                     if setting == "mixed-4":
                         ref_plan = ref_plan or bits  # "real" comes first
                         avg_bits[src].append(
                             sum(params[k] * b for k, b in bits.items()) / sum(params.values())
                         )
                         same_bits[src].append(sum(bits[k] == ref_plan[k] for k in bits))
-        results[data_name] = {
+        results[zoo] = {
+            "data": data_name,
             "model": zoo,
             "train_seconds": train_s,
             "fp32": fp32,
             "test_size": int(ds.x_test.shape[0]),
             "acc": {f"{s}/{src}": v for (s, src), v in acc.items()},
+            "agree": {f"{s}/{src}": v for (s, src), v in agree.items()},
+            "kl": {f"{s}/{src}": v for (s, src), v in kl.items()},
             "mixed_avg_bits": avg_bits,
             "mixed_layers_as_real": same_bits,
             "n_layers": len(params),
@@ -154,7 +178,7 @@ def main() -> None:
             "distill_seconds": seconds,
             "distill_cpu_seconds": cpu_seconds,
         }
-        print_table(data_name, results[data_name])
+        print_table(zoo, results[zoo])
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
@@ -167,11 +191,23 @@ def _ms(v: list[float], digits: int = 1) -> str:
 
 
 def print_table(name: str, r: dict) -> None:
-    print(f"\n### {name} ({r['model']}, {r['test_size']} test inputs), FP32 top-1 {r['fp32']:.2f}")
+    print(f"\n### {name} ({r['data']}, {r['test_size']} test inputs), FP32 top-1 {r['fp32']:.2f}")
     print("| setting | real data | distilled | distilled, per-sample statistics | Gaussian noise |")
     print("|---|---|---|---|---|")
     for s in SETTINGS:
         cells = [_ms(r["acc"][f"{s}/{src}"], 2) for src in SOURCES]
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    print("\nKL(FP32 || quantized) on the test inputs, x 1e-3 (lower is closer to FP32):")
+    print("| setting | real data | distilled | distilled, per-sample statistics | Gaussian noise |")
+    print("|---|---|---|---|---|")
+    for s in SETTINGS:
+        cells = [_ms([1e3 * v for v in r["kl"][f"{s}/{src}"]], 2) for src in SOURCES]
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    print("\ntop-1 agreement with FP32 (%):")
+    print("| setting | real data | distilled | distilled, per-sample statistics | Gaussian noise |")
+    print("|---|---|---|---|---|")
+    for s in SETTINGS:
+        cells = [_ms(r["agree"][f"{s}/{src}"], 2) for src in SOURCES]
         print(f"| {s} | " + " | ".join(cells) + " |")
     bits = " / ".join(_ms(r["mixed_avg_bits"][src], 2) for src in SOURCES)
     same = " / ".join(_ms(r["mixed_layers_as_real"][src], 1) for src in SOURCES)

@@ -11,6 +11,7 @@ os.environ.setdefault("SQUEEZER_NO_PROGRESS", "1")
 # One thread: the nets under test are tiny, and several threads on a busy 2-core machine are
 # many times slower than one (oversubscription).
 torch.set_num_threads(1)
+os.environ.setdefault("SQUEEZER_THREADS", "1")  # what the CLI would otherwise choose by load
 
 
 @pytest.fixture(scope="session")

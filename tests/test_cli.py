@@ -251,6 +251,16 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     assert m["calibration"]["source"].startswith("distilled")
     assert m["after"]["avg_bits"] <= 4 + 1e-9
     assert m["after"]["metric"] >= info["top1"] - 3.0
+    # re-planning reuses the saved distilled inputs and the KL sensitivity: no data, no distilling
+    distilled = (out / "distilled.safetensors").read_bytes()
+    assert main(["plan", str(out), "--budget", "bits=3"]) == 0, capsys.readouterr().err
+    m3 = json.loads((out / "metrics.json").read_text())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["calib"] == "zeroshot" and man["replanned"] is True
+    assert m3["after"]["avg_bits"] <= 3 + 1e-9 < m["after"]["avg_bits"]
+    assert m3["after"]["name"].startswith("zero-shot mixed")
+    assert m3["after"]["metric"] >= info["top1"] - 5.0
+    assert (out / "distilled.safetensors").read_bytes() == distilled
     # a model without BatchNorm cannot be distilled from: exit 2, advice, nothing written
     out2 = tmp_path / "zs2"
     rc = main(

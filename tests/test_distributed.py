@@ -7,16 +7,21 @@ relative, on every rank.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import socket
+import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_hvp import CE, one_thread, split, trained  # noqa: F401
 
 from squeezer import distributed
+from squeezer.cli import main
 from squeezer.spectrum import Spectrum, analyze
 
 # Uneven batches (5 of them over 2 ranks: 3 + 2 batches, 29 + 19 samples).
@@ -99,3 +104,33 @@ def test_shard_deals_batches_round_robin():
     assert list(lazy) == [0, 3, 6] and list(lazy) == [0, 3, 6]
     everything = sorted(i for r in range(3) for i in distributed.shard(range(7), r, 3))
     assert everything == list(range(7))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun's rendezvous is tested on Linux")
+def test_cli_analyze_under_torchrun_writes_one_run_equal_to_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m squeezer.cli analyze` joins one gloo group, each rank takes
+    its shard, and rank 0 alone writes the run folder, which holds the one-process numbers."""
+    args = [
+        "analyze", "zoo:digits_cnn", "--data", "digits", "--samples", "96", "--batch-size", "32",
+        "--top-k", "1", "--max-probes", "8", "--rel-stderr", "0", "--quiet", "--threads", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SQUEEZER_NO_PROGRESS": "1"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, "-m", "squeezer.cli", *args, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no staging folders left
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    got = json.loads((two / "spectrum.json").read_text())
+    want = json.loads((tmp_path / "one" / "spectrum.json").read_text())
+    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+    assert got["samples"] == want["samples"] == 96
+    for key in ("trace", "top_eigenvalues", "layer_trace"):
+        a, b = got[key], want[key]
+        flat_a = list(a.values()) if isinstance(a, dict) else a if isinstance(a, list) else [a]
+        flat_b = list(b.values()) if isinstance(b, dict) else b if isinstance(b, list) else [b]
+        for x, y in zip(flat_a, flat_b, strict=True):
+            assert math.isclose(x, y, rel_tol=1e-4), key

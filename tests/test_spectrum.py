@@ -16,18 +16,9 @@ import torch
 from test_hvp import CE, dense_hessian, one_thread, split, trained  # noqa: F401
 
 from squeezer.errors import ConfigError
+from squeezer.estimators import Density, MatrixOperator, hutchinson, slq, smooth_density, top_eigen
 from squeezer.hvp import HessianOperator
-from squeezer.spectrum import (
-    Density,
-    MatrixOperator,
-    Spectrum,
-    analyze,
-    hutchinson,
-    slq,
-    smooth_density,
-    summary,
-    top_eigen,
-)
+from squeezer.spectrum import Spectrum, analyze, summary
 
 
 @pytest.fixture(scope="module")

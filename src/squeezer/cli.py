@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ConfigError, SqueezerError
+from .threads import configure_threads
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -60,6 +61,7 @@ def _manifest(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "seed": getattr(args, "seed", 0),
         **extra,
     }
@@ -150,6 +152,13 @@ def _write_compress_run(
     if result.analysis is not None:
         _write_analysis(stage.path, result.analysis)
     stage.write_json("metrics.json", result.metrics(data))  # data may be None (zero-shot)
+    # A zero-shot run keeps its distilled inputs: re-planning calibrates on them again.
+    if result.calib_inputs is not None:
+        save_weights(
+            {f"batch{i}": x.contiguous() for i, x in enumerate(result.calib_inputs)},
+            stage.path(DISTILLED_FILE),
+            metadata={"format": "squeezer-distilled-inputs"},
+        )
     save_weights(
         packed_state_dict(result.qmodel),
         stage.path("model.safetensors"),
@@ -171,6 +180,23 @@ def _write_compress_run(
     from .report import write_report
 
     write_report(stage.dir)
+
+
+DISTILLED_FILE = "distilled.safetensors"
+
+
+def _distilled_inputs(run_dir: Path) -> list:
+    """The distilled calibration batches a zero-shot run saved, in order."""
+    from .models import read_state_dict
+
+    path = run_dir / DISTILLED_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is a zero-shot run without {DISTILLED_FILE} (made by an older squeezer); "
+            "run 'squeezer compress ... --calib zeroshot' again with the new budget"
+        )
+    sd = read_state_dict(path)
+    return [sd[f"batch{i}"] for i in range(len(sd))]
 
 
 def _write_analysis(path, analysis) -> None:
@@ -330,47 +356,58 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
 cmd_compress.configure = _configure_compress
 
 
-def _load_run(run_dir: Path):
-    """The model, data and manifest a run folder was made from."""
-    man = json.loads((run_dir / "manifest.json").read_text())
+def _run_args(run_dir: Path, man: dict[str, Any]) -> argparse.Namespace:
+    """The loading arguments a run folder's manifest records (weights made absolute)."""
     weights = man.get("weights")
     if weights and not Path(weights).is_absolute():
         weights = str(run_dir / weights)
-    ns = argparse.Namespace(
+    return argparse.Namespace(
         model=man["model"],
         weights=weights,
         trust_pickle=man.get("trust_pickle", False),
-        data=man["data"],
+        data=man.get("data"),
         seed=man.get("seed", 0),
         max_len=man.get("max_len", 128),
     )
-    model, data = _load(ns)
+
+
+def _load_run(run_dir: Path):
+    """The model, data and manifest a run folder was made from."""
+    man = json.loads((run_dir / "manifest.json").read_text())
+    model, data = _load(_run_args(run_dir, man))
     return model, data, man
 
 
 def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned: bool) -> int:
-    from .pipeline import apply_plan
+    from .pipeline import apply_plan, apply_plan_zeroshot
     from .runfolder import Stage
 
     man = json.loads((run_dir / "manifest.json").read_text())
-    if man.get("calib") == "zeroshot":
-        raise ConfigError(
-            f"{run_dir} is a zero-shot run; re-plan it with 'squeezer compress ... --calib zeroshot' "
-            "and the new budget (re-planning reuses real calibration data only)"
-        )
-    model, data, man = _load_run(run_dir)
+    zeroshot = man.get("calib") == "zeroshot"
+    if zeroshot:
+        distilled = _distilled_inputs(run_dir)
+        if man.get("data"):
+            model, data, man = _load_run(run_dir)
+        else:
+            model, data = _load_model_only(_run_args(run_dir, man)), None
+    else:
+        model, data, man = _load_run(run_dir)
     with Stage(run_dir, update=True) as stage:
-        result = apply_plan(model, data, plan)
-        args.model, args.data, args.weights = man["model"], man["data"], man.get("weights")
+        if zeroshot:
+            result = apply_plan_zeroshot(model, plan, distilled, data)
+            result.calib_inputs = distilled
+        else:
+            result = apply_plan(model, data, plan)
+        args.model, args.data, args.weights = man["model"], man.get("data"), man.get("weights")
         args.budget = plan.meta.get("budget", man.get("budget"))
-        keep = {k: man[k] for k in ("act_bits", "max_len", "method", "trust_pickle") if k in man}
+        keep = ("act_bits", "max_len", "method", "calib", "trust_pickle")
         _write_compress_run(
             stage,
             args,
             result,
             data,
             weights_rel=man.get("weights"),
-            extra_manifest={**keep, "replanned": replanned},
+            extra_manifest={**{k: man[k] for k in keep if k in man}, "replanned": replanned},
         )
     _summary(result, data)
     print(f"\nwrote {run_dir}/report.html")
@@ -382,7 +419,7 @@ def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned
 )
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import Budget
-    from .pipeline import Analysis, hessian_plan
+    from .pipeline import ZEROSHOT_NAME, Analysis, hessian_plan
     from .plan import Costs
     from .runfolder import require_run_folder
     from .sensitivity import Sensitivity
@@ -401,7 +438,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     analysis = Analysis(
         None, sens, Costs.from_dict(c["costs"]), [], tuple(tuple(t) for t in c.get("ties", []))
     )
-    plan = hessian_plan(analysis, budget, man.get("act_bits", 8))
+    name = ZEROSHOT_NAME if man.get("calib") == "zeroshot" else "Hessian mixed"
+    plan = hessian_plan(analysis, budget, man.get("act_bits", 8), name=name)
     ach = plan.meta.get("achieved", {})
     print(
         f"planned in {time.perf_counter() - t0:.3f} s: predicted loss increase "
@@ -490,40 +528,59 @@ cmd_train.configure = _configure_train
 
 @command("analyze", "Hessian spectrum: top eigenvalues, per-layer traces and top eigenvalues")
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .distributed import broadcast_flag, process_group_from_env
     from .report import write_report
     from .runfolder import Stage, check_output_dir
     from .spectrum import analyze_dataset, summary
 
-    check_output_dir(args.out)
-    model, data = _load(args)
-    _check_fits(model, data)
-    with Stage(args.out) as stage:
-        spec = analyze_dataset(
-            model,
-            data,
-            samples=args.samples,
-            batch_size=args.batch_size,
-            top_k=args.top_k,
-            max_probes=args.max_probes,
-            rel_stderr=args.rel_stderr,
-            trace_method=args.trace,
-            density=args.density,
-            seed=args.seed,
-            progress=not args.quiet and sys.stderr.isatty(),
-        )
-        stage.write_json("spectrum.json", spec.to_dict())
-        weights = _weights_ref(args)
-        stage.write_json(
-            "manifest.json",
-            _manifest(
-                args,
-                model=args.model,
-                weights=weights,
-                data=args.data,
-                timings={"analyze": spec.seconds},
-            ),
-        )
-        write_report(stage.dir)
+    with process_group_from_env() as (rank, world_size):
+        # Under torchrun every rank computes its shard; rank 0 alone checks and writes the run, and
+        # tells the others whether to go on (so a refused output folder cannot leave them waiting).
+        refused = None
+        if rank == 0:
+            try:
+                check_output_dir(args.out)
+            except SqueezerError as exc:
+                refused = exc
+        if not broadcast_flag(refused is None):
+            raise refused or SqueezerError(f"rank 0 refused the output folder {args.out}")
+        model, data = _load(args)
+        _check_fits(model, data)
+
+        def run():
+            return analyze_dataset(
+                model,
+                data,
+                samples=args.samples,
+                batch_size=args.batch_size,
+                top_k=args.top_k,
+                max_probes=args.max_probes,
+                rel_stderr=args.rel_stderr,
+                trace_method=args.trace,
+                density=args.density,
+                seed=args.seed,
+                progress=rank == 0 and not args.quiet and sys.stderr.isatty(),
+            )
+
+        if rank != 0:
+            run()
+            return 0
+        with Stage(args.out) as stage:
+            spec = run()
+            stage.write_json("spectrum.json", spec.to_dict())
+            weights = _weights_ref(args)
+            stage.write_json(
+                "manifest.json",
+                _manifest(
+                    args,
+                    model=args.model,
+                    weights=weights,
+                    data=args.data,
+                    world_size=world_size,
+                    timings={"analyze": spec.seconds},
+                ),
+            )
+            write_report(stage.dir)
     if not args.quiet:
         print(summary(spec))
         print(f"\nwrote {args.out}/spectrum.json")
@@ -563,7 +620,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec, data_name = "zoo:digits_cnn", "digits"
     # The digits net is tiny: one thread is as fast on an idle machine and many times faster on a
     # busy one (threads of an oversubscribed OpenMP pool stall each other).
-    torch.set_num_threads(1)
+    if args.threads_source != "flag":
+        torch.set_num_threads(1)
     args.model, args.data, args.weights, args.budget = spec, data_name, None, "bits=3"
     torch.manual_seed(args.seed)
     data = load_data(data_name, seed=args.seed)
@@ -734,7 +792,6 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
     p.add_argument("--atol", type=float, default=None, help="tolerance of the check")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
 cmd_export.configure = _configure_export
@@ -744,15 +801,13 @@ cmd_export.configure = _configure_export
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from .export import export_float_onnx, latency_table, ort_session
     from .report import write_report
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
     model, qmodel, data = _load_compressed(run)
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads
     if not (run / "model.onnx").is_file():
         print(f"no {run}/model.onnx yet: exporting it first", file=sys.stderr)
         _export_run(run, qmodel, data, samples=64, requantize=False, atol=None, threads=threads)
@@ -787,9 +842,6 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
     p.add_argument("--runs", type=int, default=30, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    p.add_argument(
-        "--threads", type=int, default=None, help="PyTorch and ONNX Runtime intra-op threads"
-    )
 
 
 cmd_bench.configure = _configure_bench
@@ -805,6 +857,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=fn.help, description=fn.help)
         fn.configure(p)
+        p.add_argument(
+            "--threads",
+            default=None,
+            metavar="N|auto",
+            help="CPU threads for PyTorch and ONNX Runtime (default: the cores idle now; "
+            "SQUEEZER_THREADS or OMP_NUM_THREADS also set it)",
+        )
     return parser
 
 
@@ -815,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        args.threads, args.threads_source = configure_threads(args.threads)
         return COMMANDS[args.command](args)
     except SqueezerError as exc:
         print(f"squeezer: error: {exc}", file=sys.stderr)

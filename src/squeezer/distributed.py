@@ -16,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -98,6 +100,41 @@ def broadcast_flag(flag: bool) -> bool:
     t = _staged(torch.tensor([1 if flag else 0], dtype=torch.int64))
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def launched_world_size() -> int:
+    """The world size a launcher such as ``torchrun`` announced in ``WORLD_SIZE`` (1 if none)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@contextmanager
+def process_group_from_env() -> Iterator[tuple[int, int]]:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) for the duration of the block, and yield ``(rank, world_size)``.
+
+    Without a launcher, or when a group already exists, this does nothing and yields
+    :func:`world`. The backend is gloo on CPU and nccl when CUDA is available; the group started
+    here is destroyed on exit, even after an error.
+
+    Example:
+        >>> with process_group_from_env() as (rank, size):
+        ...     rank, size
+        (0, 1)
+    """
+    if is_active() or launched_world_size() == 1 or not dist.is_available():
+        yield world()
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://")
+    try:
+        yield world()
+    finally:
+        dist.destroy_process_group()
 
 
 def _staged(tensor: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     analysis: Any = None
+    calib_inputs: list[torch.Tensor] | None = None  # distilled inputs of a zero-shot run
 
     def metrics(self, data: Dataset | None) -> dict[str, Any]:
         """The ``metrics.json`` document."""
@@ -270,7 +271,9 @@ def batch_size_of_split(data: Dataset) -> int:
     return batch_size(data.x_train)
 
 
-def hessian_plan(analysis: Analysis, budget: Budget, act_bits: int | None) -> Plan:
+def hessian_plan(
+    analysis: Analysis, budget: Budget, act_bits: int | None, *, name: str = "Hessian mixed"
+) -> Plan:
     """The ILP's plan for ``budget`` from an :class:`Analysis` (no Hessian work: milliseconds)."""
     from .plan import plan
 
@@ -281,7 +284,7 @@ def hessian_plan(analysis: Analysis, budget: Budget, act_bits: int | None) -> Pl
         ties=analysis.ties,
         template=template_for(act_bits),
     )
-    return Plan(p.layers, meta={**p.meta, "name": f"Hessian mixed ({budget})"})
+    return Plan(p.layers, meta={**p.meta, "name": f"{name} ({budget})"})
 
 
 def compress(
@@ -392,6 +395,9 @@ def apply_plan(
     return res
 
 
+ZEROSHOT_NAME = "zero-shot mixed"
+
+
 def compress_zeroshot(
     model: nn.Module,
     budget: Budget,
@@ -413,7 +419,7 @@ def compress_zeroshot(
         >>> from squeezer.zoo import create
         >>> r = compress_zeroshot(create("digits_cnn"), Budget(bits=4))  # doctest: +SKIP
     """
-    from .plan import pareto_frontier, plan, plan_costs
+    from .plan import pareto_frontier, plan_costs
     from .sensitivity import sensitivity
     from .zeroshot import zeroshot_batches
 
@@ -440,39 +446,11 @@ def compress_zeroshot(
         costs = plan_costs(model, PLAN_BITS, example=distilled[0][:1], template=template)
         ties = _quiet_ties(model, _residual_ties())
         analysis = Analysis(None, sens, costs, pareto_frontier(sens, costs, ties=ties), ties)
-        p = plan(sens, budget, costs=costs, ties=ties, template=template)
-        chosen = Plan(p.layers, meta={**p.meta, "name": f"zero-shot mixed ({budget})"})
+        chosen = hessian_plan(analysis, budget, act_bits, name=ZEROSHOT_NAME)
     else:
         raise ConfigError(f"unknown method {method!r} for --calib zeroshot; use 'kl' or 'uniform'")
     timings["plan"] = time.perf_counter() - t
-    if eval_data is not None:
-        res = apply_plan(model, eval_data, chosen, calib=distilled)
-    else:
-        t = time.perf_counter()
-        qmodel = quantize(model, chosen, calib=distilled)
-        profiles = profile_layers(model, distilled[0][:1])
-        before = Evaluation(
-            "FP32", None, model_bytes(model), 32.0, sum(bops(profiles, None).values())
-        )
-        after = Evaluation(
-            chosen.meta.get("name", "compressed"),
-            None,
-            model_bytes(model, chosen),
-            average_bits(model, chosen),
-            sum(bops(profiles, chosen).values()),
-            plan=chosen,
-        )
-        timings["quantize"] = time.perf_counter() - t
-        res = Result(
-            model,
-            qmodel,
-            chosen,
-            before,
-            after,
-            [before, after],
-            layer_table(model, qmodel, chosen, profiles),
-            {},
-        )
+    res = apply_plan_zeroshot(model, chosen, distilled, eval_data)
     res.timings = {**timings, **res.timings}
     res.analysis = analysis
     res.extras["calibration"] = {
@@ -480,7 +458,42 @@ def compress_zeroshot(
         "samples": samples,
         "seconds": timings["distill"],
     }
+    res.calib_inputs = distilled
     return res
+
+
+def apply_plan_zeroshot(
+    model: nn.Module,
+    chosen: Plan,
+    distilled: list[torch.Tensor],
+    eval_data: Dataset | None = None,
+) -> Result:
+    """Quantize ``model`` by ``chosen`` with activation ranges from the ``distilled`` batches, and
+    evaluate on ``eval_data`` if given (otherwise sizes and BOPs only)."""
+    if eval_data is not None:
+        return apply_plan(model, eval_data, chosen, calib=distilled)
+    t = time.perf_counter()
+    qmodel = quantize(model, chosen, calib=distilled)
+    profiles = profile_layers(model, distilled[0][:1])
+    before = Evaluation("FP32", None, model_bytes(model), 32.0, sum(bops(profiles, None).values()))
+    after = Evaluation(
+        chosen.meta.get("name", "compressed"),
+        None,
+        model_bytes(model, chosen),
+        average_bits(model, chosen),
+        sum(bops(profiles, chosen).values()),
+        plan=chosen,
+    )
+    return Result(
+        model,
+        qmodel,
+        chosen,
+        before,
+        after,
+        [before, after],
+        layer_table(model, qmodel, chosen, profiles),
+        {"quantize": time.perf_counter() - t},
+    )
 
 
 def _residual_ties():

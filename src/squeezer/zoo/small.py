@@ -66,17 +66,19 @@ def mnist1d_cnn(width: int = 32, classes: int = 10) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv-BN when the shape changes), then ReLU."""
+    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv-BN when the shape changes), then ReLU.
+    ``dim`` is 2 for images, 1 for sequences."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, dim: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dim == 2 else (nn.Conv1d, nn.BatchNorm1d)
+        self.conv1 = conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = bn(cout)
+        self.conv2 = conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = bn(cout)
         self.relu = nn.ReLU()
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            nn.Sequential(conv(cin, cout, 1, stride, bias=False), bn(cout))
             if stride != 1 or cin != cout
             else nn.Identity()
         )
@@ -88,20 +90,27 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A small CIFAR-style ResNet: stem, stages of BasicBlocks, global average pool, FC."""
+    """A small CIFAR-style ResNet: stem, stages of BasicBlocks (the first block of every stage but
+    the first halves the resolution), global average pool, FC. ``dim`` is 2 for images, 1 for
+    sequences."""
 
-    def __init__(self, in_ch: int, widths: tuple[int, ...], blocks: int, classes: int):
+    def __init__(
+        self, in_ch: int, widths: tuple[int, ...], blocks: int, classes: int, dim: int = 2
+    ):
         super().__init__()
+        if dim not in (1, 2):
+            raise ValueError(f"dim must be 1 or 2, got {dim}")
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dim == 2 else (nn.Conv1d, nn.BatchNorm1d)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            conv(in_ch, widths[0], 3, 1, 1, bias=False), bn(widths[0]), nn.ReLU()
         )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for b in range(blocks):
-                layers.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1))
+                layers.append(BasicBlock(cin, w, stride=2 if (i > 0 and b == 0) else 1, dim=dim))
                 cin = w
         self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if dim == 2 else nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,26 @@ class ResNet(nn.Module):
 )
 def digits_resnet(width: int = 32, classes: int = 10) -> nn.Module:
     return ResNet(1, (width, 2 * width), 1, classes)
+
+
+@register_model(
+    "digits_resnet_deep",
+    data="digits",
+    input_shape=(1, 8, 8),
+    description="ResNet with 3 stages of 3 BasicBlocks for 8x8 digits (20 convs, ~0.3M params)",
+)
+def digits_resnet_deep(width: int = 16, blocks: int = 3, classes: int = 10) -> nn.Module:
+    return ResNet(1, (width, 2 * width, 4 * width), blocks, classes)
+
+
+@register_model(
+    "mnist1d_resnet",
+    data="mnist1d",
+    input_shape=(1, 40),
+    description="1-D ResNet with 3 stages of 3 BasicBlocks for MNIST-1D (20 convs, ~0.1M params)",
+)
+def mnist1d_resnet(width: int = 16, blocks: int = 3, classes: int = 10) -> nn.Module:
+    return ResNet(1, (width, 2 * width, 4 * width), blocks, classes, dim=1)
 
 
 @register_model(

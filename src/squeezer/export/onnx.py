@@ -1,0 +1,335 @@
+"""The export entry points: :func:`export_onnx` (a fake-quantized model to a QDQ int8 ONNX file,
+verified in ONNX Runtime, described by an :class:`ExportReport`) and :func:`export_float_onnx`
+(the FP32 baseline); the TorchScript export of the float graph (:func:`_torch_export`); and
+the comparison of ONNX Runtime's outputs with squeezer's and the file's theoretical and stored
+sizes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Plan, write_bytes_atomic
+from ..data import forward
+from ..errors import ExportError, UnsupportedModelError
+from ..graph import copy_model
+from .common import ATOL, OPSET, _first_line, _require_onnx
+from .layers import _collect_layers, _float_twin, _Layer
+from .rewrite import _Rewriter
+from .runtime import ort_feeds, ort_session
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how well ONNX Runtime agrees with squeezer.
+
+    Attributes:
+        path: the written file.
+        size_bytes: its size.
+        theoretical_bytes: Σ params × bits / 8 at the plan's widths plus scales, zero points and the
+            parts kept in float (``squeezer.measure.model_bytes``).
+        stored_bytes: the same sum with the widths actually stored (8 for QDQ codes, 4 for
+            MatMulNBits), the floor this format can reach.
+        max_abs_error: max |ONNX Runtime − squeezer| over the example's outputs.
+        median_sample_error: the median over samples of each sample's max |Δ|.
+        atol: the tolerance it was checked against (see :func:`export_onnx`).
+        output_step: one 8-bit step of the outputs' range, (max − min) / 255.
+        quant_error: max |squeezer − FP32| over the example: the quantization's own effect.
+        argmax_agreement: share of rows whose argmax agrees (2-D outputs), else None.
+        layers: {FQN: how the layer was exported} ("qdq-int8", "matmulnbits-4", "float", ...).
+        opset: the default-domain opset of the graph.
+        threads: ONNX Runtime's intra-op threads during the check.
+    """
+
+    path: str
+    size_bytes: int
+    theoretical_bytes: float
+    stored_bytes: float
+    max_abs_error: float | None
+    median_sample_error: float | None
+    atol: float | None
+    output_step: float | None
+    quant_error: float | None
+    argmax_agreement: float | None
+    layers: dict[str, str] = field(default_factory=dict)
+    opset: int = OPSET
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike,
+    example: Any,
+    *,
+    verify: bool = True,
+    atol: float | None = None,
+    requantize: bool = False,
+    accuracy_level: int | None = None,
+    threads: int | None = None,
+) -> ExportReport:
+    """Export a fake-quantized model to a QDQ int8 ONNX file, verified in ONNX Runtime.
+
+    Args:
+        qmodel: a model from :func:`squeezer.quantize` (Quant* layers); float layers stay float.
+        path: the ``.onnx`` file to write (atomically; nothing is written if the check fails).
+        example: inputs (a tensor, or a dict of tensors for text models) used to trace the graph
+            and to check it; a few dozen real samples make a meaningful check.
+        verify: run the file in ONNX Runtime and compare with ``qmodel(example)``.
+        atol: max |ONNX Runtime − squeezer| allowed over all outputs. By default the check is in
+            two parts. The typical sample (median over samples of each one's max |Δ|) must be
+            within the larger of one 8-bit step of the outputs' range ((max − min) / 255 over
+            ``example``'s outputs) and 10% of the quantization's own effect, max |squeezer −
+            FP32| (2 steps and 100% with ``requantize`` or ``accuracy_level`` > 1); and no sample
+            may be farther from squeezer than that, or than twice as far as squeezer is from
+            FP32 (two equally quantized models, each that far from FP32). Float reassociation
+            (and the int32 bias) can move a value across a rounding boundary of an activation
+            quantizer; the flipped code can cascade through a deep net (in squeezer's own W8A8
+            MiniLM, noise of 1e-6 relative after the embeddings moves 4 of 16 embeddings by up
+            to 10 output steps), but it cannot move every sample, as a wrong scale or a missing
+            quantizer does.
+        requantize: also quantize, to 8 bits per tensor with min-max ranges observed on
+            ``example``, the tensors squeezer keeps in float between integer-capable ops
+            (residual sums, pooled maps), so that ONNX Runtime runs every Conv as QLinearConv and
+            every residual Add as QLinearAdd. Faster; one more rounding per such tensor.
+        accuracy_level: ``accuracy_level`` of the MatMulNBits nodes of weight-only layers. Unset
+            (default), their inputs stay float, as squeezer computes them; 4 lets ONNX Runtime
+            quantize those inputs to int8 on the fly (faster, not what squeezer simulates).
+        threads: ONNX Runtime intra-op threads for the check (default: torch's thread count).
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        ExportError: the graph cannot be exported, or ONNX Runtime disagrees beyond ``atol``.
+
+    Example:
+        >>> from squeezer import LayerQuant, QuantConfig, quantize
+        >>> net = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        >>> q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[x])
+        >>> export_onnx(q, "net.onnx", x).layers  # doctest: +SKIP
+        {'0': 'qdq-int8', '2': 'qdq-int8'}
+    """
+    _require_onnx()
+    import onnx
+
+    threads = threads or torch.get_num_threads()
+    qmodel = copy_model(qmodel).eval()
+    layers = _collect_layers(qmodel)
+    fmodel = _float_twin(qmodel, layers)
+    proto = _torch_export(fmodel, example)
+    rewriter = _Rewriter(proto, layers, accuracy_level=accuracy_level)
+    proto = rewriter.run(requantize=requantize, example=example, threads=threads)
+    lost = [
+        f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
+    ]
+    if lost:
+        raise ExportError(
+            f"layers {lost[:3]} quantize their inputs but the exported graph has no node with their "
+            "weights (the exporter fused them); keep their activations in float (act_bits=None)"
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug in the rewriter
+        raise ExportError(f"the rewritten ONNX graph is invalid ({_first_line(exc)})") from exc
+    data = proto.SerializeToString()
+
+    max_err = median_err = step = agree = tol = quant_err = None
+    if verify:
+        with torch.no_grad():
+            ref = _outputs(forward(qmodel, example))
+            fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
+        got = ort_session(data, threads=threads).run(None, ort_feeds(example, proto))
+        rows, step, agree = _compare(ref, got)
+        max_err, median_err = float(rows.max()), float(np.median(rows))
+        quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
+        if atol is None:
+            steps, share = ATOL[requantize or (accuracy_level or 0) > 1]
+            tol = max(steps * step, share * quant_err)
+            ok = median_err <= tol and max_err <= max(tol, 2 * quant_err)
+        else:
+            tol = float(atol)
+            ok = max_err <= tol
+        if not ok:
+            raise ExportError(
+                f"ONNX Runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median over "
+                f"samples {median_err:.3g}, tolerance {tol:.3g} (one output step = {step:.3g}, "
+                f"max |squeezer − FP32| = {quant_err:.3g}); pass atol=... if that is expected, or "
+                "verify=False to write the file and inspect it"
+            )
+    write_bytes_atomic(path, data)
+    plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
+    return ExportReport(
+        path=str(path),
+        size_bytes=len(data),
+        theoretical_bytes=_plan_bytes(fmodel, plan),
+        stored_bytes=_stored_bytes(fmodel, layers),
+        max_abs_error=max_err,
+        median_sample_error=median_err,
+        atol=tol,
+        output_step=step,
+        quant_error=quant_err,
+        argmax_agreement=agree,
+        layers={fqn: layer.status for fqn, layer in layers.items()},
+        opset=rewriter.opset,
+        threads=threads,
+    )
+
+
+def export_float_onnx(model: nn.Module, example: Any) -> bytes:
+    """The float model as ONNX bytes (the ORT FP32 baseline), with the same exporter settings.
+
+    Example:
+        >>> onnx_bytes = export_float_onnx(nn.Linear(4, 2), torch.zeros(1, 4))  # doctest: +SKIP
+    """
+    _require_onnx()
+    return _torch_export(
+        copy_model(model).eval(), example, keep_batchnorm=False
+    ).SerializeToString()
+
+
+# --------------------------------------------------------------------------------------------------
+# the float graph
+
+
+def _head(example: Any, n: int = 2) -> Any:
+    """The first ``n`` samples of a tensor or a dict of tensors (tracing needs no more)."""
+    if isinstance(example, Mapping):
+        return {k: v[:n] for k, v in example.items()}
+    return example[:n]
+
+
+def _torch_export(model: nn.Module, example: Any, *, keep_batchnorm: bool = True):
+    """The model as an ONNX ModelProto from the TorchScript exporter, batch (and sequence) dynamic.
+
+    With ``keep_batchnorm`` BatchNorm stays a node (``TrainingMode.PRESERVE`` on an eval model), so
+    weight initializers keep their values and the rewriter folds BatchNorm into the integer
+    weights' scales itself; otherwise the exporter folds it into the float weights.
+    """
+    import onnx
+
+    example = _head(example)
+    if isinstance(example, Mapping):
+        params = list(inspect.signature(model.forward).parameters)
+        names = [p for p in params if p in example]
+        unknown = [k for k in example if k not in names]
+        if unknown:
+            raise ExportError(f"the model's forward takes no inputs named {unknown}")
+        args: tuple = ()
+        kwargs = {n: example[n] for n in names}
+        dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
+    elif isinstance(example, torch.Tensor):
+        names, args, kwargs = ["input"], (example,), None
+        dynamic = {"input": {0: "batch"}}
+    else:
+        raise ExportError(
+            f"example must be a tensor or a dict of tensors, got {type(example).__name__}"
+        )
+    with torch.no_grad():
+        outs = _outputs(forward(model, example))
+    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    dynamic.update({n: {0: "batch"} for n in out_names})
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                args,
+                buf,
+                kwargs=kwargs,
+                dynamo=False,
+                input_names=names,
+                output_names=out_names,
+                opset_version=OPSET,
+                dynamic_axes=dynamic,
+                training=(
+                    torch.onnx.TrainingMode.PRESERVE
+                    if keep_batchnorm
+                    else torch.onnx.TrainingMode.EVAL
+                ),
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"torch.onnx cannot export this model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list) and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out)
+    raise ExportError(
+        f"the model returns a {type(out).__name__}; export needs a tensor or a tuple of tensors "
+        "(wrap the model so that forward returns tensors)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# checking and sizes
+
+
+def _compare(
+    ref: list[torch.Tensor], got: list[np.ndarray]
+) -> tuple[np.ndarray, float, float | None]:
+    """(max |Δ| of each sample, one 8-bit output step, argmax agreement of 2-D outputs)."""
+    rows, step, agree = None, 0.0, None
+    for r, g in zip(ref, got, strict=True):
+        r = r.detach().float().cpu().numpy()
+        if r.shape != g.shape:
+            raise ExportError(f"ONNX Runtime returned shape {g.shape}, squeezer {r.shape}")
+        d = np.abs(r - g).reshape(r.shape[0], -1).max(1) if r.size else np.zeros(len(r))
+        rows = d if rows is None else np.maximum(rows, d)
+        step = max(step, float(r.max() - r.min()) / 255.0 if r.size else 0.0)
+        if r.ndim == 2 and r.shape[1] > 1 and agree is None:
+            agree = float(np.mean(r.argmax(1) == g.argmax(1)))
+    return rows, step, agree
+
+
+def _plan_bytes(fmodel: nn.Module, plan: Plan) -> float:
+    from ..measure import model_bytes
+
+    return model_bytes(fmodel, plan)
+
+
+def _stored_bytes(fmodel: nn.Module, layers: Mapping[str, _Layer]) -> float:
+    """``model_bytes`` with each layer's codes at the width the file stores them."""
+    from dataclasses import replace
+
+    from ..measure import model_bytes
+
+    specs = {}
+    for fqn, layer in layers.items():
+        if layer.status.startswith("matmulnbits"):  # a scale (and zero point) per block
+            bits, block = int(layer.status.rsplit("-", 1)[1]), layer.block
+            fits = block and layer.codes.shape[1] % block == 0
+            specs[fqn] = (
+                replace(layer.spec, bits=bits, granularity="group", group_size=block)
+                if fits
+                else replace(layer.spec, bits=bits)
+            )
+        elif layer.status.startswith("float"):
+            specs[fqn] = replace(layer.spec, bits=32)
+        else:
+            specs[fqn] = replace(layer.spec, bits=max(8, layer.spec.bits))
+    return model_bytes(fmodel, Plan(specs))

@@ -1,0 +1,152 @@
+"""The ONNX Runtime side of the export: CPU sessions with explicit thread counts
+(:func:`ort_session`), input feeds for a model or session (:func:`ort_feeds`), the latency of
+PyTorch models and ONNX Runtime sessions side by side (:func:`latency_table`), and the min-max
+ranges of graph tensors that ``requantize`` calibrates with (:func:`_observe_ranges`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import forward
+from ..errors import ExportError
+from .common import _first_line
+from .layers import _Act
+
+
+def ort_session(model: str | os.PathLike | bytes, *, threads: int | None = None):
+    """An ONNX Runtime CPU session with every graph optimization on and ``intra_op_num_threads``
+    set explicitly (default: torch's thread count), one inter-op thread.
+
+    Example:
+        >>> sess = ort_session("model.onnx", threads=2)  # doctest: +SKIP
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+
+
+def ort_feeds(example: Any, model: Any) -> dict[str, np.ndarray]:
+    """ONNX Runtime feeds for ``example`` (a tensor or a dict of tensors) for a model or session.
+
+    Example:
+        >>> ort_feeds(torch.zeros(1, 4), sess)  # doctest: +SKIP
+        {'input': array([[0., 0., 0., 0.]], dtype=float32)}
+    """
+    names = (
+        [i.name for i in model.graph.input]
+        if hasattr(model, "graph")
+        else [i.name for i in model.get_inputs()]
+    )
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.float() if t.is_floating_point() else t).numpy()
+
+    if isinstance(example, Mapping):
+        return {n: arr(example[n]) for n in names}
+    return {names[0]: arr(example)}
+
+
+def latency_table(
+    variants: Mapping[str, Any],
+    examples: Mapping[int, Any],
+    *,
+    threads: int,
+    warmup: int = 5,
+    runs: int = 30,
+) -> dict[str, Any]:
+    """Latency of each variant at each batch size. After ``warmup`` untimed calls of each, the
+    timed calls go round-robin over the variants, so a change in machine load hits all alike.
+
+    Args:
+        variants: {name: nn.Module (run by PyTorch) or ONNX Runtime session}.
+        examples: {batch size: inputs}.
+        threads: PyTorch threads and ONNX Runtime intra-op threads (sessions must have been made
+            with the same count; :func:`ort_session` does).
+        warmup, runs: untimed and timed calls per variant and batch size.
+
+    Returns:
+        ``{"threads": n, "warmup": w, "runs": r, "batch_<b>": {name: Latency dict}}`` (median and
+        10th/90th percentiles in milliseconds, :class:`squeezer.measure.Latency`).
+
+    Example:
+        >>> latency_table({"fp32": net}, {1: x[:1]}, threads=2)  # doctest: +SKIP
+    """
+    import statistics
+    import time
+
+    from ..measure import Latency
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {"threads": threads, "warmup": warmup, "runs": runs}
+    try:
+        for b, example in examples.items():
+            calls = {}
+            for name, v in variants.items():
+                if isinstance(v, nn.Module):
+                    v.eval()
+
+                    def call(v=v, example=example):
+                        with torch.no_grad():
+                            forward(v, example)
+
+                else:
+                    feeds = ort_feeds(example, v)
+
+                    def call(v=v, feeds=feeds):
+                        v.run(None, feeds)
+
+                calls[name] = call
+                for _ in range(warmup):
+                    call()
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for _ in range(runs):
+                for name, call in calls.items():
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            row = {}
+            for name, ts in times.items():
+                q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+                lat = Latency(statistics.median(ts), q[0], q[-1], runs, warmup, b)
+                row[name] = lat.to_dict()
+            out[f"batch_{b}"] = row
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+def _observe_ranges(model, names: list[str], example: Any, threads: int) -> dict[str, _Act]:
+    """Calibrated 8-bit asymmetric quantizers (min-max over ``example``) of tensors ``names``."""
+    from ..quant.primitives import qparams_from_range
+
+    if not names:
+        return {}
+    sess = ort_session(model.SerializeToString(), threads=threads)
+    values = sess.run(names, ort_feeds(example, sess))
+    acts = {}
+    for name, v in zip(names, values, strict=True):
+        if v.dtype != np.float32 or v.size == 0:
+            continue
+        qp = qparams_from_range(
+            torch.tensor(float(v.min())), torch.tensor(float(v.max())), 8, False
+        )
+        acts[name] = _Act(float(qp.scale), int(qp.zero_point), 0, 255)
+    return acts
