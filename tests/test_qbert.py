@@ -296,3 +296,15 @@ def test_minilm_groups_beat_per_channel_at_four_bits():
     # Measured: per channel 0.907, groups of 128 0.941 (template: position/type tables 8-bit).
     assert cos["group128"] > cos["channel"] + 0.03
     assert cos["group128"] > 0.93
+
+
+def test_replanning_from_the_previous_plan_equals_planning_afresh(model, spectrum):
+    """`squeezer plan` on an encoder run uses the run's plan as the template: every layer keeps
+    its quantizer, so the new plan equals the one planned from the Q-BERT template directly."""
+    tpl = qbert_plan(model, 8, group_size=16)
+    sens = qbert_sensitivity(model, spectrum, tpl, bits=(2, 3, 4, 8))
+    first = mixed_precision_plan(model, sens, Budget(bits=4.0), tpl)
+    again = mixed_precision_plan(model, sens, Budget(bits=6.0), Plan.from_dict(first.to_dict()))
+    direct = mixed_precision_plan(model, sens, Budget(bits=6.0), tpl)
+    assert again.layers == direct.layers
+    assert again.bits() != first.bits()

@@ -378,14 +378,20 @@ def _load_run(run_dir: Path):
     return model, data, man
 
 
-def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned: bool) -> int:
+def _apply_and_write(
+    run_dir: Path, args: argparse.Namespace, plan, *, replanned: bool, loaded=None
+) -> int:
+    """Apply ``plan`` to the run's model and rewrite the run folder. ``loaded``: the run's
+    ``(model, data, manifest)`` if the caller has them already."""
     from .pipeline import apply_plan, apply_plan_zeroshot
     from .runfolder import Stage
 
     man = json.loads((run_dir / "manifest.json").read_text())
     zeroshot = man.get("calib") == "zeroshot"
-    if zeroshot:
-        distilled = _distilled_inputs(run_dir)
+    distilled = _distilled_inputs(run_dir) if zeroshot else None  # before loading the model
+    if loaded is not None:
+        model, data, man = loaded
+    elif zeroshot:
         if man.get("data"):
             model, data, man = _load_run(run_dir)
         else:
@@ -418,7 +424,7 @@ def _apply_and_write(run_dir: Path, args: argparse.Namespace, plan, *, replanned
     "plan", "re-plan bits from DIR's Hessian analysis for a new budget, then apply and evaluate"
 )
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .config import Budget
+    from .config import Budget, Plan
     from .pipeline import ZEROSHOT_NAME, Analysis, hessian_plan
     from .plan import Costs
     from .runfolder import require_run_folder
@@ -426,27 +432,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     d = require_run_folder(args.dir)
     budget = Budget.parse(args.budget)
-    if not (d / "sensitivity.json").is_file() or not (d / "costs.json").is_file():
+    man = json.loads((d / "manifest.json").read_text())
+    old = Plan.load(d / "plan.json") if (d / "plan.json").is_file() else None
+    encoder = old is not None and old.meta.get("method") == "qbert-hessian"
+    if not (d / "sensitivity.json").is_file() or not (encoder or (d / "costs.json").is_file()):
         raise ConfigError(
             f"{d} has no Hessian analysis (sensitivity.json, costs.json); make it with "
             "'squeezer compress MODEL --data DATA --budget B --out DIR' (--method hessian)"
         )
-    man = json.loads((d / "manifest.json").read_text())
-    t0 = time.perf_counter()
     sens = Sensitivity.load(d / "sensitivity.json")
-    c = json.loads((d / "costs.json").read_text())
-    analysis = Analysis(
-        None, sens, Costs.from_dict(c["costs"]), [], tuple(tuple(t) for t in c.get("ties", []))
-    )
-    name = ZEROSHOT_NAME if man.get("calib") == "zeroshot" else "Hessian mixed"
-    plan = hessian_plan(analysis, budget, man.get("act_bits", 8), name=name)
+    loaded = None
+    t0 = time.perf_counter()
+    if encoder:
+        # A Q-BERT run: the previous plan is the template (each layer keeps its quantizer and only
+        # its width changes); sizes come from the model itself.
+        from .qbert import mixed_precision_plan
+
+        loaded = _load_run(d)
+        t0 = time.perf_counter()
+        per_block = bool(old.meta.get("per_block", False))
+        p = mixed_precision_plan(loaded[0], sens, budget, old, per_block=per_block)
+        plan = Plan(p.layers, meta={**p.meta, "name": f"Q-BERT mixed ({budget})"})
+    else:
+        c = json.loads((d / "costs.json").read_text())
+        ties = tuple(tuple(t) for t in c.get("ties", []))
+        analysis = Analysis(None, sens, Costs.from_dict(c["costs"]), [], ties)
+        name = ZEROSHOT_NAME if man.get("calib") == "zeroshot" else "Hessian mixed"
+        plan = hessian_plan(analysis, budget, man.get("act_bits", 8), name=name)
     ach = plan.meta.get("achieved", {})
     print(
         f"planned in {time.perf_counter() - t0:.3f} s: predicted loss increase "
         f"{plan.meta.get('predicted_omega', 0):.4g}, size {ach.get('size_bytes', 0):,.0f} B, "
         f"average bits {ach.get('bits', float('nan')):.2f}"
     )
-    return _apply_and_write(d, args, plan, replanned=True)
+    return _apply_and_write(d, args, plan, replanned=True, loaded=loaded)
 
 
 def _configure_plan(p: argparse.ArgumentParser) -> None:
