@@ -249,6 +249,7 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["source"].startswith("distilled")
+    assert m["calibration"]["match"] == "batch"  # ZeroQ's loss at 8-bit activations
     assert m["after"]["avg_bits"] <= 4 + 1e-9
     assert m["after"]["metric"] >= info["top1"] - 3.0
     # re-planning reuses the saved distilled inputs and the KL sensitivity: no data, no distilling
@@ -278,3 +279,20 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and not out2.exists()
     assert "BatchNorm" in err and "--calib real" in err
+
+
+def test_zeroshot_run_without_data_replans_and_exports(tmp_path, capsys, trained_digits_cnn):
+    """No data at any step: compress, re-plan and export all use the run's distilled inputs."""
+    pytest.importorskip("onnxruntime")
+    from squeezer.models import save_weights
+
+    w = tmp_path / "w.safetensors"
+    save_weights(trained_digits_cnn[0], w)
+    out = tmp_path / "zs"
+    args = ["--weights", str(w), "--calib", "zeroshot", "--budget", "bits=4", "--quiet"]
+    assert main(["compress", "zoo:digits_cnn", *args, "--out", str(out)]) == 0
+    assert main(["plan", str(out), "--budget", "bits=5"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["after"]["metric"] is None
+    assert main(["export", str(out)]) == 0, capsys.readouterr().err
+    exported = json.loads((out / "metrics.json").read_text())["export"]
+    assert (out / "model.onnx").is_file() and exported["argmax_agreement"] >= 0.95

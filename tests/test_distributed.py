@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_hvp import CE, one_thread, split, trained  # noqa: F401
+from test_hvp import CE, split, trained
 
 from squeezer import distributed
 from squeezer.cli import main
 from squeezer.spectrum import Spectrum, analyze
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Uneven batches (5 of them over 2 ranks: 3 + 2 batches, 29 + 19 samples).
 SIZES = (10, 10, 9, 9, 10)

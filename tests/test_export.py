@@ -23,15 +23,7 @@ from squeezer.pipeline import calibration_batches, uniform_plan
 pytest.importorskip("onnxruntime")
 from squeezer.export import export_onnx, ort_feeds, ort_session  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on the shared 2-core machine a second OpenMP thread makes PyTorch up to 20×
-    slower while others load it (measured: 13.3 s vs 0.66 s for one epoch of digits_resnet)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def optimized_ops(path, tmp_path) -> list[str]:

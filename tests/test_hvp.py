@@ -17,6 +17,8 @@ from squeezer.errors import ConfigError, DataError
 from squeezer.graph import quantizable_layers
 from squeezer.hvp import HessianOperator, hvp
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ----------------------------------------------------------------------------- shared fixtures
 
 
@@ -97,15 +99,6 @@ def dense_hessian(net: nn.Module, x, y, names=None) -> torch.Tensor:
         return nn.functional.cross_entropy(functional_call(net, p, (x,)), y)
 
     return torch.autograd.functional.hessian(loss, flat)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny products are dominated by thread hand-offs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

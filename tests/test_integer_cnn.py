@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from squeezer import LayerQuant, Plan, quantize
 from squeezer.errors import UnsupportedModelError
@@ -149,32 +148,15 @@ def test_integer_accuracy_equals_simulation(trained_digits_cnn, digits):
     assert acc_sim > 0.95 and abs(acc_sim - acc_int) <= 1 / len(digits.y_test)
 
 
-class _FloatLeakDetector(TorchFunctionMode):
-    """Records every torch call that turns an integer tensor into a floating one."""
-
-    def __init__(self):
-        super().__init__()
-        self.leaks: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = [a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        outs = out if isinstance(out, tuple | list) else (out,)
-        int_in = any(not a.is_floating_point() and a.dtype != torch.bool for a in ins)
-        if int_in and any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
-            self.leaks.append(getattr(func, "__name__", str(func)))
-        return out
-
-
-def test_integer_forward_never_leaves_integers(digits_resnet, digits):
+def test_integer_forward_never_leaves_integers(digits_resnet, digits, float_leaks):
     calib = calibration_batches(digits, samples=256)
     qmodel = quantize(digits_resnet, uniform_plan(digits_resnet, 4), calib=calib)
     imodel = to_integer(qmodel)
-    with _FloatLeakDetector() as mode:
+    with float_leaks() as mode:
         acc, rec = imodel.run(digits.x_test[:8], record=True)
     assert mode.leaks == []
     assert acc.dtype == torch.int64 and all(v.dtype == torch.int64 for v in rec.values())
-    with _FloatLeakDetector() as mode:  # the detector itself can fail
+    with float_leaks() as mode:  # the detector itself can fail
         imodel(digits.x_test[:8])
     assert mode.leaks  # the final dequantization is the one int -> float step
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from squeezer.config import LayerQuant, Plan
 from squeezer.errors import ConfigError, DataError, UnsupportedModelError
@@ -149,41 +148,17 @@ def test_integer_encoder_can_fail(built):
     assert cos < 0.999
 
 
-class _FloatLeakDetector(TorchFunctionMode):
-    """Records every torch call that turns an integer tensor into a floating one."""
-
-    def __init__(self):
-        super().__init__()
-        self.leaks: list[str] = []
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = list(args) + list((kwargs or {}).values())
-        ints_in = any(
-            isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dtype != torch.bool
-            for a in leaves
-        )
-        outs = out if isinstance(out, tuple | list) else (out,)
-        for o in outs:
-            if isinstance(o, torch.Tensor):
-                self.dtypes.add(o.dtype)
-        if ints_in and any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
-            self.leaks.append(getattr(func, "__name__", str(func)))
-        return out
-
-
-def test_every_activation_is_an_integer_tensor(built):
+def test_every_activation_is_an_integer_tensor(built, float_leaks):
     """No operation of the integer program turns an integer tensor into a float one, and the only
     float tensors it touches are the LayerNorm affine parameters (quantized inside i_layernorm)."""
     _, _, imodel, _ = built
     x = token_data(8, seed=3, t=16)
-    with _FloatLeakDetector() as mode:
+    with float_leaks() as mode:
         codes = imodel.run(**x)
     assert mode.leaks == []
     assert codes.dtype == torch.int64 and int(codes.abs().max()) <= 2**15
     assert torch.int8 in mode.dtypes  # the GEMM operands
-    with _FloatLeakDetector() as mode:
+    with float_leaks() as mode:
         imodel(**x)
     assert mode.leaks  # the detector sees the final dequantization at the boundary
 

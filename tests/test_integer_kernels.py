@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from squeezer.errors import ConfigError, DataError
 from squeezer.integer import (
@@ -388,29 +387,9 @@ def test_kernels_refuse_float_inputs_and_bad_scales():
             kernel(torch.tensor([[1, 2]]), 0.0)
 
 
-class _FloatLeakDetector(TorchFunctionMode):
-    """Records every torch call that turns an integer tensor into a floating one."""
-
-    def __init__(self):
-        super().__init__()
-        self.leaks: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = list(args) + list((kwargs or {}).values())
-        ints_in = any(
-            isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dtype != torch.bool
-            for a in leaves
-        )
-        outs = out if isinstance(out, tuple | list) else (out,)
-        if ints_in and any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
-            self.leaks.append(getattr(func, "__name__", str(func)))
-        return out
-
-
-def test_activations_never_become_floats():
+def test_activations_never_become_floats(float_leaks):
     q = torch.tensor([[-100, -3, 0, 7, 120, 55]], dtype=torch.int8)
-    with _FloatLeakDetector() as mode:
+    with float_leaks() as mode:
         outs = [
             i_gelu(q, 0.05)[0],
             i_exp(q.long() - 120, 0.05)[0],
@@ -423,7 +402,7 @@ def test_activations_never_become_floats():
     assert all(o.dtype == torch.int64 for o in outs)
 
 
-def test_leak_detector_can_fail():
-    with _FloatLeakDetector() as mode:
+def test_leak_detector_can_fail(float_leaks):
+    with float_leaks() as mode:
         torch.tensor([1, 2]) * 0.5
     assert mode.leaks

@@ -25,17 +25,10 @@ from squeezer.plan import (
 )
 from squeezer.sensitivity import Sensitivity
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BITS = (2, 4, 8)
 KEYS = tuple(BUDGET_KEYS)  # size_bytes, bits, bops, latency_ms
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on this shared 2-core machine are ~50x slower than one for these tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_instance(seed: int, n_layers: int = 8, bits=BITS) -> tuple[Sensitivity, Costs]:

@@ -21,14 +21,7 @@ from squeezer.sensitivity import (
     sensitivity,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on this shared 2-core machine are ~50x slower than one for these tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

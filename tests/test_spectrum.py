@@ -13,12 +13,14 @@ import math
 
 import pytest
 import torch
-from test_hvp import CE, dense_hessian, one_thread, split, trained  # noqa: F401
+from test_hvp import CE, dense_hessian, split, trained
 
 from squeezer.errors import ConfigError
 from squeezer.estimators import Density, MatrixOperator, hutchinson, slq, smooth_density, top_eigen
 from squeezer.hvp import HessianOperator
 from squeezer.spectrum import Spectrum, analyze, summary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

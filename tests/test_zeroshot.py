@@ -12,6 +12,8 @@ from squeezer import zeroshot
 from squeezer.errors import ConfigError, UnsupportedModelError
 from squeezer.zeroshot import batchnorm_layers, bn_stat_loss, distill, distill_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _bn_net(seed: int = 0) -> nn.Module:
     """A conv net with BN after convs and after a linear layer, whose running statistics come from
@@ -41,15 +43,6 @@ def _bn_net(seed: int = 0) -> nn.Module:
             x[:, :, :, :4] *= 0.2  # some structure: dim left half
             net((x - 1.0) / 0.75)  # roughly standardised, as the default input prior assumes
     return net.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is as fast and does not fight other test processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _all_pre_hooks(model: nn.Module) -> int:

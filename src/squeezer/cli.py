@@ -164,21 +164,25 @@ def _write_compress_run(
         stage.path("model.safetensors"),
         metadata={"format": "squeezer-packed", "plan": "plan.json"},
     )
-    weights = weights_rel or _weights_ref(args)
-    stage.write_json(
-        "manifest.json",
-        _manifest(
-            args,
-            model=args.model,
-            weights=weights,
-            data=args.data,
-            budget=str(args.budget),
-            timings={**result.timings, "total": time.perf_counter() - stage.t0},
-            **(extra_manifest or {}),
-        ),
+    _finish_run(
+        stage,
+        args,
+        weights=weights_rel or _weights_ref(args),
+        budget=str(args.budget),
+        timings={**result.timings, "total": time.perf_counter() - stage.t0},
+        **(extra_manifest or {}),
     )
+
+
+def _finish_run(stage, args: argparse.Namespace, *, weights: str | None, **fields: Any) -> None:
+    """Write a run's manifest.json (the model, ``weights`` and data it was made from, then
+    ``fields``) and its report.html."""
     from .report import write_report
 
+    stage.write_json(
+        "manifest.json",
+        _manifest(args, model=args.model, weights=weights, data=args.data, **fields),
+    )
     write_report(stage.dir)
 
 
@@ -548,7 +552,6 @@ cmd_train.configure = _configure_train
 @command("analyze", "Hessian spectrum: top eigenvalues, per-layer traces and top eigenvalues")
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .distributed import broadcast_flag, process_group_from_env
-    from .report import write_report
     from .runfolder import Stage, check_output_dir
     from .spectrum import analyze_dataset, summary
 
@@ -587,19 +590,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         with Stage(args.out) as stage:
             spec = run()
             stage.write_json("spectrum.json", spec.to_dict())
-            weights = _weights_ref(args)
-            stage.write_json(
-                "manifest.json",
-                _manifest(
-                    args,
-                    model=args.model,
-                    weights=weights,
-                    data=args.data,
-                    world_size=world_size,
-                    timings={"analyze": spec.seconds},
-                ),
+            _finish_run(
+                stage,
+                args,
+                weights=_weights_ref(args),
+                world_size=world_size,
+                timings={"analyze": spec.seconds},
             )
-            write_report(stage.dir)
     if not args.quiet:
         print(summary(spec))
         print(f"\nwrote {args.out}/spectrum.json")
@@ -717,7 +714,10 @@ cmd_zoo.configure = lambda p: None
 
 
 def _load_compressed(run: Path):
-    """(float model, quantized model, data set) of a compress run folder."""
+    """(float model, quantized model, test inputs) of a compress run folder. The test inputs are
+    the data set's test split, or for a zero-shot run without data its distilled inputs."""
+    import torch
+
     from .config import Plan
     from .models import read_state_dict
     from .quant.apply import load_quantized
@@ -727,29 +727,33 @@ def _load_compressed(run: Path):
             f"{run} holds no compressed model (plan.json and model.safetensors); make one with "
             f"'squeezer compress MODEL --data DATA --budget B --out {run}'"
         )
-    model, data, _ = _load_run(run)
+    man = json.loads((run / "manifest.json").read_text())
+    if man.get("calib") == "zeroshot" and not man.get("data"):
+        model = _load_model_only(_run_args(run, man))
+        inputs = torch.cat(_distilled_inputs(run))
+    else:
+        model, data, _ = _load_run(run)
+        inputs = data.x_test
     sd = read_state_dict(run / "model.safetensors")
     qmodel = load_quantized(model, Plan.load(run / "plan.json"), sd)
-    return model.eval(), qmodel.eval(), data
+    return model.eval(), qmodel.eval(), inputs
 
 
-def _examples(data, n: int):
-    """``n`` test inputs (repeated if the test split is smaller)."""
+def _examples(inputs, n: int):
+    """The first ``n`` of ``inputs`` (a tensor or a dict of tensors), repeated if there are
+    fewer."""
     import torch
 
     from .data import batch_size
-    from .pipeline import example_input
 
-    x = example_input(data, n)
-    reps = -(-n // batch_size(x))
-    if isinstance(x, dict):
-        return {k: torch.cat([v] * reps)[:n] for k, v in x.items()}
-    return torch.cat([x] * reps)[:n]
+    if isinstance(inputs, dict):
+        reps = -(-n // batch_size(inputs))
+        return {k: torch.cat([v] * reps)[:n] for k, v in inputs.items()}
+    reps = -(-n // inputs.shape[0])
+    return torch.cat([inputs] * reps)[:n]
 
 
 def _update_metrics(run: Path, **entries: Any) -> None:
-    import json
-
     from .runfolder import write_json
 
     path = run / "metrics.json"
@@ -758,13 +762,13 @@ def _update_metrics(run: Path, **entries: Any) -> None:
     write_json(path, metrics)
 
 
-def _export_run(run: Path, qmodel, data, *, samples: int, requantize: bool, atol, threads):
+def _export_run(run: Path, qmodel, inputs, *, samples: int, requantize: bool, atol, threads):
     from .export import export_onnx
 
     report = export_onnx(
         qmodel,
         run / "model.onnx",
-        _examples(data, samples),
+        _examples(inputs, samples),
         requantize=requantize,
         atol=atol,
         threads=threads,
@@ -779,11 +783,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
-    _, qmodel, data = _load_compressed(run)
+    _, qmodel, inputs = _load_compressed(run)
     rep = _export_run(
         run,
         qmodel,
-        data,
+        inputs,
         samples=args.samples,
         requantize=args.requantize,
         atol=args.atol,
@@ -825,12 +829,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
-    model, qmodel, data = _load_compressed(run)
+    model, qmodel, inputs = _load_compressed(run)
     threads = args.threads
     if not (run / "model.onnx").is_file():
         print(f"no {run}/model.onnx yet: exporting it first", file=sys.stderr)
-        _export_run(run, qmodel, data, samples=64, requantize=False, atol=None, threads=threads)
-    examples = {b: _examples(data, b) for b in args.batch}
+        _export_run(run, qmodel, inputs, samples=64, requantize=False, atol=None, threads=threads)
+    examples = {b: _examples(inputs, b) for b in args.batch}
     variants = {
         "PyTorch FP32": model,
         "ORT FP32": ort_session(export_float_onnx(model, examples[args.batch[0]]), threads=threads),

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -111,8 +111,51 @@ class QuantConfig:
         )
 
 
+class JsonFile:
+    """The JSON file round trip of a versioned record: ``save``, ``load`` and ``from_json`` on top
+    of the class's own ``to_json`` and ``from_dict``. The file is written atomically; unreadable
+    files, invalid JSON and a newer format version are one-line ConfigErrors naming ``_json_kind``.
+    """
+
+    _json_kind: str  # what the messages call the record ("plan", ...)
+    _json_version: int  # the newest format version this squeezer reads
+
+    @classmethod
+    def _checked_version(cls, d: Mapping[str, Any]) -> int:
+        """``d``'s format version (the current one if it names none), refused if it is newer."""
+        version = int(d.get("version", cls._json_version))
+        if version > cls._json_version:
+            raise ConfigError(
+                f"{cls._json_kind} version {version} is newer than this squeezer understands "
+                f"({cls._json_version}); upgrade squeezer"
+            )
+        return version
+
+    @classmethod
+    def from_json(cls: type[_J], text: str) -> _J:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"the {cls._json_kind} is not valid JSON ({exc}); regenerate it"
+            ) from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls: type[_J], path: str | os.PathLike) -> _J:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {cls._json_kind} {path}: {exc.strerror}") from exc
+
+
+_J = TypeVar("_J", bound=JsonFile)
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(JsonFile):
     """Per-layer quantization settings keyed by FQN; layers not named stay in float.
 
     Example:
@@ -124,6 +167,9 @@ class Plan:
     layers: Mapping[str, LayerQuant]
     meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+
+    _json_kind = "plan"
+    _json_version = PLAN_VERSION
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -161,31 +207,9 @@ class Plan:
             raise ConfigError(
                 "a plan is a JSON object with a 'layers' mapping; see plan.json of a run"
             )
-        version = int(d.get("version", PLAN_VERSION))
-        if version > PLAN_VERSION:
-            raise ConfigError(
-                f"plan version {version} is newer than this squeezer understands ({PLAN_VERSION}); "
-                "upgrade squeezer"
-            )
+        version = cls._checked_version(d)
         layers = {k: LayerQuant.from_dict(v) for k, v in d["layers"].items()}
         return cls(layers, meta=dict(d.get("meta", {})), version=version)
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"the plan is not valid JSON ({exc}); regenerate it") from exc
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Plan:
-        try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read plan {path}: {exc.strerror}") from exc
 
 
 # --------------------------------------------------------------------------------------------------

@@ -413,7 +413,8 @@ def compress_zeroshot(
     """Data-free compression (ZeroQ): distil inputs that match the model's BatchNorm statistics,
     rank layers by the KL divergence their quantization causes on those inputs, plan with the same
     integer program, and calibrate activations on the distilled inputs. ``eval_data``, if given,
-    is used only to report the metric.
+    is used only to report the metric. With activations of 4 bits or fewer the inputs match each
+    input's own statistics (``match="sample"``), otherwise the batch's (ZeroQ's loss).
 
     Example:
         >>> from squeezer.zoo import create
@@ -425,8 +426,11 @@ def compress_zeroshot(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    # Per-sample statistics give narrower activation ranges: better at 4-bit activations, worse
+    # at 8 (docs/benchmarks.md, "Data-free quantization").
+    match = "sample" if act_bits is not None and act_bits <= 4 else "batch"
     distilled = zeroshot_batches(
-        model, samples, seed=seed, input_shape=input_shape, progress=progress
+        model, samples, seed=seed, input_shape=input_shape, match=match, progress=progress
     )
     timings["distill"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -456,6 +460,7 @@ def compress_zeroshot(
     res.extras["calibration"] = {
         "source": "distilled (ZeroQ)",
         "samples": samples,
+        "match": match,
         "seconds": timings["distill"],
     }
     res.calib_inputs = distilled

@@ -24,10 +24,8 @@ registry. The result is plain data keyed by the layer's fully qualified name (FQ
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .config import write_text_atomic
+from .config import JsonFile
 from .data import batch_size, forward, to_device
 from .errors import ConfigError
 from .graph import copy_model, model_device, quantizable_layers
@@ -52,7 +50,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Sensitivity:
+class Sensitivity(JsonFile):
     """Ω per layer and bit width, keyed by FQN; what the planner minimises (summed over layers).
 
     Attributes:
@@ -83,6 +81,9 @@ class Sensitivity:
     act: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
     version: int = SENSITIVITY_VERSION
+
+    _json_kind = "sensitivity"
+    _json_version = SENSITIVITY_VERSION
 
     def __post_init__(self) -> None:
         missing = [k for k in self.omega if k not in self.params]
@@ -136,12 +137,7 @@ class Sensitivity:
     def from_dict(cls, d: Mapping[str, Any]) -> Sensitivity:
         if not isinstance(d, Mapping) or "omega" not in d:
             raise ConfigError("a sensitivity is a JSON object with an 'omega' table; regenerate it")
-        version = int(d.get("version", SENSITIVITY_VERSION))
-        if version > SENSITIVITY_VERSION:
-            raise ConfigError(
-                f"sensitivity version {version} is newer than this squeezer understands "
-                f"({SENSITIVITY_VERSION}); upgrade squeezer"
-            )
+        version = cls._checked_version(d)
 
         def table(t: Mapping[str, Mapping[str, float]]) -> dict[str, dict[int, float]]:
             return {k: {int(b): float(v) for b, v in row.items()} for k, row in t.items()}
@@ -157,23 +153,6 @@ class Sensitivity:
             meta=dict(d.get("meta", {})),
             version=version,
         )
-
-    @classmethod
-    def from_json(cls, text: str) -> Sensitivity:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"the sensitivity is not valid JSON ({exc}); regenerate it") from exc
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Sensitivity:
-        try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read sensitivity {path}: {exc.strerror}") from exc
 
 
 # --------------------------------------------------------------------------------------------------

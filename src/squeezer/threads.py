@@ -6,7 +6,8 @@ to 10× slower than one. So unless the user says otherwise, squeezer uses the co
 now: the usable cores minus the one-minute load average, rounded, and at least one.
 
 The user's word wins, in this order: an explicit ``--threads N``, then ``SQUEEZER_THREADS``, then
-``OMP_NUM_THREADS`` (which PyTorch itself reads; squeezer then leaves the count alone).
+``OMP_NUM_THREADS`` (which PyTorch itself reads). The command line applies this policy; the Python
+API leaves the process's thread settings alone (call :func:`configure_threads` to opt in).
 """
 
 from __future__ import annotations
