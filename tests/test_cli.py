@@ -208,6 +208,10 @@ def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["meta"]["achieved"]["bits"] <= 3 + 1e-9
     assert len({v["bits"] for v in plan["layers"].values()}) > 1  # really mixed
+    loss = json.loads((out / "metrics.json").read_text())["loss"]
+    assert loss["train_increase"] == pytest.approx(loss["train_after"] - loss["train_fp32"])
+    assert loss["predicted_increase"] == plan["meta"]["predicted_omega"] > 0
+    assert "training samples the Hessian saw" in (out / "report.md").read_text()
     spectrum_before = (out / "spectrum.json").read_bytes()
     # re-plan for a bigger budget from the stored analysis: no Hessian work, a new plan applied
     assert main(["plan", str(out), "--budget", "bits=5"]) == 0

@@ -88,3 +88,13 @@ def test_packed_storage_round_trip_and_size(trained_digits_cnn, digits, tmp_path
     # the file is close to the accounted size (safetensors adds a JSON header)
     size = (tmp_path / "m.safetensors").stat().st_size
     assert size < model_bytes(net, plan) * 1.15 + 4096
+
+
+def test_hessian_batches_are_the_analysis_samples(digits):
+    """The loss increase reported next to ΣΩ is measured on the very samples the Hessian saw."""
+    from squeezer.pipeline import hessian_batches
+
+    a = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
+    b = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
+    c = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=4)])
+    assert a.shape[0] == 200 and torch.equal(a, b) and not torch.equal(a, c)

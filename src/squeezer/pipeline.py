@@ -20,6 +20,7 @@ from .quant.modules import QuantMixin
 
 #: Samples of the training split used to calibrate activation ranges.
 CALIB_SAMPLES = 512
+HESSIAN_SAMPLES = 512
 
 
 @dataclass
@@ -96,6 +97,22 @@ def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int 
 def is_token_data(data: Dataset) -> bool:
     """True for tokenized text (dict inputs with an attention mask)."""
     return isinstance(data.x_train, dict) and "attention_mask" in data.x_train
+
+
+def hessian_batches(data: Dataset, samples: int = HESSIAN_SAMPLES, seed: int = 0) -> Any:
+    """The training samples the Hessian analysis averages over: a seeded subset of ``samples``
+    for tensor data (as :func:`analyze_for_plan` draws them), the first
+    :data:`squeezer.qbert.HESSIAN_SAMPLES` sentences for token data (as
+    :func:`squeezer.qbert.encoder_plan` takes them). The loss increase measured here is what the
+    predicted ΣΩ estimates."""
+    if is_token_data(data):
+        from .qbert import HESSIAN_SAMPLES as n_sentences
+        from .qbert import token_batches
+
+        n = min(n_sentences, batch_size_of_split(data))
+        return token_batches({k: v[:n] for k, v in data.x_train.items()}, data.y_train[:n], 32)
+    n = min(samples, batch_size_of_split(data))
+    return Batches(data.x_train, data.y_train, 128, shuffle=True, seed=seed, limit=n)
 
 
 def test_batches(data: Dataset) -> Any:
@@ -221,21 +238,20 @@ def analyze_for_plan(
     *,
     act_bits: int | None = 8,
     bits: tuple[int, ...] = PLAN_BITS,
-    samples: int = 512,
+    samples: int = HESSIAN_SAMPLES,
     seed: int = 0,
     progress: bool = False,
 ) -> Analysis:
     """Hessian traces per layer → HAWQ-V2 sensitivity Ω_i(b) → costs per (layer, bits) → frontier."""
     from .plan import pareto_frontier, plan_costs, residual_ties
     from .sensitivity import sensitivity
-    from .spectrum import analyze_dataset
+    from .spectrum import analyze
 
     template = template_for(act_bits)
-    spectrum = analyze_dataset(
+    spectrum = analyze(
         model,
-        data,
-        samples=min(samples, batch_size_of_split(data)),
-        batch_size=128,
+        data.task.loss,
+        hessian_batches(data, samples, seed),
         top_k=1,
         per_layer_eig=False,
         max_probes=100,
@@ -296,7 +312,7 @@ def compress(
     method: str = "hessian",
     analysis: Analysis | None = None,
     extra_variants: tuple[Plan, ...] = (),
-    hessian_samples: int = 512,
+    hessian_samples: int = HESSIAN_SAMPLES,
     seed: int = 0,
     progress: bool = False,
 ) -> Result:
@@ -337,7 +353,13 @@ def compress(
     else:
         raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
     timings["plan"] = time.perf_counter() - t
-    res = apply_plan(model, data, plan, extra_variants=extra_variants)
+    res = apply_plan(
+        model,
+        data,
+        plan,
+        extra_variants=extra_variants,
+        loss_data=hessian_batches(data, hessian_samples, seed),
+    )
     res.timings = {**timings, **res.timings}
     res.analysis = analysis
     return res
@@ -350,9 +372,14 @@ def apply_plan(
     *,
     calib: Any = None,
     extra_variants: tuple[Plan, ...] = (),
+    loss_data: Any = None,
 ) -> Result:
     """Measure the float model, quantize it by ``plan`` (calibrating on ``calib``, by default a
-    seeded subset of the training split), and evaluate the result and any extra variants."""
+    seeded subset of the training split), and evaluate the result and any extra variants.
+
+    The loss increase is measured twice: on the test split, and on ``loss_data`` (by default
+    :func:`hessian_batches`, the training samples the Hessian analysis saw), which is the increase
+    the plan's predicted ΣΩ estimates."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     example = example_input(data, 1)
@@ -378,6 +405,8 @@ def apply_plan(
         )
     loss_fp32 = mean_loss(model, test_batches(data), data.task)
     loss_q = mean_loss(qmodel, test_batches(data), data.task)
+    seen = hessian_batches(data) if loss_data is None else loss_data
+    seen_fp32, seen_q = mean_loss(model, seen, data.task), mean_loss(qmodel, seen, data.task)
     timings["evaluate"] = time.perf_counter() - t
     res = Result(
         model,
@@ -389,7 +418,14 @@ def apply_plan(
         layer_table(model, qmodel, plan, profiles),
         timings,
     )
-    res.extras["loss"] = {"fp32": loss_fp32, "after": loss_q, "increase": loss_q - loss_fp32}
+    res.extras["loss"] = {
+        "fp32": loss_fp32,
+        "after": loss_q,
+        "increase": loss_q - loss_fp32,
+        "train_fp32": seen_fp32,
+        "train_after": seen_q,
+        "train_increase": seen_q - seen_fp32,
+    }
     if "predicted_omega" in plan.meta:
         res.extras["loss"]["predicted_increase"] = plan.meta["predicted_omega"]
     return res

@@ -41,6 +41,8 @@ from .errors import ConfigError, DataError, UnsupportedModelError
 from .graph import quantizable_layers
 
 #: Candidate weight widths of the mixed-precision search.
+#: Training sentences the encoder's Hessian averages over by default.
+HESSIAN_SAMPLES = 64
 MIXED_BITS = (2, 3, 4, 5, 6, 8)
 #: Embedding tables added to every token whatever the text; :func:`qbert_plan` keeps them at 8 bits
 #: (they are tiny, and their error is systematic: it shifts every token the same way).
@@ -536,7 +538,7 @@ def encoder_plan(
     *,
     act_bits: int | None = 8,
     group_size: int | None = 128,
-    samples: int = 64,
+    samples: int = HESSIAN_SAMPLES,
     probes: int = 32,
     per_block: bool = False,
     bits: Sequence[int] = MIXED_BITS,

@@ -272,13 +272,24 @@ def _mixed(run: Run) -> tuple[str, str] | None:
     md, body = "", ""
     loss = (run.get("metrics") or {}).get("loss") or {}
     if loss:
+        kl = (sens or {}).get("method") == "kl"
+        seen = "training samples" if kl else "training samples the Hessian saw"
         rows = [
-            ["loss, FP32", loss.get("fp32")],
-            ["loss, compressed", loss.get("after")],
-            ["measured increase", loss.get("increase")],
-            ["predicted increase (ΣΩ)", loss.get("predicted_increase")],
+            ["loss, FP32", loss.get("fp32"), loss.get("train_fp32")],
+            ["loss, compressed", loss.get("after"), loss.get("train_after")],
+            ["measured increase", loss.get("increase"), loss.get("train_increase")],
         ]
-        tm, th = table(["", "value"], rows)
+        tm, th = table(["", "test split", seen], rows)
+        predicted = loss.get("predicted_increase")
+        if predicted is not None:
+            what = (
+                "Σ per-layer output KL on distilled data (a ranking, not a loss)"
+                if kl
+                else "ΣΩ, a second-order estimate of the weights' share of the increase on the "
+                "Hessian's training samples"
+            )
+            note = f"Predicted: {fmt_num(predicted)} ({what})."
+            tm, th = tm + "\n" + note + "\n", th + f"<p>{html.escape(note)}</p>"
         md += tm + "\n"
         body += th
     if pareto:
