@@ -300,3 +300,48 @@ def test_zeroshot_run_without_data_replans_and_exports(tmp_path, capsys, trained
     assert main(["export", str(out)]) == 0, capsys.readouterr().err
     exported = json.loads((out / "metrics.json").read_text())["export"]
     assert (out / "model.onnx").is_file() and exported["argmax_agreement"] >= 0.95
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class TokenGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        h, _ = self.gru(self.emb(ids))
+        return self.out(h[:, -1])
+
+
+def make():
+    torch.manual_seed(0)
+    return TokenGRU()
+'''
+
+
+def test_users_own_model_on_token_ids(tmp_path, capsys, monkeypatch):
+    """A module:factory model fed integer token ids from an .npz: train, then compress. The ids stay
+    integers, and the GRU squeezer does not quantize is named as kept in float."""
+    (tmp_path / "user_token_gru.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(200, 6))
+    np.savez(tmp_path / "ids.npz", x=ids, y=ids[:, -1] % 4)  # learnable: the last token's class
+    model, data = "user_token_gru:make", str(tmp_path / "ids.npz")
+    assert main(["train", model, "--data", data, "--epochs", "2", "--out", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    w = str(tmp_path / "t" / "model.safetensors")
+    args = ["--weights", w, "--data", data, "--budget", "bits=4", "--hessian-samples", "64"]
+    assert main(["compress", model, *args, "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "stay in float" in out and "gru (GRU, 1,536)" in out
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert m["float_layers"] == {"gru": {"type": "GRU", "weights": 1536}}
+    assert {row["fqn"] for row in m["layers"]} == {"emb", "out"}
+    assert "Kept in float" in (tmp_path / "c" / "report.md").read_text()

@@ -127,6 +127,7 @@ def _print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 def _summary(result, data) -> None:
+    from .graph import quantizable_layers
     from .report import fmt_bytes
 
     name = data.task.metric_name if data is not None else "metric"
@@ -140,6 +141,18 @@ def _summary(result, data) -> None:
         for v in result.variants
     ]
     _print_table(rows, ["variant", name, "size", "avg bits"])
+    floats = result.float_layers()
+    if floats:
+        n = sum(v["weights"] for v in floats.values())
+        total = n + sum(m.weight.numel() for m in quantizable_layers(result.model).values())
+        listed = ", ".join(
+            f"{k} ({v['type']}, {v['weights']:,})" for k, v in list(floats.items())[:4]
+        )
+        more = f" and {len(floats) - 4} more" if len(floats) > 4 else ""
+        print(
+            f"note: {n / total:.0%} of the weights stay in float, in layers squeezer does not "
+            f"quantize (it quantizes Linear, Conv1d, Conv2d, Embedding): {listed}{more}"
+        )
 
 
 def _write_compress_run(
@@ -498,15 +511,20 @@ def _configure_quantize(p: argparse.ArgumentParser) -> None:
 cmd_quantize.configure = _configure_quantize
 
 
-@command("train", "train a built-in net on a data set and save its weights (for demos and tests)")
+@command(
+    "train", "train a classifier (zoo:NAME or module:factory) on a data set and save its weights"
+)
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_data
     from .models import load_model, save_weights
     from .runfolder import Stage, check_output_dir
     from .train import fit
 
-    if not args.model.startswith("zoo:"):
-        raise ConfigError(f"squeezer train takes a built-in net (zoo:NAME), got {args.model!r}")
+    if args.model.startswith("hf:"):
+        raise ConfigError(
+            f"squeezer train trains classifiers (zoo:NAME or module:factory); {args.model} comes "
+            "pre-trained: compress it directly"
+        )
     check_output_dir(args.out)
     model = load_model(args.model)
     data = load_data(args.data, seed=args.seed)
@@ -538,7 +556,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="zoo:NAME")
+    p.add_argument(
+        "model", metavar="MODEL", help="zoo:NAME or module:factory (a new, untrained net)"
+    )
     p.add_argument("--data", required=True, metavar="DATA")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--epochs", type=int, default=15)

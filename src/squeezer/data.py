@@ -318,7 +318,9 @@ def _load_npz(path: Path, seed: int) -> Dataset:
         raise DataError(f"{path}: x has {len(x)} rows and y has {len(y)}; they must match (≥ 2)")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y must hold integer class labels, got {y.dtype}")
-    xt = torch.tensor(x, dtype=torch.float32)
+    # Integer inputs are indices (token ids for an Embedding): keep them integers.
+    integer = np.issubdtype(x.dtype, np.integer)
+    xt = torch.tensor(x, dtype=torch.long if integer else torch.float32)
     yt = torch.tensor(y, dtype=torch.long)
     x_tr, y_tr, x_te, y_te = _split(xt, yt, seed)
     return Dataset(

@@ -34,6 +34,38 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and is_quantizable(m)}
 
 
+#: Layers whose weights are meant to stay in float: normalisation scales (folded or tiny).
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def float_weights(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Modules that hold weights squeezer leaves in float, ``{FQN: (type name, weight count)}``:
+    everything with its own non-bias parameters that is neither a quantizable layer nor a
+    normalisation layer (a GRU, a ConvTranspose2d, MultiheadAttention's packed input projection).
+
+    Example:
+        >>> float_weights(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 2), nn.LayerNorm(2)))
+        {'1': ('GRU', 36)}
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if is_quantizable(m) or isinstance(m, _NORM_TYPES):
+            continue
+        n = sum(
+            p.numel()
+            for pname, p in m.named_parameters(recurse=False)
+            if not pname.endswith("bias") and not pname.startswith("bias")
+        )
+        if n:
+            out[name or "(root)"] = (type(m).__name__, int(n))
+    return out
+
+
 def layer_type(module: nn.Module) -> str:
     """A short, stable type name for reports ("Linear", "Conv2d", ...)."""
     for t in QUANTIZABLE_TYPES:

@@ -13,7 +13,7 @@ from torch import nn
 from .config import Budget, LayerQuant, Plan, QuantConfig
 from .data import Batches, Dataset, evaluate, forward, mean_loss
 from .errors import ConfigError
-from .graph import quantizable_layers
+from .graph import float_weights, quantizable_layers
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
 from .quant.apply import quantize
 from .quant.modules import QuantMixin
@@ -77,8 +77,14 @@ class Result:
             "after": self.after.to_dict(),
             "variants": [v.to_dict() for v in self.variants],
             "layers": self.layers,
+            "float_layers": self.float_layers(),
             **self.extras,
         }
+
+    def float_layers(self) -> dict[str, dict[str, Any]]:
+        """Layers whose weights stay in float (types squeezer does not quantize), largest first."""
+        fw = sorted(float_weights(self.model).items(), key=lambda kv: -kv[1][1])
+        return {k: {"type": t, "weights": n} for k, (t, n) in fw}
 
 
 def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int = 128) -> Any:

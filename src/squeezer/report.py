@@ -159,6 +159,17 @@ def _summary(run: Run) -> tuple[str, str] | None:
         if b.get(key) is not None or a.get(key) is not None:
             rows.append([label, b.get(key), a.get(key), _ratio(b.get(key), a.get(key))])
     md, body = table(["", "before (FP32)", "after", "change"], rows)
+    floats = m.get("float_layers") or {}
+    if floats:
+        listed = ", ".join(
+            f"{k} ({v['type']}, {v['weights']:,} weights)" for k, v in floats.items()
+        )
+        note = (
+            "Kept in float (squeezer quantizes Linear, Conv1d, Conv2d and Embedding weights): "
+            f"{listed}."
+        )
+        md += "\n" + note + "\n"
+        body += f"<p class=note>{html.escape(note)}</p>"
     return md, body
 
 
