@@ -302,7 +302,7 @@ def test_zeroshot_run_without_data_replans_and_exports(tmp_path, capsys, trained
     assert (out / "model.onnx").is_file() and exported["argmax_agreement"] >= 0.95
 
 
-USER_MODEL = '''
+USER_MODEL = """
 import torch
 from torch import nn
 
@@ -322,7 +322,7 @@ class TokenGRU(nn.Module):
 def make():
     torch.manual_seed(0)
     return TokenGRU()
-'''
+"""
 
 
 def test_users_own_model_on_token_ids(tmp_path, capsys, monkeypatch):
@@ -334,7 +334,9 @@ def test_users_own_model_on_token_ids(tmp_path, capsys, monkeypatch):
     ids = rng.integers(0, 50, size=(200, 6))
     np.savez(tmp_path / "ids.npz", x=ids, y=ids[:, -1] % 4)  # learnable: the last token's class
     model, data = "user_token_gru:make", str(tmp_path / "ids.npz")
-    assert main(["train", model, "--data", data, "--epochs", "2", "--out", str(tmp_path / "t")]) == 0
+    assert (
+        main(["train", model, "--data", data, "--epochs", "2", "--out", str(tmp_path / "t")]) == 0
+    )
     capsys.readouterr()
     w = str(tmp_path / "t" / "model.safetensors")
     args = ["--weights", w, "--data", data, "--budget", "bits=4", "--hessian-samples", "64"]
