@@ -41,7 +41,7 @@ def command(name: str, help: str):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="zoo:NAME, pkg.module:factory, or hf:DIR")
+    p.add_argument("model", metavar="MODEL", help="zoo:NAME, module:factory, hf:minilm or hf:DIR")
     p.add_argument("--weights", metavar="FILE", help=".safetensors or torch state-dict file")
     p.add_argument(
         "--trust-pickle",
@@ -569,7 +569,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 cmd_train.configure = _configure_train
 
 
-@command("analyze", "Hessian spectrum: top eigenvalues, per-layer traces and top eigenvalues")
+@command("analyze", "Hessian spectrum: top eigenvalues, per-layer traces, spectral density")
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .distributed import broadcast_flag, process_group_from_env
     from .runfolder import Stage, check_output_dir
@@ -893,8 +893,24 @@ cmd_bench.configure = _configure_bench
 # --------------------------------------------------------------------------------------------------
 
 
+EPILOG = """examples:
+  squeezer demo                                     # train, compress and report a digits CNN
+  squeezer compress zoo:digits_cnn --weights W.safetensors --data digits --budget bits=3 --out R
+  squeezer plan R --budget size=40kB                # re-plan from R's analysis in milliseconds
+  squeezer export R && squeezer bench R             # ONNX, checked and timed in ONNX Runtime
+
+exit codes: 0 done, 2 bad input or infeasible request (one line on stderr), 1 internal failure.
+"squeezer COMMAND --help" describes each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="squeezer", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="squeezer",
+        description="Make trained PyTorch models small and fast: Hessian-aware mixed-precision\n"
+        "quantization, with or without data, and ONNX deployment.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"squeezer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, fn in COMMANDS.items():
