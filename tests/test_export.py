@@ -181,6 +181,12 @@ def test_cli_export_and_bench(tmp_path, capsys):
     m = json.loads((run / "metrics.json").read_text())
     assert m["export"]["path"] == "model.onnx"
     assert m["export"]["max_abs_error"] <= m["export"]["atol"]
+    # the deployed model is measured on the whole test split, next to the simulation
+    assert abs(m["export"]["test_metric"] - m["after"]["metric"]) <= 0.5
+    assert "of the ONNX model on the test split" in capsys.readouterr().out
+    assert main(["export", str(run), "--exact"]) == 0, capsys.readouterr().err
+    exact = json.loads((run / "metrics.json").read_text())["export"]
+    assert exact["test_metric"] == pytest.approx(m["after"]["metric"], abs=0.5)
     assert main(["bench", str(run), "--runs", "3", "--warmup", "1", "--threads", "1"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     lat = m["latency"]

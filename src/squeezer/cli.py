@@ -734,8 +734,9 @@ cmd_zoo.configure = lambda p: None
 
 
 def _load_compressed(run: Path):
-    """(float model, quantized model, test inputs) of a compress run folder. The test inputs are
-    the data set's test split, or for a zero-shot run without data its distilled inputs."""
+    """(float model, quantized model, test inputs, data set or None) of a compress run folder.
+    The test inputs are the data set's test split, or for a zero-shot run without data its
+    distilled inputs."""
     import torch
 
     from .config import Plan
@@ -749,14 +750,14 @@ def _load_compressed(run: Path):
         )
     man = json.loads((run / "manifest.json").read_text())
     if man.get("calib") == "zeroshot" and not man.get("data"):
-        model = _load_model_only(_run_args(run, man))
+        model, data = _load_model_only(_run_args(run, man)), None
         inputs = torch.cat(_distilled_inputs(run))
     else:
         model, data, _ = _load_run(run)
         inputs = data.x_test
     sd = read_state_dict(run / "model.safetensors")
     qmodel = load_quantized(model, Plan.load(run / "plan.json"), sd)
-    return model.eval(), qmodel.eval(), inputs
+    return model.eval(), qmodel.eval(), inputs, data
 
 
 def _examples(inputs, n: int):
@@ -803,16 +804,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
-    _, qmodel, inputs = _load_compressed(run)
+    _, qmodel, inputs, data = _load_compressed(run)
     rep = _export_run(
         run,
         qmodel,
         inputs,
         samples=args.samples,
-        requantize=args.requantize,
+        requantize=not args.exact,
         atol=args.atol,
         threads=args.threads,
     )
+    deployed = None
+    if data is not None:
+        deployed = _evaluate_onnx(run, data, threads=args.threads)
     write_report(run)
     agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
     print(
@@ -821,17 +825,41 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{rep.max_abs_error:.3g}, median sample {rep.median_sample_error:.3g} (tolerance "
         f"{rep.atol:.3g}{agree})"
     )
+    if deployed is not None:
+        print(
+            f"{data.task.metric_name} of the ONNX model on the test split: {deployed['onnx']:.4g} "
+            f"(squeezer's simulation: {deployed['simulated']:.4g}; FP32: {deployed['fp32']:.4g})"
+        )
     return 0
+
+
+def _evaluate_onnx(run: Path, data, *, threads: int) -> dict[str, Any]:
+    """The task metric of the exported model, run by ONNX Runtime on the whole test split, next to
+    the simulated and FP32 metrics of the run; recorded in metrics.json under ``export``."""
+    from .data import evaluate
+    from .export import OrtModule, ort_session
+
+    deployed = OrtModule(ort_session(run / "model.onnx", threads=threads))
+    metric = evaluate(deployed, data.test_batches(), data.task)
+    metrics = json.loads((run / "metrics.json").read_text())
+    out = {
+        "onnx": metric,
+        "simulated": metrics.get("after", {}).get("metric"),
+        "fp32": metrics.get("before", {}).get("metric"),
+    }
+    _update_metrics(run, export={**metrics.get("export", {}), "test_metric": metric})
+    return out
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument(
-        "--requantize",
+        "--exact",
         action="store_true",
-        help="also quantize residual sums and pooled maps to 8 bits (faster in ONNX Runtime, "
-        "one more rounding per tensor than the simulation)",
+        help="keep residual sums and pooled maps in float, exactly as squeezer's simulation "
+        "does; by default they are quantized to 8 bits too, so that ONNX Runtime runs every conv "
+        "in int8 (one more rounding per such tensor, several times faster on residual nets)",
     )
     p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
     p.add_argument("--atol", type=float, default=None, help="tolerance of the check")
@@ -849,11 +877,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
-    model, qmodel, inputs = _load_compressed(run)
+    model, qmodel, inputs, _ = _load_compressed(run)
     threads = args.threads
     if not (run / "model.onnx").is_file():
         print(f"no {run}/model.onnx yet: exporting it first", file=sys.stderr)
-        _export_run(run, qmodel, inputs, samples=64, requantize=False, atol=None, threads=threads)
+        _export_run(run, qmodel, inputs, samples=64, requantize=True, atol=None, threads=threads)
     examples = {b: _examples(inputs, b) for b in args.batch}
     variants = {
         "PyTorch FP32": model,

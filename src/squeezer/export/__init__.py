@@ -22,10 +22,11 @@ from .common import NBITS_BLOCKS as NBITS_BLOCKS
 from .common import OPSET as OPSET
 from .onnx import ExportReport, export_float_onnx, export_onnx
 from .report import report_section as report_section
-from .runtime import latency_table, ort_feeds, ort_session
+from .runtime import OrtModule, latency_table, ort_feeds, ort_session
 
 __all__ = [
     "ExportReport",
+    "OrtModule",
     "export_float_onnx",
     "export_onnx",
     "latency_table",

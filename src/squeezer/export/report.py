@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, int | float) else "–"
+
+
 def report_section(metrics: Mapping[str, Any] | None) -> tuple[str, str] | None:
     """The report's "Deployment" section from ``metrics.json``'s ``export`` and ``latency`` keys,
     as (markdown, html); None when neither was measured."""
@@ -37,6 +41,11 @@ def report_section(metrics: Mapping[str, Any] | None) -> tuple[str, str] | None:
                 ex.get("quant_error"),
             ],
             ["argmax agreement", ex.get("argmax_agreement")],
+            [
+                f"{m.get('metric_name') or 'metric'} of the ONNX model, whole test split "
+                f"(simulation: {_num((m.get('after') or {}).get('metric'))})",
+                ex.get("test_metric"),
+            ],
             ["layers", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))],
         ]
         md, body = table(["ONNX export", ""], rows)

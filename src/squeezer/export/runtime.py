@@ -1,5 +1,6 @@
 """The ONNX Runtime side of the export: CPU sessions with explicit thread counts
-(:func:`ort_session`), input feeds for a model or session (:func:`ort_feeds`), the latency of
+(:func:`ort_session`), a session behind a module's call (:class:`OrtModule`, for evaluating the
+deployed model), input feeds for a model or session (:func:`ort_feeds`), the latency of
 PyTorch models and ONNX Runtime sessions side by side (:func:`latency_table`), and the min-max
 ranges of graph tensors that ``requantize`` calibrates with (:func:`_observe_ranges`).
 """
@@ -39,6 +40,26 @@ def ort_session(model: str | os.PathLike | bytes, *, threads: int | None = None)
         return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind a PyTorch module's call, so that squeezer's evaluation code
+    (``squeezer.data.evaluate``) measures the exported model exactly as it measures the float
+    one. Inputs are a tensor or keyword tensors; the output is the graph's first output.
+
+    Example:
+        >>> deployed = OrtModule(ort_session("model.onnx"))  # doctest: +SKIP
+        >>> evaluate(deployed, data.test_batches(), data.task)  # doctest: +SKIP
+    """
+
+    def __init__(self, session: Any):
+        super().__init__()
+        self.session = session
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        example = kwargs if kwargs else args[0]
+        out = self.session.run(None, ort_feeds(example, self.session))[0]
+        return torch.from_numpy(out)
 
 
 def ort_feeds(example: Any, model: Any) -> dict[str, np.ndarray]:
