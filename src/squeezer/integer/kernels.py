@@ -120,9 +120,17 @@ def i_exp(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, f
     p = u + z * q_ln2  # in (−q_ln2, 0]
     q_b = round(EXP_B / s_f)
     q_c = round(EXP_C / (EXP_A * s_f * s_f))
+    if max(abs(q_c), (q_ln2 + abs(q_b)) ** 2) >= 2**61:
+        raise ConfigError(
+            f"i_exp: an input step of {s:.3g} is too fine for int64 arithmetic (the polynomial "
+            "needs steps of about 1e-9 or coarser); quantize the input with a coarser scale"
+        )
     poly = (p + q_b) ** 2 + q_c  # exp(p) at scale EXP_A · s_f²
     r = _cut(q_b * q_b + q_c)
-    return shift_round(poly, z + r), EXP_A * s_f * s_f * 2**r
+    # poly < 2^62, so a shift past 62 leaves less than half a step: those codes are exactly 0.
+    shift = z + r
+    out = shift_round(poly, shift.clamp(max=62))
+    return torch.where(shift > 62, torch.zeros_like(out), out), EXP_A * s_f * s_f * 2**r
 
 
 def i_softmax(
