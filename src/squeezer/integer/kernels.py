@@ -123,7 +123,7 @@ def i_exp(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, f
     if max(abs(q_c), (q_ln2 + abs(q_b)) ** 2) >= 2**61:
         raise ConfigError(
             f"i_exp: an input step of {s:.3g} is too fine for int64 arithmetic (the polynomial "
-            "needs steps of about 1e-9 or coarser); quantize the input with a coarser scale"
+            "needs steps of about 1.4e-9 or coarser); quantize the input with a coarser scale"
         )
     poly = (p + q_b) ** 2 + q_c  # exp(p) at scale EXP_A · s_f²
     r = _cut(q_b * q_b + q_c)
