@@ -164,6 +164,26 @@ def test_mixed_plan_float_layer_and_narrow_activations(trained_cnn, digits, tmp_
     assert rep.max_abs_error <= rep.output_step
 
 
+class _Flatten12(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv1, self.fc = nn.Conv2d(1, 4, 3), nn.Conv1d(24, 4, 1), nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1, 2)  # (N, 4·6, 6): a Concat of int64 shape slices
+        return self.fc(torch.relu(self.conv1(h)).flatten(1))
+
+
+def test_requantize_skips_integer_shape_tensors(tmp_path):
+    """requantize calibrates the inputs of Concat nodes; those of a shape computation are int64
+    and must be skipped, not declared as float graph outputs (ONNX Runtime refuses that)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    q = quantize(_Flatten12().eval(), QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[x])
+    rep = export_onnx(q, tmp_path / "m.onnx", x, requantize=True)
+    assert set(rep.layers.values()) == {"qdq-int8"}
+
+
 def test_bad_inputs():
     q = quantize(MLP(), QuantConfig(LayerQuant(bits=8)))
     with pytest.raises(ExportError, match="tensor or a dict"):

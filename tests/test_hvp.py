@@ -40,6 +40,20 @@ class ConvBN(nn.Module):
         return self.fc(self.drop(x.flatten(1)))
 
 
+class ConvDeconv(nn.Module):
+    """A strided conv, a transposed conv back up and a linear head: 137 parameters on 1×6×6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, stride=2)  # 6×6 → 2×2
+        self.deconv = nn.ConvTranspose2d(2, 2, 2, stride=2)  # 2×2 → 4×4
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.deconv(torch.tanh(self.conv(x))))
+        return self.fc(x.flatten(1))
+
+
 def make_mlp() -> nn.Module:
     """6-12-8-3 tanh MLP: 215 parameters."""
     torch.manual_seed(0)
@@ -53,8 +67,13 @@ def make_convbn() -> nn.Module:
     return ConvBN().double()
 
 
+def make_deconv() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvDeconv().double()
+
+
 def make_data(kind: str, n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three Gaussian blobs, as 6-vectors ("mlp") or 1×6×6 images ("conv")."""
+    """Three Gaussian blobs, as 6-vectors ("mlp") or 1×6×6 images ("conv", "deconv")."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
     shape = (6,) if kind == "mlp" else (1, 6, 6)
@@ -68,7 +87,7 @@ def trained(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
     Plain updates, not torch.optim: an optimizer's first use imports torch._dynamo (seconds).
     """
-    net = make_mlp() if kind == "mlp" else make_convbn()
+    net = {"mlp": make_mlp, "conv": make_convbn, "deconv": make_deconv}[kind]()
     x, y = make_data(kind)
     net.train()
     for _ in range(200):
@@ -103,7 +122,7 @@ def dense_hessian(net: nn.Module, x, y, names=None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def nets():
-    return {kind: trained(kind) for kind in ("mlp", "conv")}
+    return {kind: trained(kind) for kind in ("mlp", "conv", "deconv")}
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -111,7 +130,7 @@ def nets():
 CE = nn.functional.cross_entropy
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "deconv"])
 @pytest.mark.parametrize("backend", ["double_backprop", "func"])
 @pytest.mark.parametrize("cache_samples", [0, 30, 4096])
 def test_matvec_equals_dense_hessian(nets, kind, backend, cache_samples):
@@ -169,6 +188,9 @@ def test_layout_blocks_are_layer_weights(nets):
     # Biases and BatchNorm parameters are analysed too, outside every block ("the rest").
     in_blocks = sum(sl.stop - sl.start for sl in op.layout.block_slices().values())
     assert op.dim == sum(p.numel() for p in net.parameters()) > in_blocks
+    # A transposed convolution's weight is a block like any other layer's.
+    net, x, y = nets["deconv"]
+    assert list(HessianOperator(net, CE, (x, y)).layout.blocks) == ["conv", "deconv", "fc"]
 
 
 def test_restricted_operator_is_the_diagonal_block(nets):

@@ -127,7 +127,7 @@ def _print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 def _summary(result, data) -> None:
-    from .graph import quantizable_layers
+    from .graph import QUANTIZABLE_TYPES, quantizable_layers
     from .report import fmt_bytes
 
     name = data.task.metric_name if data is not None else "metric"
@@ -149,9 +149,10 @@ def _summary(result, data) -> None:
             f"{k} ({v['type']}, {v['weights']:,})" for k, v in list(floats.items())[:4]
         )
         more = f" and {len(floats) - 4} more" if len(floats) > 4 else ""
+        kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
         print(
             f"note: {n / total:.0%} of the weights stay in float, in layers squeezer does not "
-            f"quantize (it quantizes Linear, Conv1d, Conv2d, Embedding): {listed}{more}"
+            f"quantize (it quantizes {kinds}): {listed}{more}"
         )
 
 

@@ -13,11 +13,19 @@ import torch
 from torch import nn
 
 #: Layer types whose weights squeezer quantizes (and whose Hessian blocks it analyses).
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.Embedding,
+)
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    """True for a plain Linear, Conv1d, Conv2d or Embedding (not for squeezer's quantized wrappers)."""
+    """True for a plain Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d or Embedding (not
+    for squeezer's quantized wrappers)."""
     return type(module) in QUANTIZABLE_TYPES or (
         isinstance(module, QUANTIZABLE_TYPES) and not hasattr(module, "weight_quantizer")
     )
@@ -46,7 +54,7 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 def float_weights(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Modules that hold weights squeezer leaves in float, ``{FQN: (type name, weight count)}``:
     everything with its own non-bias parameters that is neither a quantizable layer nor a
-    normalisation layer (a GRU, a ConvTranspose2d, MultiheadAttention's packed input projection).
+    normalisation layer (a GRU, a ConvTranspose3d, MultiheadAttention's packed input projection).
 
     Example:
         >>> float_weights(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 2), nn.LayerNorm(2)))
@@ -72,6 +80,17 @@ def layer_type(module: nn.Module) -> str:
         if isinstance(module, t):
             return t.__name__
     return type(module).__name__
+
+
+def weight_channel_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` that runs over output channels, along which "channel"
+    granularity quantizes: 1 for a transposed convolution (weight (in, out / groups, k...)), else 0.
+
+    Example:
+        >>> weight_channel_axis(nn.ConvTranspose2d(4, 6, 3)), weight_channel_axis(nn.Conv2d(4, 6, 3))
+        (1, 0)
+    """
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
 def get_module(model: nn.Module, fqn: str) -> nn.Module:

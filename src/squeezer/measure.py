@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import LayerQuant, Plan
 from .data import forward
-from .graph import layer_type, quantizable_layers
+from .graph import layer_type, quantizable_layers, weight_channel_axis
 from .quant.primitives import grouped_view
 
 FLOAT_BITS = 32
@@ -29,15 +29,17 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def n_scales(weight: torch.Tensor, spec: LayerQuant) -> int:
-    """How many (scale, zero point) pairs a weight needs under ``spec``."""
-    g = grouped_view(weight.detach(), spec.granularity, spec.group_size)
+def n_scales(weight: torch.Tensor, spec: LayerQuant, channel_axis: int = 0) -> int:
+    """How many (scale, zero point) pairs a weight needs under ``spec`` (channels along
+    ``channel_axis``: :func:`squeezer.graph.weight_channel_axis` of its layer)."""
+    g = grouped_view(weight.detach(), spec.granularity, spec.group_size, channel_axis)
     return g.shape[0] * g.shape[1]
 
 
-def weight_bytes(weight: torch.Tensor, spec: LayerQuant | None) -> float:
+def weight_bytes(weight: torch.Tensor, spec: LayerQuant | None, channel_axis: int = 0) -> float:
     """Bytes of one weight tensor: packed codes at ``spec.bits`` plus a float32 scale per group (and
     an 8-bit zero point per group when asymmetric); float32 when ``spec`` is None or a float width.
+    ``channel_axis`` is the weight's output-channel axis (1 for a transposed convolution).
 
     Example:
         >>> weight_bytes(torch.zeros(4, 8), LayerQuant(bits=4))  # 32 codes x 4 bits + 4 scales x 4 B
@@ -46,7 +48,7 @@ def weight_bytes(weight: torch.Tensor, spec: LayerQuant | None) -> float:
     if spec is None or spec.is_float:
         bits = FLOAT_BITS if spec is None else spec.bits
         return weight.numel() * bits / 8
-    k = n_scales(weight, spec)
+    k = n_scales(weight, spec, channel_axis)
     return weight.numel() * spec.bits / 8 + k * 4 + (0 if spec.symmetric else k)
 
 
@@ -64,7 +66,8 @@ def model_bytes(model: nn.Module, plan: Plan | None = None) -> float:
         total += t.numel() * t.element_size()
     for fqn, spec in specs.items():
         if fqn in layers:
-            total += weight_bytes(layers[fqn].weight, spec)
+            m = layers[fqn]
+            total += weight_bytes(m.weight, spec, weight_channel_axis(m))
             if spec.act_bits is not None and not isinstance(layers[fqn], nn.Embedding):
                 total += 8
     return total
@@ -88,6 +91,8 @@ def profile_layers(model: nn.Module, example: Any) -> dict[str, LayerProfile]:
     """Per-layer weight parameters and MACs per sample, from one forward pass of ``example``.
 
     Linear: (outputs / out_features) × in × out. Conv: output elements × (in/groups) × kernel size.
+    Transposed conv: input elements × (out/groups) × kernel size (every input value meets every
+    tap of its group's kernels, including products that output padding/cropping then discards).
     Embedding: 0 MACs (a lookup). Layers the example does not reach count 0 MACs.
 
     Example:
@@ -106,6 +111,9 @@ def profile_layers(model: nn.Module, example: Any) -> dict[str, LayerProfile]:
             elif isinstance(mod, nn.Conv1d | nn.Conv2d):
                 k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
                 macs[fqn] += out.numel() * k
+            elif isinstance(mod, nn.ConvTranspose1d | nn.ConvTranspose2d):
+                k = math.prod(mod.kernel_size) * (mod.out_channels // mod.groups)
+                macs[fqn] += inp[0].numel() * k
 
         return fn
 
@@ -215,7 +223,7 @@ def layer_costs(
             spec = replace(template, bits=b)
             ab = FLOAT_BITS if spec.act_bits is None else spec.act_bits
             out[fqn][b] = {
-                "size_bytes": weight_bytes(m.weight, spec),
+                "size_bytes": weight_bytes(m.weight, spec, weight_channel_axis(m)),
                 "bops": float(prof[fqn].macs) * b * ab,
                 "params": float(m.weight.numel()),
             }

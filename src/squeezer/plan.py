@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import Budget, LayerQuant, Plan
 from .errors import ConfigError, InfeasibleBudgetError
-from .graph import QUANTIZABLE_TYPES, quantizable_layers
+from .graph import QUANTIZABLE_TYPES, quantizable_layers, weight_channel_axis
 from .sensitivity import Sensitivity
 
 #: Budget attribute -> (name in messages and --budget, unit suffix).
@@ -214,14 +214,18 @@ def plan_costs(
     if unknown:
         raise ConfigError(f"layers {unknown[:3]} are not quantizable layers of the model")
     cand = sorted({int(b) for b in bits})
+    axis = {k: weight_channel_axis(all_layers[k]) for k in names}
     size = {
-        k: {b: measure.weight_bytes(all_layers[k].weight, replace(template, bits=b)) for b in cand}
+        k: {
+            b: measure.weight_bytes(all_layers[k].weight, replace(template, bits=b), axis[k])
+            for b in cand
+        }
         for k in names
     }
     ref = replace(template, bits=8)
     ref_plan = Plan({k: ref for k in names})
     fixed_bytes = measure.model_bytes(model, ref_plan) - sum(
-        measure.weight_bytes(all_layers[k].weight, ref) for k in names
+        measure.weight_bytes(all_layers[k].weight, ref, axis[k]) for k in names
     )
     macs = fixed_bops = None
     if example is not None:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import Budget, LayerQuant, Plan
 from .errors import ConfigError, DataError, UnsupportedModelError
-from .graph import quantizable_layers
+from .graph import quantizable_layers, weight_channel_axis
 
 #: Candidate weight widths of the mixed-precision search.
 #: Training sentences the encoder's Hessian averages over by default.
@@ -477,16 +477,17 @@ def mixed_precision_plan(
     if len(names) != len(sens.layers):
         raise ConfigError("the sensitivity names layers the template does not; use one template")
     cand = sorted(sens.bits if bits is None else {int(b) for b in bits})
+    axis = {k: weight_channel_axis(layers[k]) for k in names}
     size = {
         k: {
-            b: measure.weight_bytes(layers[k].weight, replace(template.layers[k], bits=b))
+            b: measure.weight_bytes(layers[k].weight, replace(template.layers[k], bits=b), axis[k])
             for b in cand
         }
         for k in names
     }
     ref = Plan({k: replace(template.layers[k], bits=8) for k in names})
     fixed = measure.model_bytes(model, ref) - sum(
-        measure.weight_bytes(layers[k].weight, ref.layers[k]) for k in names
+        measure.weight_bytes(layers[k].weight, ref.layers[k], axis[k]) for k in names
     )
     costs = Costs(
         params={k: int(layers[k].weight.numel()) for k in names},

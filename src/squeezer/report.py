@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import write_text_atomic
+from .graph import QUANTIZABLE_TYPES
 
 Run = dict[str, Any]
 Section = Callable[[Run], tuple[str, str] | None]
@@ -164,9 +165,9 @@ def _summary(run: Run) -> tuple[str, str] | None:
         listed = ", ".join(
             f"{k} ({v['type']}, {v['weights']:,} weights)" for k, v in floats.items()
         )
+        *first, last = (t.__name__ for t in QUANTIZABLE_TYPES)
         note = (
-            "Kept in float (squeezer quantizes Linear, Conv1d, Conv2d and Embedding weights): "
-            f"{listed}."
+            f"Kept in float (squeezer quantizes {', '.join(first)} and {last} weights): {listed}."
         )
         md += "\n" + note + "\n"
         body += f"<p class=note>{html.escape(note)}</p>"

@@ -36,7 +36,7 @@ from torch.func import functional_call
 from .config import JsonFile
 from .data import batch_size, forward, to_device
 from .errors import ConfigError
-from .graph import copy_model, model_device, quantizable_layers
+from .graph import copy_model, model_device, quantizable_layers, weight_channel_axis
 from .quant.primitives import GRANULARITIES, fake_quantize, observe, quantize_weight
 
 SENSITIVITY_VERSION = 1
@@ -188,7 +188,8 @@ class SensitivityRequest:
 
     def quantized_weight(self, fqn: str, bits: int) -> torch.Tensor:
         """Q_b(W) of layer ``fqn`` (the original weight for float widths ≥ 16)."""
-        w = self.layers[fqn].weight.detach()
+        layer = self.layers[fqn]
+        w = layer.weight.detach()
         if bits >= 16:
             return w
         wq, _ = quantize_weight(
@@ -198,6 +199,7 @@ class SensitivityRequest:
             group_size=self.group_size,
             symmetric=self.symmetric,
             observer=self.observer,
+            channel_axis=weight_channel_axis(layer),
         )
         return wq
 

@@ -1,8 +1,8 @@
 """The Quant* layers of a fake-quantized model in integer form: :class:`_Layer` (weight codes,
-scales and zero points, rows = output channels) with its input's activation quantizer
-:class:`_Act`, collected by :func:`_collect_layers`; and the model's float twin
-(:func:`_float_twin`), whose Quant* layers are float layers holding the dequantized weights,
-which is what the TorchScript exporter traces.
+scales and zero points, rows = output channels, the weight's channel axis moved to the front)
+with its input's activation quantizer :class:`_Act`, collected by :func:`_collect_layers`; and
+the model's float twin (:func:`_float_twin`), whose Quant* layers are float layers holding the
+dequantized weights, which is what the TorchScript exporter traces.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ class _Act:
 
 @dataclass
 class _Layer:
-    """One Quant* layer's integer form, rows = output channels (embedding rows)."""
+    """One Quant* layer's integer form, rows = output channels (embedding rows): the weight's
+    ``channel_axis`` (1 for a transposed convolution, else 0) moved to the front."""
 
     fqn: str
-    kind: str  # "conv", "linear", "embedding"
+    kind: str  # "conv", "conv_transpose", "linear", "embedding"
     spec: LayerQuant
     shape: tuple[int, ...]
     weight: np.ndarray  # the dequantized weight (what the float twin holds), float32
@@ -48,10 +49,27 @@ class _Layer:
     act: _Act | None
     status: str = "float (not found in the exported graph)"
     block: int = 0  # MatMulNBits block size, once written
+    channel_axis: int = 0
 
     @property
     def per_tensor(self) -> bool:
         return self.spec.granularity == "tensor"
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        """The weight's shape with the channel axis moved to the front."""
+        a, shape = self.channel_axis, self.shape
+        return (shape[a], *shape[:a], *shape[a + 1 :])
+
+    @property
+    def rows_perm(self) -> list[int]:
+        """The Transpose ``perm`` taking an array of :attr:`rows_shape` to :attr:`shape`."""
+        a = self.channel_axis
+        return [*range(1, a + 1), 0, *range(a + 1, len(self.shape))]
+
+    def native(self, rows: np.ndarray) -> np.ndarray:
+        """A (rows, K) array (codes, dequantized weights) in the weight's own layout."""
+        return np.moveaxis(rows.reshape(self.rows_shape), 0, self.channel_axis)
 
 
 @torch.no_grad()
@@ -63,8 +81,9 @@ def _collect_layers(qmodel: nn.Module) -> dict[str, _Layer]:
         w = m.weight.detach().float()
         wq = m.weight_quantizer
         qp = wq.qparams()
-        rows = w.shape[0]
-        codes = wq.codes(w).to(torch.int64).reshape(rows, -1)
+        axis = wq.channel_axis
+        rows = w.shape[axis]
+        codes = wq.codes(w).to(torch.int64).movedim(axis, 0).reshape(rows, -1)
         scale = qp.scale.float().reshape(qp.scale.shape[0], -1).expand(rows, -1)
         zp = torch.round(qp.zero_point).to(torch.int64).reshape(qp.scale.shape[0], -1)
         zp = zp.expand(rows, -1)
@@ -78,11 +97,14 @@ def _collect_layers(qmodel: nn.Module) -> dict[str, _Layer]:
                 )
             lo, hi = qrange(aq.bits, aq.symmetric)
             act = _Act(float(aq.scale.float()), int(round(float(aq.zero_point))), lo, hi)
-        kind = (
-            "embedding"
-            if isinstance(m, nn.Embedding)
-            else ("linear" if isinstance(m, nn.Linear) else "conv")
-        )
+        if isinstance(m, nn.Embedding):
+            kind = "embedding"
+        elif isinstance(m, nn.Linear):
+            kind = "linear"
+        elif isinstance(m, nn.modules.conv._ConvTransposeNd):
+            kind = "conv_transpose"
+        else:
+            kind = "conv"
         layers[fqn] = _Layer(
             fqn=fqn,
             kind=kind,
@@ -95,6 +117,7 @@ def _collect_layers(qmodel: nn.Module) -> dict[str, _Layer]:
             qmin=qp.qmin,
             qmax=qp.qmax,
             act=act,
+            channel_axis=axis,
         )
     if not layers:
         raise ExportError(

@@ -7,15 +7,20 @@ How the graph is built:
 
 1. The Quant* layers are swapped for float layers holding the dequantized weights, so the float graph
    computes squeezer's numbers, and torch.onnx's TorchScript exporter writes it (BatchNorm kept).
-2. Conv/Gemm/MatMul/Gather nodes are matched back to layers by the exact values of their weight
-   initializers, which survives the exporter's renaming, transposing and de-duplication.
+2. Conv/ConvTranspose/Gemm/MatMul/Gather nodes are matched back to layers by the exact values of
+   their weight initializers, which survives the exporter's renaming, transposing and
+   de-duplication.
 3. Each matched weight becomes integer codes plus a DequantizeLinear, per tensor or per output channel
-   (axis 0 of the layer's weight); group-wise codes are dequantized by Cast/Sub/Mul on initializers,
-   which ONNX Runtime folds at load. A Conv followed by BatchNorm is folded: the codes stay, the
-   per-channel scale absorbs |γ/σ| (codes mirrored where γ/σ < 0) and the bias absorbs the shift.
+   (axis 0 of the layer's weight, axis 1 of a ConvTranspose's); group-wise codes are dequantized by
+   Cast/Sub/Mul on initializers, which ONNX Runtime folds at load. A Conv followed by BatchNorm is
+   folded: the codes stay, the per-channel scale absorbs |γ/σ| (codes mirrored where γ/σ < 0) and
+   the bias absorbs the shift.
    Biases of layers whose inputs are 8-bit quantized are int32 at scale s_x·s_w, as QLinearConv and
    QGemm take them; with narrower activations the bias is a separate float Add (ONNX Runtime would
-   otherwise round it to int32 itself, which at 4 bits moves outputs visibly).
+   otherwise round it to int32 itself, which at 4 bits moves outputs visibly). ONNX Runtime's CPU
+   provider has no integer ConvTranspose (it leaves QDQ → ConvTranspose unfused and its float bias
+   alone), so a ConvTranspose keeps DequantizeLinear on its weight codes, a float kernel and its
+   float bias.
 4. Quantization commutes with ReLU, MaxPool and reshapes (it is monotone and maps 0 to 0), so a
    tensor all of whose readers quantize it with the same parameters is quantized where it is produced
    as well. That places a QuantizeLinear right after the producing Conv/Gemm, which ONNX Runtime needs
@@ -126,7 +131,7 @@ class _Rewriter:
 
     def match(self, node, producers) -> tuple[_Layer, str] | None:
         op = node.op_type
-        if op in ("Conv", "MatMul", "Gemm"):
+        if op in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
             idx = 1
         elif op == "Gather" and _attr(node, "axis", 0) == 0:
             idx = 0
@@ -138,7 +143,7 @@ class _Rewriter:
         if init is None:
             return None
         arr = self.array(init)
-        want = {"Conv": "rows", "Gather": "rows", "MatMul": "cols"}.get(op)
+        want = {"Conv": "rows", "ConvTranspose": "rows", "Gather": "rows", "MatMul": "cols"}.get(op)
         if op == "Gemm":
             if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
                 return None
@@ -146,6 +151,7 @@ class _Rewriter:
         for layer, layout in self.index.get(_digest(arr), []):
             kind_ok = {
                 "Conv": "conv",
+                "ConvTranspose": "conv_transpose",
                 "Gather": "embedding",
                 "Gemm": "linear",
                 "MatMul": "linear",
@@ -231,7 +237,7 @@ class _Rewriter:
         base = f"{layer.fqn}.weight"
         wscale = ""
         if dtype is None:  # codes wider than 8 bits: keep the dequantized weight in float
-            arr = w.dequantized().reshape(layer.shape)
+            arr = layer.native(w.dequantized())
             arr = arr if layout == "rows" else arr.T
             n.input[1] = self.add_init(base, arr.astype(np.float32))
             layer.status = f"float ({layer.spec.bits}-bit codes do not fit int8)"
@@ -241,8 +247,11 @@ class _Rewriter:
             if extra[0].op_type == "DequantizeLinear":
                 wscale = extra[0].input[1]
             layer.status = "qdq-int8" if layer.act is not None else "qdq-int8 weight-only"
+            if layer.kind == "conv_transpose" and layer.act is not None:
+                layer.status = "qdq-int8 float-kernel"  # ONNX Runtime has no integer kernel
         after = []
-        if bias is not None:
+        # A ConvTranspose keeps its float bias: no integer kernel would use an int32 one.
+        if bias is not None and n.op_type != "ConvTranspose":
             n_in = list(n.input)
             while len(n_in) < 3:
                 n_in.append("")
@@ -272,9 +281,9 @@ class _Rewriter:
         codes = w.codes.astype(dtype)
         deq = self.fresh(f"{base}_dequantized")
         # int8 codes are symmetric here (zero point 0, the default): no zero-point initializer
-        zero = dtype == np.int8 and not np.any(w.zero_point) and layer.kind == "conv"
+        zero = dtype == np.int8 and not np.any(w.zero_point) and layer.kind.startswith("conv")
         if w.per_tensor:
-            q = self.add_init(f"{base}_quantized", _layout(codes.reshape(layer.shape), layout))
+            q = self.add_init(f"{base}_quantized", _layout(layer.native(codes), layout))
             s = self.add_init(f"{base}_scale", np.float32(w.scale[0, 0]))
             ins = (
                 [q, s]
@@ -287,14 +296,14 @@ class _Rewriter:
             )
             return deq, [self.node("DequantizeLinear", ins, [deq])]
         if w.scale.shape[1] == 1:  # per output channel
-            q = self.add_init(f"{base}_quantized", _layout(codes.reshape(layer.shape), layout))
+            q = self.add_init(f"{base}_quantized", _layout(layer.native(codes), layout))
             s = self.add_init(f"{base}_scale", w.scale[:, 0].astype(np.float32))
             ins = (
                 [q, s]
                 if zero
                 else [q, s, self.add_init(f"{base}_zero_point", w.zero_point[:, 0].astype(dtype))]
             )
-            axis = 0 if layout == "rows" else 1
+            axis = layer.channel_axis if layout == "rows" else 1
             return deq, [self.node("DequantizeLinear", ins, [deq], axis=axis)]
         # Groups along K: (codes − zero point) × scale on the (rows, groups, g) view in plain ops
         # (blocked DequantizeLinear needs opset 21, which the TorchScript exporter cannot write).
@@ -304,16 +313,19 @@ class _Rewriter:
         q = self.add_init(f"{base}_quantized", codes.reshape(rows, groups, k // groups))
         s = self.add_init(f"{base}_scale", w.scale.astype(np.float32)[..., None])
         z = self.add_init(f"{base}_zero_point", w.zero_point.astype(np.float32)[..., None])
-        shape = self.add_init(f"{base}_shape", np.asarray(layer.shape, np.int64))
+        shape = self.add_init(f"{base}_shape", np.asarray(layer.rows_shape, np.int64))
         qf, centred, scaled = (self.fresh(f"{base}_{x}") for x in ("float", "centred", "scaled"))
+        moved = layout == "cols" or layer.channel_axis != 0
         nodes = [
             self.node("Cast", [q], [qf], to=1),
             self.node("Sub", [qf, z], [centred]),
             self.node("Mul", [centred, s], [scaled]),
-            self.node("Reshape", [scaled, shape], [deq if layout == "rows" else qf + "_rows"]),
+            self.node("Reshape", [scaled, shape], [qf + "_rows" if moved else deq]),
         ]
         if layout == "cols":
             nodes.append(self.node("Transpose", [qf + "_rows"], [deq], perm=[1, 0]))
+        elif moved:  # rows along the channel axis back to the weight's layout
+            nodes.append(self.node("Transpose", [qf + "_rows"], [deq], perm=layer.rows_perm))
         return deq, nodes
 
     def bias_input(self, layer: _Layer, w: _WeightCodes, bias: np.ndarray, weight_scale: str):
@@ -606,11 +618,13 @@ class _Rewriter:
     # -- output -------------------------------------------------------------------------------
 
     def build(self, nodes: list, extra_outputs: list[str] = ()):
-        """A ModelProto of ``nodes`` with the initializers they use, dead nodes dropped."""
-        from onnx import TensorProto, helper
+        """A ModelProto of ``nodes`` with the initializers they use, dead nodes dropped.
+        ``extra_outputs`` are left untyped: a Concat of shape slices (``x.flatten(1, 2)``) reads
+        int64 tensors, which ONNX Runtime refuses as float outputs (the caller skips them)."""
+        from onnx import helper
 
         outputs = list(self.g.output) + [
-            helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra_outputs
+            helper.make_empty_tensor_value_info(t) for t in extra_outputs
         ]
         out_names = {o.name for o in outputs}
         while True:  # drop nodes nobody reads (Identity nodes of replaced weights), repeatedly

@@ -497,6 +497,12 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
 
         if isinstance(module, QuantEmbedding):
             raise UnsupportedModelError("embeddings are not part of integer-only CNN inference")
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            raise UnsupportedModelError(
+                f"layer {target!r} is a {type(module).__name__.removeprefix('Quant')}, which "
+                "integer-only inference does not support; run the model in ONNX Runtime "
+                "(squeezer export) instead"
+            )
         if isinstance(module, QuantMixin):
             aq = module.input_quantizer
             if aq is None:

@@ -1,8 +1,13 @@
-"""Quantized layers: Linear, Conv1d, Conv2d and Embedding with weight and input-activation quantizers.
+"""Quantized layers: Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d and Embedding with
+weight and input-activation quantizers.
 
 Each ``Quant*`` class subclasses its float layer, so FQNs, parameter names and ``isinstance`` checks
 are unchanged; only ``forward`` differs (fake quantization: integer-valued codes times a scale, in
 float, which is what the integer path must reproduce bit for bit).
+
+Per-channel scales run along the output channels: dim 0 of the weight, except for transposed
+convolutions, whose weight is (in_channels, out_channels / groups, k...) and which quantize along
+dim 1 (:func:`squeezer.graph.weight_channel_axis`), as ONNX's DequantizeLinear ``axis=1`` does.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from torch import nn
 
 from ..config import LayerQuant
 from ..errors import ConfigError
-from .primitives import QParams, fake_quantize, grouped_view, observe, qrange
+from ..graph import weight_channel_axis
+from .primitives import QParams, fake_quantize, grouped_view, observe, qrange, ungrouped_view
 
 #: At most this many activation values are kept per layer for percentile/MSE calibration.
 _RESERVOIR = 1 << 20
@@ -22,13 +28,15 @@ _RESERVOIR = 1 << 20
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight tensor with parameters fixed by :meth:`calibrate`.
 
-    The scale and zero point are buffers (saved with the model). Call :meth:`calibrate` again after
+    The scale and zero point are buffers (saved with the model), in grouped-view shape with rows
+    along ``channel_axis`` (the weight's output-channel axis). Call :meth:`calibrate` again after
     the weight changes (as QAT does each step).
     """
 
-    def __init__(self, spec: LayerQuant):
+    def __init__(self, spec: LayerQuant, channel_axis: int = 0):
         super().__init__()
         self.spec = spec
+        self.channel_axis = int(channel_axis)
         self.register_buffer("scale", torch.ones(1, 1, 1))
         self.register_buffer("zero_point", torch.zeros(1, 1, 1))
         #: False passes weights through in float (used while calibrating activations).
@@ -37,9 +45,7 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor) -> None:
         s = self.spec
-        qp = observe(
-            grouped_view(weight, s.granularity, s.group_size), s.bits, s.symmetric, s.observer
-        )
+        qp = observe(self.grouped(weight), s.bits, s.symmetric, s.observer)
         self.scale = qp.scale.to(weight.dtype)
         self.zero_point = qp.zero_point.to(weight.dtype)
 
@@ -47,20 +53,25 @@ class WeightQuantizer(nn.Module):
         qmin, qmax = qrange(self.spec.bits, self.spec.symmetric)
         return QParams(self.scale, self.zero_point, qmin, qmax)
 
+    def grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a weight, or its codes) in the grouped view its scales are shaped for."""
+        return grouped_view(t, self.spec.granularity, self.spec.group_size, self.channel_axis)
+
+    def ungrouped(self, tg: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The inverse of :meth:`grouped` for a weight of ``shape``."""
+        return ungrouped_view(tg, shape, self.channel_axis)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        s = self.spec
-        wg = grouped_view(weight, s.granularity, s.group_size)
-        return fake_quantize(wg, self.qparams()).reshape(weight.shape)
+        return self.ungrouped(fake_quantize(self.grouped(weight), self.qparams()), weight.shape)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``weight`` in its own shape (an int16 tensor)."""
-        s = self.spec
         qp = self.qparams()
-        wg = grouped_view(weight.detach(), s.granularity, s.group_size)
+        wg = self.grouped(weight.detach())
         q = torch.clamp(torch.round(wg / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
-        return q.reshape(weight.shape).to(torch.int16)
+        return self.ungrouped(q, weight.shape).to(torch.int16)
 
 
 class ActQuantizer(nn.Module):
@@ -128,7 +139,7 @@ class QuantMixin:
 
     def _setup(self, spec: LayerQuant) -> None:
         self.spec = spec
-        self.weight_quantizer = WeightQuantizer(spec)
+        self.weight_quantizer = WeightQuantizer(spec, weight_channel_axis(self))
         self.weight_quantizer.calibrate(self.weight)
         self.input_quantizer = (
             ActQuantizer(spec.act_bits, spec.act_symmetric, spec.act_observer, spec.act_percentile)
@@ -162,6 +173,39 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
 
 
+def _conv_transpose(layer: nn.Module, fn, x: torch.Tensor, output_size, dims: int) -> torch.Tensor:
+    """``layer``'s transposed convolution on the fake-quantized input and weight; ``output_size``
+    picks the output padding as ``nn.ConvTranspose*d`` does."""
+    x = layer.qinput(x)
+    output_padding = layer._output_padding(
+        x, output_size, layer.stride, layer.padding, layer.kernel_size, dims, layer.dilation
+    )
+    return fn(
+        x,
+        layer.qweight(),
+        layer.bias,
+        layer.stride,
+        layer.padding,
+        output_padding,
+        layer.groups,
+        layer.dilation,
+    )
+
+
+class QuantConvTranspose1d(QuantMixin, nn.ConvTranspose1d):
+    """ConvTranspose1d with weights quantized per output channel along dim 1 of the weight."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return _conv_transpose(self, F.conv_transpose1d, x, output_size, 1)
+
+
+class QuantConvTranspose2d(QuantMixin, nn.ConvTranspose2d):
+    """ConvTranspose2d with weights quantized per output channel along dim 1 of the weight."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return _conv_transpose(self, F.conv_transpose2d, x, output_size, 2)
+
+
 class QuantEmbedding(QuantMixin, nn.Embedding):
     """Embedding with quantized table rows; its input (indices) is never quantized."""
 
@@ -186,6 +230,8 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Embedding: QuantEmbedding,
 }
 

@@ -6,9 +6,13 @@ so that +a and −a quantize alike (and int8 codes never hit −128, which keeps
 accumulation and ONNX Runtime's s8 kernels safe). Asymmetric schemes use [0, 2^b − 1].
 
 Granularity decides which entries share one (scale, zero point):
-``tensor`` (all), ``channel`` (each slice along dim 0, the output channel), or ``group`` (each run of
-``group_size`` consecutive entries of a flattened output row). Every function works on the "grouped
-view" ``(rows, groups, group_len)`` so the three cases are one code path.
+``tensor`` (all), ``channel`` (each slice along the weight's channel axis, the output channel), or
+``group`` (each run of ``group_size`` consecutive entries of a flattened output row). Every function
+works on the "grouped view" ``(rows, groups, group_len)`` so the three cases are one code path.
+
+The channel axis is dim 0 for Linear, Conv and Embedding weights and dim 1 for transposed
+convolutions, whose weight is laid out (in_channels, out_channels / groups, k...): the grouped view
+moves it to the front (:func:`grouped_view`) and :func:`ungrouped_view` moves it back.
 """
 
 from __future__ import annotations
@@ -39,13 +43,20 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def grouped_view(x: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
-    """``x`` reshaped to (rows, groups, group_len) for the given granularity.
+def grouped_view(
+    x: torch.Tensor, granularity: str, group_size: int | None = None, channel_axis: int = 0
+) -> torch.Tensor:
+    """``x`` reshaped to (rows, groups, group_len) for the given granularity, rows running along
+    ``channel_axis`` (moved to the front first; :func:`ungrouped_view` is the inverse).
 
     Example:
         >>> grouped_view(torch.zeros(6, 8), "group", 4).shape
         torch.Size([6, 2, 4])
+        >>> grouped_view(torch.zeros(3, 5, 2), "channel", channel_axis=1).shape
+        torch.Size([5, 1, 6])
     """
+    if channel_axis:
+        x = x.movedim(channel_axis, 0)
     if granularity == "tensor":
         return x.reshape(1, 1, -1)
     if granularity == "channel":
@@ -63,6 +74,21 @@ def grouped_view(x: torch.Tensor, granularity: str, group_size: int | None = Non
     raise ConfigError(
         f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
     )
+
+
+def ungrouped_view(xg: torch.Tensor, shape: torch.Size, channel_axis: int = 0) -> torch.Tensor:
+    """A grouped view of a tensor of ``shape`` back in that shape (the inverse of
+    :func:`grouped_view` with the same ``channel_axis``).
+
+    Example:
+        >>> x = torch.arange(24.0).reshape(2, 3, 4)
+        >>> torch.equal(ungrouped_view(grouped_view(x, "channel", channel_axis=1), x.shape, 1), x)
+        True
+    """
+    if not channel_axis:
+        return xg.reshape(shape)
+    moved = (shape[channel_axis], *shape[:channel_axis], *shape[channel_axis + 1 :])
+    return xg.reshape(moved).movedim(0, channel_axis)
 
 
 @dataclass(frozen=True)
@@ -170,8 +196,10 @@ def quantize_weight(
     group_size: int | None = None,
     symmetric: bool = True,
     observer: str = "minmax",
+    channel_axis: int = 0,
 ) -> tuple[torch.Tensor, QParams]:
-    """Fake-quantized copy of a weight tensor and its parameters (grouped-view shaped).
+    """Fake-quantized copy of a weight tensor and its parameters (grouped-view shaped; rows along
+    ``channel_axis``, 1 for a transposed convolution's weight).
 
     Example:
         >>> w = torch.randn(16, 32)
@@ -179,9 +207,9 @@ def quantize_weight(
         >>> wq.shape == w.shape, qp.scale.shape
         (True, torch.Size([16, 4, 1]))
     """
-    wg = grouped_view(w, granularity, group_size)
+    wg = grouped_view(w, granularity, group_size, channel_axis)
     qp = observe(wg, bits, symmetric, observer)
-    return fake_quantize(wg, qp).reshape(w.shape), qp
+    return ungrouped_view(fake_quantize(wg, qp), w.shape, channel_axis), qp
 
 
 def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:

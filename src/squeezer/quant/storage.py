@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .modules import QuantMixin
-from .primitives import grouped_view
 
 #: State-dict entry name (beside the layer's other entries) holding its packed weight codes.
 CODES_KEY = "weight_codes"
@@ -73,8 +72,8 @@ def unpack_into(qmodel: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, tor
             qp = wq.qparams()
             codes = unpack_codes(sd.pop(key), m.spec.bits, qp.qmin, m.weight.numel())
             codes = codes.reshape(m.weight.shape).to(m.weight.dtype)
-            g = grouped_view(codes, m.spec.granularity, m.spec.group_size)
-            w = ((g - qp.zero_point) * qp.scale).reshape(m.weight.shape)
+            g = wq.grouped(codes)  # rows along the layer's channel axis, as the scales are
+            w = wq.ungrouped((g - qp.zero_point) * qp.scale, m.weight.shape)
             m.weight.copy_(w)
             sd[f"{prefix}weight"] = m.weight.detach().clone()
     return sd
