@@ -73,9 +73,11 @@ def _weights_ref(args: argparse.Namespace) -> str | None:
 
 
 def _load(args: argparse.Namespace):
-    """The model and data an invocation names. Text data is tokenized with an hf: model's own
-    tokenizer, and its targets are that FP32 model's embeddings."""
+    """The model (its attention split, as :func:`squeezer.models.load_model` returns it) and data
+    an invocation names. Text data is tokenized with an hf: model's own tokenizer, and its targets
+    are that FP32 model's embeddings."""
     from .data import load_data
+    from .graph import split_attention
     from .models import load_model, load_weights
 
     seed = getattr(args, "seed", 0)
@@ -85,6 +87,7 @@ def _load(args: argparse.Namespace):
         model, tokenizer = load_hf(args.model)
         if args.weights:
             load_weights(model, args.weights, trust_pickle=args.trust_pickle)
+        model = split_attention(model)
         max_len = getattr(args, "max_len", None) or 128
         return model, load_data(
             args.data, seed=seed, model=model, tokenizer=tokenizer, max_len=max_len
@@ -527,7 +530,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "pre-trained: compress it directly"
         )
     check_output_dir(args.out)
-    model = load_model(args.model)
+    # Trained as built (attention not split), so the weights fit the user's own model class.
+    model = load_model(args.model, split=False)
     data = load_data(args.data, seed=args.seed)
     _check_fits(model, data)
     with Stage(args.out) as stage:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .errors import ConfigError
-from .graph import quantizable_layers
+from .graph import quantizable_layers, split_attention
 from .quant.primitives import GRANULARITIES, OBSERVERS, qrange
 
 PLAN_VERSION = 1
@@ -90,6 +90,10 @@ class LayerQuant:
 class QuantConfig:
     """One setting for every quantizable layer, except the FQNs in ``skip`` (kept in float).
 
+    The layers are those :func:`squeezer.quantize` sees: a model's ``nn.MultiheadAttention``
+    counts as its ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` (see
+    :func:`squeezer.graph.split_attention`).
+
     Example:
         >>> cfg = QuantConfig(LayerQuant(bits=8, act_bits=8))
         >>> plan = cfg.to_plan(nn.Sequential(nn.Linear(4, 2)))
@@ -101,7 +105,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
 
     def to_plan(self, model: nn.Module) -> Plan:
-        layers = quantizable_layers(model)
+        layers = quantizable_layers(split_attention(model))
         missing = [s for s in self.skip if s not in layers]
         if missing:
             raise ConfigError(f"skip names unknown layers {missing}; known: {list(layers)}")

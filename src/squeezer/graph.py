@@ -24,15 +24,28 @@ QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    """True for a plain Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d or Embedding (not
-    for squeezer's quantized wrappers)."""
-    return type(module) in QUANTIZABLE_TYPES or (
-        isinstance(module, QUANTIZABLE_TYPES) and not hasattr(module, "weight_quantizer")
-    )
+    """True for a plain Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d or Embedding: of
+    exactly one of these types (not squeezer's quantized wrappers).
+
+    A subclass stays in float (:func:`float_weights` names it): swapping it for a quantized layer
+    would drop its own ``forward``, or quantize nothing when its parent reads its ``.weight``
+    directly, as ``nn.MultiheadAttention`` reads its ``out_proj`` (a
+    ``NonDynamicallyQuantizableLinear``). :func:`split_attention` turns MultiheadAttention's
+    projections into plain Linear layers.
+
+    Example:
+        >>> is_quantizable(nn.Linear(2, 2)), is_quantizable(nn.MultiheadAttention(4, 2).out_proj)
+        (True, False)
+    """
+    return type(module) in QUANTIZABLE_TYPES
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every quantizable layer of ``model``, keyed by FQN, in module order.
+
+    These are the layers of ``model`` as it is: an ``nn.MultiheadAttention``'s projections count
+    only in ``split_attention(model)``, which is what :func:`squeezer.quantize`, the planner and the
+    CLI work on.
 
     Example:
         >>> layers = quantizable_layers(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
@@ -54,7 +67,8 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 def float_weights(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Modules that hold weights squeezer leaves in float, ``{FQN: (type name, weight count)}``:
     everything with its own non-bias parameters that is neither a quantizable layer nor a
-    normalisation layer (a GRU, a ConvTranspose3d, MultiheadAttention's packed input projection).
+    normalisation layer (a GRU, a ConvTranspose3d, a subclass of Linear; an ``nn.MultiheadAttention``
+    left unsplit, see :func:`split_attention`).
 
     Example:
         >>> float_weights(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 2), nn.LayerNorm(2)))
@@ -121,6 +135,48 @@ def weight_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(FQN, weight) of every quantizable layer: the parameters the Hessian engine analyses by layer."""
     for name, m in quantizable_layers(model).items():
         yield name, m.weight
+
+
+def split_attention(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.MultiheadAttention`` replaced by an equivalent
+    :class:`squeezer.attention.SplitAttention`, whose projections are plain ``nn.Linear`` layers
+    that squeezer quantizes: ``<mha>.q_proj``, ``<mha>.k_proj``, ``<mha>.v_proj`` and
+    ``<mha>.out_proj`` (the FQN ``out_proj`` already had).
+
+    Returns ``model`` itself if it holds no ``nn.MultiheadAttention`` (so splitting twice costs
+    nothing), else a copy; the caller's model is never changed. Subclasses of MultiheadAttention
+    (their own ``forward``) and hooks registered on a MultiheadAttention are not carried over: the
+    former stay as they are (in float), the latter are dropped. An ``nn.TransformerEncoder`` that
+    holds split attention stops using its nested-tensor fast path (which reads the packed weights);
+    ``nn.TransformerEncoderLayer`` takes its ordinary path by itself.
+
+    Example:
+        >>> enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        >>> list(quantizable_layers(split_attention(enc)))[:4]
+        ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.out_proj']
+        >>> lin = nn.Linear(2, 2)
+        >>> split_attention(lin) is lin
+        True
+    """
+    from .attention import SplitAttention
+
+    if not any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        return model
+    if type(model) is nn.MultiheadAttention:
+        return SplitAttention.from_mha(model)
+    out = copy_model(model)
+    split: dict[int, nn.Module] = {}  # one replacement per instance: shared attention stays shared
+    for name, m in list(out.named_modules(remove_duplicate=False)):
+        if type(m) is nn.MultiheadAttention:
+            if id(m) not in split:
+                split[id(m)] = SplitAttention.from_mha(m)
+            set_module(out, name, split[id(m)])
+    for m in out.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(a, SplitAttention) for a in m.modules()
+        ):
+            m.use_nested_tensor = m.enable_nested_tensor = False
+    return out
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import LayerQuant, Plan
 from .data import forward
-from .graph import layer_type, quantizable_layers, weight_channel_axis
+from .graph import layer_type, quantizable_layers, split_attention, weight_channel_axis
 from .quant.primitives import grouped_view
 
 FLOAT_BITS = 32
@@ -55,7 +55,9 @@ def weight_bytes(weight: torch.Tensor, spec: LayerQuant | None, channel_axis: in
 def model_bytes(model: nn.Module, plan: Plan | None = None) -> float:
     """Bytes of the whole model at ``plan``'s bit-widths: quantized weights packed, everything else
     (biases, norms, buffers, unquantized layers) at its own dtype's size, plus 8 bytes per quantized
-    activation (its scale and zero point)."""
+    activation (its scale and zero point). The layers are those :func:`squeezer.quantize` sees
+    (``nn.MultiheadAttention`` split into Linears, see :func:`squeezer.graph.split_attention`)."""
+    model = split_attention(model)
     layers = quantizable_layers(model)
     specs = dict(plan.layers) if plan else {}
     total = 0.0
@@ -100,6 +102,7 @@ def profile_layers(model: nn.Module, example: Any) -> dict[str, LayerProfile]:
         >>> {k: v.macs for k, v in profile_layers(net, torch.zeros(5, 3)).items()}
         {'0': 12, '2': 8}
     """
+    model = split_attention(model)  # the layers quantize() sees
     layers = quantizable_layers(model)
     macs: dict[str, int] = {k: 0 for k in layers}
     bs = {"n": 1}
@@ -149,7 +152,7 @@ def bops(profiles: Mapping[str, LayerProfile], plan: Plan | None = None) -> dict
 
 def average_bits(model: nn.Module, plan: Plan) -> float:
     """Parameter-weighted average weight bits over the plan's quantized layers (32 for float ones)."""
-    layers = quantizable_layers(model)
+    layers = quantizable_layers(split_attention(model))
     num = den = 0.0
     for fqn, spec in plan.layers.items():
         n = layers[fqn].weight.numel()
@@ -214,6 +217,7 @@ def layer_costs(
     from dataclasses import replace
 
     template = template or LayerQuant()
+    model = split_attention(model)
     prof = profile_layers(model, example)
     layers = quantizable_layers(model)
     out: dict[str, dict[int, dict[str, float]]] = {}

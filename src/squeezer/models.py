@@ -15,18 +15,31 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .graph import split_attention
 
 
 def load_model(
-    spec: str, *, weights: str | os.PathLike | None = None, trust_pickle: bool = False
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    split: bool = True,
 ) -> nn.Module:
-    """Build the model a spec names and load ``weights`` into it.
+    """Build the model a spec names, load ``weights`` into it, and split its attention.
+
+    The weights load into the architecture the spec builds (so a ``model.state_dict()`` of the
+    user's own model fits), or, failing that, into its split form (a state dict saved from it).
+    Then every ``nn.MultiheadAttention`` becomes a :class:`squeezer.attention.SplitAttention` of
+    four Linear layers (:func:`squeezer.graph.split_attention`): the model every command analyses,
+    plans, quantizes and saves.
 
     Args:
         spec: ``zoo:NAME`` (built-in), ``pkg.module:factory`` (a callable returning an nn.Module),
             or ``hf:DIR`` / ``hf:minilm`` (Hugging Face encoders; needs the ``hf`` extra).
         weights: a ``.safetensors`` file or a torch state-dict file.
         trust_pickle: allow a weights file that is a full pickle (it can execute code).
+        split: split the attention. False keeps the architecture as built (to train it and save
+            weights the user's own code loads), unless the weights fit only its split form.
 
     Example:
         >>> m = load_model("zoo:digits_cnn")
@@ -52,8 +65,22 @@ def load_model(
             "pkg.module:factory, or hf:DIR"
         )
     if weights is not None:
-        load_weights(model, weights, trust_pickle=trust_pickle)
+        model = _with_weights(model, weights, trust_pickle=trust_pickle)
+    if split:
+        model = split_attention(model)
     model.eval()
+    return model
+
+
+def _with_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: bool) -> nn.Module:
+    """``model`` with the weights of ``path``; if they were saved from the split model (keys such
+    as ``<mha>.q_proj.weight``), a split copy of ``model`` with them."""
+    sd = read_state_dict(path, trust_pickle=trust_pickle)
+    if set(sd) != set(model.state_dict()):
+        split = split_attention(model)
+        if split is not model and set(sd) == set(split.state_dict()):
+            model = split
+    _load_state_dict(model, sd, path)
     return model
 
 
@@ -121,7 +148,10 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: bool = False) -> None:
     """Load a weights file into ``model`` (which the caller just built), strictly."""
-    sd = read_state_dict(path, trust_pickle=trust_pickle)
+    _load_state_dict(model, read_state_dict(path, trust_pickle=trust_pickle), path)
+
+
+def _load_state_dict(model: nn.Module, sd: dict[str, Any], path: str | os.PathLike) -> None:
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UnsupportedModelError(

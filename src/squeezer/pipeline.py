@@ -1,5 +1,9 @@
 """The main job as an API: measure the float model, choose a plan, quantize, evaluate, and collect
-everything the run folder and report need. The CLI is a thin layer over these functions."""
+everything the run folder and report need. The CLI is a thin layer over these functions.
+
+Each entry point first splits the model's ``nn.MultiheadAttention`` into Linear layers
+(:func:`squeezer.graph.split_attention`; a copy, and only if there is any), so every stage sees
+the layers :func:`squeezer.quantize` quantizes, and ``Result.model`` is that split float model."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from torch import nn
 from .config import Budget, LayerQuant, Plan, QuantConfig
 from .data import Batches, Dataset, evaluate, forward, mean_loss
 from .errors import ConfigError
-from .graph import float_weights, quantizable_layers
+from .graph import float_weights, quantizable_layers, split_attention
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
 from .quant.apply import quantize
 from .quant.modules import QuantMixin
@@ -149,6 +153,7 @@ def uniform_plan(
     """Every quantizable layer at ``bits`` (per-channel by default) with ``act_bits`` activations.
 
     Embeddings get no activation quantizer (their inputs are indices)."""
+    model = split_attention(model)
     layers = quantizable_layers(model)
     base = LayerQuant(bits=bits, granularity=granularity, group_size=group_size, act_bits=act_bits)
     plan = QuantConfig(base).to_plan(model)
@@ -253,6 +258,7 @@ def analyze_for_plan(
     from .sensitivity import sensitivity
     from .spectrum import analyze
 
+    model = split_attention(model)
     template = template_for(act_bits)
     spectrum = analyze(
         model,
@@ -333,6 +339,7 @@ def compress(
         >>> from squeezer.zoo import create
         >>> r = compress(create("digits_cnn"), load_data("digits"), Budget(bits=4))  # doctest: +SKIP
     """
+    model = split_attention(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if method == "uniform":
@@ -386,6 +393,7 @@ def apply_plan(
     The loss increase is measured twice: on the test split, and on ``loss_data`` (by default
     :func:`hessian_batches`, the training samples the Hessian analysis saw), which is the increase
     the plan's predicted ΣΩ estimates."""
+    model = split_attention(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     example = example_input(data, 1)
@@ -466,6 +474,7 @@ def compress_zeroshot(
     from .sensitivity import sensitivity
     from .zeroshot import zeroshot_batches
 
+    model = split_attention(model)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     # Per-sample statistics give narrower activation ranges: better at 4-bit activations, worse
@@ -519,6 +528,7 @@ def apply_plan_zeroshot(
     evaluate on ``eval_data`` if given (otherwise sizes and BOPs only)."""
     if eval_data is not None:
         return apply_plan(model, eval_data, chosen, calib=distilled)
+    model = split_attention(model)
     t = time.perf_counter()
     qmodel = quantize(model, chosen, calib=distilled)
     profiles = profile_layers(model, distilled[0][:1])

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import Budget, LayerQuant, Plan
 from .errors import ConfigError, InfeasibleBudgetError
-from .graph import QUANTIZABLE_TYPES, quantizable_layers, weight_channel_axis
+from .graph import QUANTIZABLE_TYPES, quantizable_layers, split_attention, weight_channel_axis
 from .sensitivity import Sensitivity
 
 #: Budget attribute -> (name in messages and --budget, unit suffix).
@@ -208,6 +208,7 @@ def plan_costs(
     from . import measure
 
     template = LayerQuant(act_bits=8) if template is None else template
+    model = split_attention(model)  # the layers quantize() sees
     all_layers = quantizable_layers(model)
     names = list(all_layers) if layers is None else list(layers)
     unknown = [k for k in names if k not in all_layers]
@@ -288,6 +289,7 @@ def latency_table(
 
     if backend not in ("onnxruntime", "proxy"):
         raise ConfigError(f"unknown latency backend {backend!r}; use 'onnxruntime' or 'proxy'")
+    model = split_attention(model)  # the layers quantize() sees
     all_layers = quantizable_layers(model)
     names = list(all_layers) if layers is None else list(layers)
     inputs: dict[str, torch.Tensor] = {}
@@ -822,8 +824,16 @@ def residual_ties(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     """
     import torch.fx as fx
 
+    from .attention import SplitAttention
+
+    class Tracer(fx.Tracer):
+        # Split attention stays one opaque call (as fx keeps nn.MultiheadAttention): its forward
+        # branches on its inputs' shapes, which symbolic tracing cannot follow.
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, SplitAttention) or super().is_leaf_module(m, qualname)
+
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, Tracer().trace(model))
     except Exception as exc:  # fx raises many types on data-dependent control flow
         warnings.warn(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}); "

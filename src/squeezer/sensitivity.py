@@ -36,7 +36,13 @@ from torch.func import functional_call
 from .config import JsonFile
 from .data import batch_size, forward, to_device
 from .errors import ConfigError
-from .graph import copy_model, model_device, quantizable_layers, weight_channel_axis
+from .graph import (
+    copy_model,
+    model_device,
+    quantizable_layers,
+    split_attention,
+    weight_channel_axis,
+)
 from .quant.primitives import GRANULARITIES, fake_quantize, observe, quantize_weight
 
 SENSITIVITY_VERSION = 1
@@ -296,6 +302,7 @@ def sensitivity(
     for b in cand:
         if not (2 <= b <= 8 or b in (16, 32)):
             raise ConfigError(f"candidate bit width {b} is not 2–8, 16 or 32; e.g. bits=(2, 4, 8)")
+    model = split_attention(model)  # the layers quantize() sees
     all_layers = quantizable_layers(model)
     if layers is None:
         chosen = all_layers

@@ -235,6 +235,10 @@ def analyze(
     if trace_method not in ("hutchinson", "hutch++"):
         raise ConfigError(f"unknown trace method {trace_method!r}; use 'hutchinson' or 'hutch++'")
     t0 = time.perf_counter()
+    if params is None:  # analyse the layers quantize() will see: attention split into Linears
+        from .graph import split_attention
+
+        model = split_attention(model)
     op = HessianOperator(
         model, loss_fn, data, params=params, backend=backend, cache_samples=cache_samples
     )

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Plan, QuantConfig
 from ..data import forward, to_device
 from ..errors import ConfigError
-from ..graph import copy_model, model_device, quantizable_layers, set_module
+from ..graph import copy_model, model_device, quantizable_layers, set_module, split_attention
 from .modules import ActQuantizer, QuantMixin, to_quant_module
 
 
@@ -24,6 +24,11 @@ def quantize(
     max_calib_batches: int | None = None,
 ) -> nn.Module:
     """A new model whose layers are quantized as ``config`` says; ``model`` stays untouched.
+
+    Every ``nn.MultiheadAttention`` is first split into four Linear layers
+    (:func:`squeezer.graph.split_attention`), so the result holds
+    :class:`squeezer.attention.SplitAttention` modules whose ``q_proj``, ``k_proj``, ``v_proj`` and
+    ``out_proj`` the plan can name.
 
     Args:
         model: the float model.
@@ -40,6 +45,7 @@ def quantize(
         >>> type(q[0]).__name__, type(net[0]).__name__
         ('QuantLinear', 'Linear')
     """
+    model = split_attention(model)  # a private copy if it splits anything
     plan = config.to_plan(model) if isinstance(config, QuantConfig) else config
     if not isinstance(plan, Plan):
         raise ConfigError(f"quantize needs a Plan or a QuantConfig, got {type(config).__name__}")
@@ -64,9 +70,12 @@ def quantize(
 
 @torch.no_grad()
 def quantized_structure(model: nn.Module, plan: Plan) -> nn.Module:
-    """A copy of ``model`` with the plan's layers swapped for quantized ones, weights quantizers set
-    from the weights and activation quantizers not yet calibrated (see :func:`calibrate`)."""
-    qmodel = copy_model(model)
+    """A copy of ``model`` (its attention split, see :func:`squeezer.graph.split_attention`) with the
+    plan's layers swapped for quantized ones, weights quantizers set from the weights and activation
+    quantizers not yet calibrated (see :func:`calibrate`)."""
+    qmodel = split_attention(model)
+    if qmodel is model:
+        qmodel = copy_model(model)
     qlayers = quantizable_layers(qmodel)
     for fqn, spec in plan.layers.items():
         if fqn not in qlayers:
