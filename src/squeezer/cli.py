@@ -116,17 +116,26 @@ def _check_fits(model, data) -> None:
 
 
 def _print_table(rows: list[list[str]], headers: list[str]) -> None:
+    """A plain-text table: numeric columns (numbers, sizes, ratios, "–") right-aligned, text left."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print(line)
+    numeric = [i > 0 and all(_looks_numeric(str(r[i])) for r in rows) for i in range(len(headers))]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(
-            "  ".join(
-                str(c).rjust(w) if i else str(c).ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
+        cells = zip(r, widths, numeric, strict=True)
+        print("  ".join(str(c).rjust(w) if n else str(c).ljust(w) for c, w, n in cells).rstrip())
+
+
+def _looks_numeric(text: str) -> bool:
+    """ "99.55", "293 kB", "1.00x", "–": what a numeric column holds."""
+    head = text.split(" ")[0].rstrip("x×%")
+    if head in ("–", "-", ""):
+        return True
+    try:
+        float(head.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def _summary(result, data) -> None:
