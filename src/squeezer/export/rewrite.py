@@ -201,7 +201,7 @@ class _Rewriter:
             names = self.int8_inputs(new_nodes)
             exact = self.build(self.act_pass(new_nodes), extra_outputs=names)
             calib = _observe_ranges(exact, names, example, threads)
-        return self.build(self.act_pass(new_nodes, calib))
+        return self.build(self.fuse_integer_matmuls(self.act_pass(new_nodes, calib)))
 
     def fold_bn(self, w: _WeightCodes, bias: np.ndarray | None, bn, producers):
         if len([o for o in bn.output if o]) != 1 or _attr(bn, "training_mode", 0):
@@ -563,6 +563,73 @@ class _Rewriter:
                 extra += made
             n.input[0] = private[key]
         return _toposort(nodes + extra, self.g, self.inits)
+
+    def fuse_integer_matmuls(self, nodes: list) -> list:
+        """Each MatMul that reads an 8-bit quantized activation and int8 weight codes (per tensor
+        or per output column), together with the bias Add that follows it, as one
+        ``MatMulIntegerToFloat`` (com.microsoft) taking the integer tensors and the bias.
+
+        ONNX Runtime fuses the QDQ form into the same kernel but leaves the bias as a separate
+        Add, which then fuses with a following GELU into a slower BiasGelu; on MiniLM at batch 32
+        those Adds and BiasGelus cost more than the integer matmuls gain (docs/benchmarks.md,
+        Deployment). The computation is the one the QDQ graph describes.
+        """
+        producers = {o: n for n in nodes for o in n.output}
+        consumers: dict[str, list] = {}
+        for n in nodes:
+            for x in n.input:
+                consumers.setdefault(x, []).append(n)
+        outputs = {o.name for o in self.g.output}
+        replaced: dict[int, Any] = {}
+        dropped: set[int] = set()
+        for n in nodes:
+            if n.op_type != "MatMul":
+                continue
+            a_dq, b_dq = producers.get(n.input[0]), producers.get(n.input[1])
+            if not (
+                a_dq is not None
+                and b_dq is not None
+                and a_dq.op_type == b_dq.op_type == "DequantizeLinear"
+                and len(a_dq.input) == 3
+                and all(x in self.inits for x in a_dq.input[1:])
+                and self.array(a_dq.input[1]).ndim == 0
+                and producers.get(a_dq.input[0]) is not None
+                and producers[a_dq.input[0]].op_type == "QuantizeLinear"
+                and b_dq.input[0] in self.inits
+                and all(x in self.inits for x in b_dq.input[1:] if x)
+            ):
+                continue
+            codes, w_scale = self.array(b_dq.input[0]), self.array(b_dq.input[1])
+            if codes.dtype != np.int8 or codes.ndim != 2:
+                continue
+            if w_scale.ndim == 1 and (
+                _attr(b_dq, "axis", 1) not in (1, -1) or w_scale.size != codes.shape[1]
+            ):
+                continue
+            out, bias = n.output[0], ""
+            readers = consumers.get(out, [])
+            if out not in outputs and len(readers) == 1 and readers[0].op_type == "Add":
+                add = readers[0]
+                other = add.input[1] if add.input[0] == out else add.input[0]
+                b = self.array(other)
+                if b is not None and b.dtype == np.float32 and b.shape == (codes.shape[1],):
+                    out, bias = add.output[0], other
+                    dropped.add(id(add))
+            w_zero = b_dq.input[2] if len(b_dq.input) > 2 else ""
+            ins = [a_dq.input[0], b_dq.input[0], a_dq.input[1], b_dq.input[1], a_dq.input[2]]
+            ins += [w_zero, bias]
+            while not ins[-1]:
+                ins.pop()
+            from onnx import helper
+
+            replaced[id(n)] = helper.make_node(
+                "MatMulIntegerToFloat", ins, [out], domain=MS_DOMAIN, name=n.name
+            )
+            self.uses_ms = True
+        if not replaced:
+            return nodes
+        kept = [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
+        return _toposort(kept, self.g, self.inits)
 
     def int8_inputs(self, nodes: list) -> list[str]:
         """Tensors read by int8-capable ops (requantize mode calibrates their ranges)."""
