@@ -28,6 +28,9 @@ How the graph is built:
 5. Optionally (``requantize=True``) the tensors squeezer keeps in float between int8-capable ops
    (residual sums, pooled maps) are quantized to 8 bits with ranges observed on the example, so that
    every Conv and residual Add runs in int8, as ONNX Runtime's own static quantization does.
+6. A MatMul reading an 8-bit quantized input and int8 weight codes becomes, with the bias Add after
+   it, one ``MatMulIntegerToFloat`` (com.microsoft): ONNX Runtime would fuse the QDQ form into the
+   same kernel but keep the bias as a separate Add (and a slower BiasGelu after it).
 
 Mapping to ``MatMulNBits`` (codes in blocks along K, ``(code − zero point) × scale``): squeezer's
 symmetric b-bit codes q are stored as q + 2^(B−1) (B = 4 up to 4 bits, else 8) with the default zero
