@@ -227,3 +227,23 @@ def test_cli_export_needs_a_compressed_run(tmp_path, capsys):
     (w / "manifest.json").write_text(json.dumps({"tool": "squeezer", "command": "train"}))
     assert main(["bench", str(w)]) == 2
     assert "no compressed model" in capsys.readouterr().err
+
+
+def test_token_linears_become_matmul_integer_to_float_with_their_bias(tmp_path):
+    """Linears on (batch, tokens, features) inputs export as MatMul + Add; with 8-bit inputs and
+    int8 weights each pair becomes one MatMulIntegerToFloat carrying the bias, and ONNX Runtime
+    still agrees with squeezer (export_onnx checks it before writing)."""
+    import onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(64, 5, 16, generator=torch.Generator().manual_seed(1))
+    q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[x])
+    rep = export_onnx(q, tmp_path / "m.onnx", x)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 2 and all(len(n.input) == 7 for n in fused)  # the bias is the 7th input
+    assert not [n for n in graph.node if n.op_type == "MatMul"]
+    fused_out = {n.output[0] for n in fused}
+    assert not [n for n in graph.node if n.op_type == "Add" and fused_out & set(n.input)]
+    assert rep.max_abs_error <= rep.atol
