@@ -70,6 +70,9 @@ def float_weights(model: nn.Module) -> dict[str, tuple[str, int]]:
     normalisation layer (a GRU, a ConvTranspose3d, a subclass of Linear; an ``nn.MultiheadAttention``
     left unsplit, see :func:`split_attention`).
 
+    A user-defined module with sub-modules that also holds tensors of its own (a positional
+    embedding, a layer scale) has each such tensor listed by name, as a ``Parameter``.
+
     Example:
         >>> float_weights(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 2), nn.LayerNorm(2)))
         {'1': ('GRU', 36)}
@@ -78,13 +81,20 @@ def float_weights(model: nn.Module) -> dict[str, tuple[str, int]]:
     for name, m in model.named_modules():
         if is_quantizable(m) or isinstance(m, _NORM_TYPES):
             continue
-        n = sum(
-            p.numel()
+        own = [
+            (pname, p)
             for pname, p in m.named_parameters(recurse=False)
             if not pname.endswith("bias") and not pname.startswith("bias")
-        )
-        if n:
-            out[name or "(root)"] = (type(m).__name__, int(n))
+        ]
+        if not own:
+            continue
+        # A user's own module holding tensors next to its sub-modules: name each tensor (a torch
+        # layer such as a GRU or MultiheadAttention is listed whole).
+        if not type(m).__module__.startswith("torch.") and any(True for _ in m.children()):
+            for pname, p in own:
+                out[f"{name}.{pname}" if name else pname] = ("Parameter", int(p.numel()))
+        else:
+            out[name] = (type(m).__name__, int(sum(p.numel() for _, p in own)))
     return out
 
 
