@@ -170,11 +170,7 @@ class _Rewriter:
     def run(self, *, requantize: bool = False, example: Any = None, threads: int = 1):
         """The rewritten ModelProto (see the module docstring for the steps)."""
         nodes = list(self.g.node)
-        producers = {o: n for n in nodes for o in n.output}
-        consumers: dict[str, list] = {}
-        for n in nodes:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        producers, consumers = _producers_consumers(nodes)
         outputs = {o.name for o in self.g.output}
         dropped: set[int] = set()
         new_nodes = []
@@ -577,11 +573,7 @@ class _Rewriter:
         those Adds and BiasGelus cost more than the integer matmuls gain (docs/benchmarks.md,
         Deployment). The computation is the one the QDQ graph describes.
         """
-        producers = {o: n for n in nodes for o in n.output}
-        consumers: dict[str, list] = {}
-        for n in nodes:
-            for x in n.input:
-                consumers.setdefault(x, []).append(n)
+        producers, consumers = _producers_consumers(nodes)
         outputs = {o.name for o in self.g.output}
         replaced: dict[int, Any] = {}
         dropped: set[int] = set()
@@ -723,6 +715,16 @@ class _Rewriter:
             ir_version=self.proto.ir_version,  # ONNX Runtime rejects the newest IR versions
         )
         return model
+
+
+def _producers_consumers(nodes: list) -> tuple[dict[str, Any], dict[str, list]]:
+    """{tensor: the node writing it} and {tensor: the nodes reading it}."""
+    producers = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    return producers, consumers
 
 
 def _short_names(nodes: list, keep: set[str]) -> None:
