@@ -155,3 +155,34 @@ def mnist1d_resnet(width: int = 16, blocks: int = 3, classes: int = 10) -> nn.Mo
 )
 def resnet_cifar(width: int = 40, classes: int = 10) -> nn.Module:
     return ResNet(3, (width, 2 * width, 4 * width), 2, classes)
+
+
+class TokenTransformer(nn.Module):
+    """Rows of an image as tokens: a linear embedding, a learned position table, a stack of
+    PyTorch's own ``nn.TransformerEncoderLayer`` (so ``nn.MultiheadAttention``, which squeezer
+    splits into four Linears), mean pooling and a linear head."""
+
+    def __init__(self, rows: int, cols: int, d: int, heads: int, layers: int, classes: int):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.embed = nn.Linear(cols, d)
+        self.pos = nn.Parameter(torch.zeros(1, rows, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(-1, self.rows, self.cols)) + self.pos
+        return self.head(self.encoder(h).mean(1))
+
+
+@register_model(
+    "digits_transformer",
+    data="digits",
+    input_shape=(1, 8, 8),
+    description="2 nn.TransformerEncoderLayer blocks over the 8 rows of a digit (~18k params)",
+)
+def digits_transformer(
+    d: int = 32, heads: int = 4, layers: int = 2, classes: int = 10
+) -> nn.Module:
+    return TokenTransformer(8, 8, d, heads, layers, classes)
