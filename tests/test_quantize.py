@@ -90,11 +90,14 @@ def test_packed_storage_round_trip_and_size(trained_digits_cnn, digits, tmp_path
     assert size < model_bytes(net, plan) * 1.15 + 4096
 
 
-def test_hessian_batches_are_the_analysis_samples(digits):
-    """The loss increase reported next to ΣΩ is measured on the very samples the Hessian saw."""
+def test_hessian_batches_are_a_seeded_training_subset(digits):
+    """The loss increase reported next to ΣΩ is measured on hessian_batches, which
+    analyze_for_plan also feeds to the Hessian: a seeded subset of the training split."""
     from squeezer.pipeline import hessian_batches
 
     a = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
     b = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
     c = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=4)])
     assert a.shape[0] == 200 and torch.equal(a, b) and not torch.equal(a, c)
+    train = digits.x_train.flatten(1)
+    assert all(bool((train == row).all(1).any()) for row in a.flatten(1))  # rows of x_train

@@ -401,10 +401,15 @@ def _run_args(run_dir: Path, man: dict[str, Any]) -> argparse.Namespace:
     )
 
 
-def _load_run(run_dir: Path):
-    """The model, data and manifest a run folder was made from."""
-    man = json.loads((run_dir / "manifest.json").read_text())
-    model, data = _load(_run_args(run_dir, man))
+def _load_run(run_dir: Path, man: dict[str, Any] | None = None):
+    """The model, data and manifest a run folder was made from (``man``: the manifest, if the
+    caller read it already). A zero-shot run made without any data gives ``None`` for the data."""
+    if man is None:
+        man = json.loads((run_dir / "manifest.json").read_text())
+    ns = _run_args(run_dir, man)
+    if not man.get("data"):
+        return _load_model_only(ns), None, man
+    model, data = _load(ns)
     return model, data, man
 
 
@@ -419,15 +424,7 @@ def _apply_and_write(
     man = json.loads((run_dir / "manifest.json").read_text())
     zeroshot = man.get("calib") == "zeroshot"
     distilled = _distilled_inputs(run_dir) if zeroshot else None  # before loading the model
-    if loaded is not None:
-        model, data, man = loaded
-    elif zeroshot:
-        if man.get("data"):
-            model, data, man = _load_run(run_dir)
-        else:
-            model, data = _load_model_only(_run_args(run_dir, man)), None
-    else:
-        model, data, man = _load_run(run_dir)
+    model, data, man = loaded if loaded is not None else _load_run(run_dir, man)
     with Stage(run_dir, update=True) as stage:
         if zeroshot:
             result = apply_plan_zeroshot(model, plan, distilled, data)
@@ -478,7 +475,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # its width changes); sizes come from the model itself.
         from .qbert import mixed_precision_plan
 
-        loaded = _load_run(d)
+        loaded = _load_run(d, man)
         t0 = time.perf_counter()
         per_block = bool(old.meta.get("per_block", False))
         p = mixed_precision_plan(loaded[0], sens, budget, old, per_block=per_block)
@@ -762,13 +759,8 @@ def _load_compressed(run: Path):
             f"{run} holds no compressed model (plan.json and model.safetensors); make one with "
             f"'squeezer compress MODEL --data DATA --budget B --out {run}'"
         )
-    man = json.loads((run / "manifest.json").read_text())
-    if man.get("calib") == "zeroshot" and not man.get("data"):
-        model, data = _load_model_only(_run_args(run, man)), None
-        inputs = torch.cat(_distilled_inputs(run))
-    else:
-        model, data, _ = _load_run(run)
-        inputs = data.x_test
+    model, data, _ = _load_run(run)
+    inputs = torch.cat(_distilled_inputs(run)) if data is None else data.x_test
     sd = read_state_dict(run / "model.safetensors")
     qmodel = load_quantized(model, Plan.load(run / "plan.json"), sd)
     return model.eval(), qmodel.eval(), inputs, data
@@ -797,8 +789,12 @@ def _update_metrics(run: Path, **entries: Any) -> None:
     write_json(path, metrics)
 
 
-def _export_run(run: Path, qmodel, inputs, *, samples: int, requantize: bool, atol, threads):
-    from .export import export_onnx
+def _export_run(run: Path, qmodel, inputs, data, *, samples: int, requantize: bool, atol, threads):
+    """Write ``run``/model.onnx (checked in ONNX Runtime against ``qmodel``) and, with ``data``,
+    run it on the whole test split; both go into metrics.json under ``export``. Returns the
+    :class:`~squeezer.export.ExportReport` and the ONNX model's metric (None without data)."""
+    from .data import evaluate
+    from .export import OrtModule, export_onnx, ort_session
 
     report = export_onnx(
         qmodel,
@@ -808,8 +804,12 @@ def _export_run(run: Path, qmodel, inputs, *, samples: int, requantize: bool, at
         atol=atol,
         threads=threads,
     )
-    _update_metrics(run, export={**report.to_dict(), "path": "model.onnx"})
-    return report
+    entry = {**report.to_dict(), "path": "model.onnx"}
+    if data is not None:
+        deployed = OrtModule(ort_session(run / "model.onnx", threads=threads))
+        entry["test_metric"] = evaluate(deployed, data.test_batches(), data.task)
+    _update_metrics(run, export=entry)
+    return report, entry.get("test_metric")
 
 
 @command("export", "export DIR's compressed model to ONNX (QDQ int8), checked in ONNX Runtime")
@@ -819,18 +819,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = require_run_folder(args.dir)
     _, qmodel, inputs, data = _load_compressed(run)
-    rep = _export_run(
+    rep, deployed = _export_run(
         run,
         qmodel,
         inputs,
+        data,
         samples=args.samples,
         requantize=not args.exact,
         atol=args.atol,
         threads=args.threads,
     )
-    deployed = None
-    if data is not None:
-        deployed = _evaluate_onnx(run, data, threads=args.threads)
     write_report(run)
     agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
     print(
@@ -840,29 +838,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{rep.atol:.3g}{agree})"
     )
     if deployed is not None:
+        m = json.loads((run / "metrics.json").read_text())
+        simulated, fp32 = m["after"].get("metric"), m["before"].get("metric")
         print(
-            f"{data.task.metric_name} of the ONNX model on the test split: {deployed['onnx']:.4g} "
-            f"(squeezer's simulation: {deployed['simulated']:.4g}; FP32: {deployed['fp32']:.4g})"
+            f"{data.task.metric_name} of the ONNX model on the test split: {deployed:.4g} "
+            f"(squeezer's simulation: {simulated:.4g}; FP32: {fp32:.4g})"
         )
     return 0
-
-
-def _evaluate_onnx(run: Path, data, *, threads: int) -> dict[str, Any]:
-    """The task metric of the exported model, run by ONNX Runtime on the whole test split, next to
-    the simulated and FP32 metrics of the run; recorded in metrics.json under ``export``."""
-    from .data import evaluate
-    from .export import OrtModule, ort_session
-
-    deployed = OrtModule(ort_session(run / "model.onnx", threads=threads))
-    metric = evaluate(deployed, data.test_batches(), data.task)
-    metrics = json.loads((run / "metrics.json").read_text())
-    out = {
-        "onnx": metric,
-        "simulated": metrics.get("after", {}).get("metric"),
-        "fp32": metrics.get("before", {}).get("metric"),
-    }
-    _update_metrics(run, export={**metrics.get("export", {}), "test_metric": metric})
-    return out
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
@@ -891,11 +873,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runfolder import require_run_folder
 
     run = require_run_folder(args.dir)
-    model, qmodel, inputs, _ = _load_compressed(run)
+    model, qmodel, inputs, data = _load_compressed(run)
     threads = args.threads
     if not (run / "model.onnx").is_file():
         print(f"no {run}/model.onnx yet: exporting it first", file=sys.stderr)
-        _export_run(run, qmodel, inputs, samples=64, requantize=True, atol=None, threads=threads)
+        _export_run(
+            run, qmodel, inputs, data, samples=64, requantize=True, atol=None, threads=threads
+        )
     examples = {b: _examples(inputs, b) for b in args.batch}
     variants = {
         "PyTorch FP32": model,

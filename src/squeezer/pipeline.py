@@ -24,6 +24,8 @@ from .quant.modules import QuantMixin
 
 #: Samples of the training split used to calibrate activation ranges.
 CALIB_SAMPLES = 512
+#: Training samples the Hessian analysis of a tensor-input model averages over (and the loss
+#: increase next to ΣΩ is measured on).
 HESSIAN_SAMPLES = 512
 
 
