@@ -417,46 +417,18 @@ class _Program:
         self.rows.append((nz.tolist(), (coef[nz] / scale).tolist(), -math.inf, cap / scale))
 
     def solve(self, objective: np.ndarray | None = None) -> np.ndarray | None:
-        """The optimal 0/1 vector, or None if infeasible."""
-        import highspy
+        """The optimal 0/1 vector, or None if infeasible (HiGHS, proven optimal)."""
+        from .milp import Program
 
         obj = self.objective if objective is None else objective
         scale = float(np.abs(obj).max()) or 1.0
-        h = highspy.Highs()
-        h.silent()
-        for name, value in (
-            ("mip_rel_gap", 0.0),
-            ("mip_abs_gap", 0.0),
-            ("mip_feasibility_tolerance", 1e-9),
-            ("primal_feasibility_tolerance", 1e-9),
-            ("threads", 1),
-            ("random_seed", 0),
-        ):
-            h.setOptionValue(name, value)
-        lp = highspy.HighsLp()
-        lp.num_col_ = self.n
-        lp.num_row_ = len(self.rows)
-        lp.col_cost_ = (obj / scale).astype(np.float64)
-        lp.col_lower_ = np.zeros(self.n)
-        lp.col_upper_ = np.asarray(self.upper, dtype=np.float64)
-        inf = highspy.kHighsInf
-        lp.row_lower_ = np.array([max(r[2], -inf) for r in self.rows], dtype=np.float64)
-        lp.row_upper_ = np.array([min(r[3], inf) for r in self.rows], dtype=np.float64)
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.num_col_ = self.n
-        lp.a_matrix_.num_row_ = len(self.rows)
-        lp.a_matrix_.start_ = np.cumsum([0] + [len(r[0]) for r in self.rows]).astype(np.int32)
-        lp.a_matrix_.index_ = np.array([j for r in self.rows for j in r[0]], dtype=np.int32)
-        lp.a_matrix_.value_ = np.array([v for r in self.rows for v in r[1]], dtype=np.float64)
-        lp.integrality_ = [highspy.HighsVarType.kInteger] * self.n
-        h.passModel(lp)
-        h.run()
-        status = h.getModelStatus()
-        if status == highspy.HighsModelStatus.kInfeasible:
+        prog = Program(cost=obj / scale, integer=[True] * self.n, upper=self.upper)
+        for idx, val, lo, hi in self.rows:
+            prog.add_row(idx, val, lower=lo, upper=hi)
+        sol = prog.solve()
+        if sol is None:
             return None
-        if status != highspy.HighsModelStatus.kOptimal:
-            raise RuntimeError(f"HiGHS stopped with status {h.modelStatusToString(status)}")
-        return np.round(np.asarray(h.getSolution().col_value)).astype(int)
+        return np.round(sol.x).astype(int)
 
     def assignment(self, x: np.ndarray) -> dict[str, int]:
         out = {}

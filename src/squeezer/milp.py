@@ -1,0 +1,141 @@
+"""Mixed-integer linear programs solved with HiGHS (``highspy``): one small wrapper that the planner
+(bit allocation, :mod:`squeezer.plan`) and any later user (rematerialization schedules) share,
+without either importing the other.
+
+A program is ``min c·x`` subject to sparse rows ``lower ≤ a·x ≤ upper`` and column bounds, with
+each column continuous or integer. Rows and the objective should be scaled by the caller so their
+largest coefficients are about 1: HiGHS's tolerances are absolute.
+
+Example:
+    >>> p = Program(cost=[1.0, 2.0], integer=[True, True], upper=[1.0, 1.0])
+    >>> p.add_row([0, 1], [1.0, 1.0], lower=1.0)
+    >>> p.solve().x.tolist()
+    [1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Solution:
+    """An optimal point of a :class:`Program`: the column values, the objective, and whether the
+    time limit cut the search short (then ``x`` is the best point found, not proven optimal)."""
+
+    x: np.ndarray
+    objective: float
+    optimal: bool
+    gap: float
+
+
+@dataclass
+class Program:
+    """A MILP in HiGHS's form. ``cost``, ``lower``/``upper`` (column bounds, default [0, ∞)) and
+    ``integer`` (per column) are set at construction; :meth:`add_row` appends constraints."""
+
+    cost: Sequence[float]
+    integer: Sequence[bool] | None = None
+    lower: Sequence[float] | None = None
+    upper: Sequence[float] | None = None
+    rows: list[tuple[list[int], list[float], float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cost = np.asarray(self.cost, dtype=np.float64)
+        n = self.n
+        self.integer = [False] * n if self.integer is None else list(self.integer)
+        self.lower = np.zeros(n) if self.lower is None else np.asarray(self.lower, dtype=float)
+        self.upper = (
+            np.full(n, math.inf) if self.upper is None else np.asarray(self.upper, dtype=float)
+        )
+        if not (len(self.integer) == len(self.lower) == len(self.upper) == n):
+            raise ValueError("cost, integer, lower and upper must have one entry per column")
+
+    @property
+    def n(self) -> int:
+        return int(len(self.cost))
+
+    def add_row(
+        self,
+        index: Sequence[int],
+        value: Sequence[float],
+        *,
+        lower: float = -math.inf,
+        upper: float = math.inf,
+    ) -> None:
+        """Append ``lower ≤ Σ value[k]·x[index[k]] ≤ upper``."""
+        self.rows.append(([int(i) for i in index], [float(v) for v in value], lower, upper))
+
+    def solve(
+        self,
+        objective: Sequence[float] | None = None,
+        *,
+        time_limit: float | None = None,
+        rel_gap: float = 0.0,
+        threads: int = 1,
+        seed: int = 0,
+    ) -> Solution | None:
+        """Solve (with ``objective`` in place of ``cost`` if given); None if infeasible.
+
+        ``rel_gap=0`` asks for proven optimality. With ``time_limit`` (seconds) the best point
+        found by then is returned with ``optimal=False``; a limit reached with no point at all
+        raises RuntimeError.
+        """
+        import highspy
+
+        h = highspy.Highs()
+        h.silent()
+        options: list[tuple[str, object]] = [
+            ("mip_rel_gap", float(rel_gap)),
+            ("mip_abs_gap", 0.0 if rel_gap == 0 else 1e-6),
+            ("mip_feasibility_tolerance", 1e-9),
+            ("primal_feasibility_tolerance", 1e-9),
+            ("threads", int(threads)),
+            ("random_seed", int(seed)),
+        ]
+        if time_limit is not None:
+            options.append(("time_limit", float(time_limit)))
+        for name, value in options:
+            h.setOptionValue(name, value)
+        n = self.n
+        inf = highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_ = n
+        lp.num_row_ = len(self.rows)
+        obj = self.cost if objective is None else np.asarray(objective, dtype=np.float64)
+        lp.col_cost_ = np.asarray(obj, dtype=np.float64)
+        lp.col_lower_ = np.maximum(np.asarray(self.lower, dtype=np.float64), -inf)
+        lp.col_upper_ = np.minimum(np.asarray(self.upper, dtype=np.float64), inf)
+        lp.row_lower_ = np.array([max(r[2], -inf) for r in self.rows], dtype=np.float64)
+        lp.row_upper_ = np.array([min(r[3], inf) for r in self.rows], dtype=np.float64)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.num_col_ = n
+        lp.a_matrix_.num_row_ = len(self.rows)
+        lp.a_matrix_.start_ = np.cumsum([0] + [len(r[0]) for r in self.rows]).astype(np.int32)
+        lp.a_matrix_.index_ = np.array([j for r in self.rows for j in r[0]], dtype=np.int32)
+        lp.a_matrix_.value_ = np.array([v for r in self.rows for v in r[1]], dtype=np.float64)
+        if any(self.integer):
+            lp.integrality_ = [
+                highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                for i in self.integer
+            ]
+        h.passModel(lp)
+        h.run()
+        status = h.getModelStatus()
+        S = highspy.HighsModelStatus
+        if status == S.kInfeasible:
+            return None
+        optimal = status == S.kOptimal
+        limited = status in (S.kTimeLimit, S.kIterationLimit, S.kSolutionLimit)
+        if not optimal and not limited:
+            raise RuntimeError(f"HiGHS stopped with status {h.modelStatusToString(status)}")
+        x = np.asarray(h.getSolution().col_value, dtype=np.float64)
+        if limited and (x.size != n or not np.isfinite(x).all() or not h.getInfo().primal_solution_status):
+            raise RuntimeError("HiGHS reached its time limit before finding a feasible point")
+        info = h.getInfo()
+        gap = float(getattr(info, "mip_gap", 0.0)) if any(self.integer) else 0.0
+        return Solution(x, float(info.objective_function_value), optimal, gap)
