@@ -1,6 +1,8 @@
 """Training and fine-tuning: plain supervised training of the built-in nets (QAT and distillation
-build on the same loop)."""
+build on the same loop); large-batch optimizers (LARS, LAMB); Hessian-driven adaptive batch size;
+optimal rematerialization of a training step (Checkmate)."""
 
 from .fit import fit
+from .optim import LAMB, LARS, OPTIMIZERS, make_optimizer, param_groups
 
-__all__ = ["fit"]
+__all__ = ["LAMB", "LARS", "OPTIMIZERS", "fit", "make_optimizer", "param_groups"]

@@ -1,4 +1,5 @@
-"""A small, seeded supervised training loop (AdamW + cosine schedule) for the built-in nets."""
+"""A small, seeded supervised training loop (AdamW by default, or LAMB / LARS / SGD; cosine
+schedule) for the built-in nets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from ..data import Dataset, evaluate, forward
 from ..graph import copy_model
 from ..progress import progress
+from .optim import make_optimizer
 
 
 def fit(
@@ -17,13 +19,19 @@ def fit(
     data: Dataset,
     *,
     epochs: int = 30,
-    lr: float = 3e-3,
+    lr: float | None = None,
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     seed: int = 0,
     show_progress: bool = False,
+    optimizer: str = "adamw",
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train a copy of ``model`` on ``data``'s training split; return it with its test metric.
+
+    ``optimizer`` is one of :data:`~squeezer.train.optim.OPTIMIZERS`: ``"adamw"`` (default; all
+    parameters decayed), ``"lamb"``, ``"lars"`` or ``"sgd"`` (momentum 0.9; biases and normalisation
+    parameters neither decayed nor adapted). ``lr=None`` takes the optimizer's default (AdamW 3e-3,
+    LAMB 1e-2, LARS 1.0, SGD 0.1).
 
     Example:
         >>> from squeezer.zoo import create
@@ -33,7 +41,7 @@ def fit(
     torch.manual_seed(seed)  # dropout and init-time randomness of the copy stay reproducible
     net = copy_model(model)
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, net, lr=lr, weight_decay=weight_decay)
     batches = data.train_batches(batch_size, shuffle=True, seed=seed)
     steps = epochs * len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(
