@@ -2,7 +2,17 @@
 build on the same loop); large-batch optimizers (LARS, LAMB); Hessian-driven adaptive batch size;
 optimal rematerialization of a training step (Checkmate)."""
 
+from .abs import ABSRun, fit_abs
 from .fit import fit
 from .optim import LAMB, LARS, OPTIMIZERS, make_optimizer, param_groups
 
-__all__ = ["LAMB", "LARS", "OPTIMIZERS", "fit", "make_optimizer", "param_groups"]
+__all__ = [
+    "ABSRun",
+    "LAMB",
+    "LARS",
+    "OPTIMIZERS",
+    "fit",
+    "fit_abs",
+    "make_optimizer",
+    "param_groups",
+]
