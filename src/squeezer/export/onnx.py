@@ -25,7 +25,7 @@ from ..errors import ExportError, UnsupportedModelError
 from ..graph import copy_model
 from .common import ATOL, OPSET, _first_line, _require_onnx
 from .layers import _collect_layers, _float_twin, _Layer
-from .rewrite import _Rewriter
+from .rewrite import _rewrite
 from .runtime import ort_feeds, ort_session
 
 
@@ -135,8 +135,14 @@ def export_onnx(
     layers = _collect_layers(qmodel)
     fmodel = _float_twin(qmodel, layers)
     proto = _torch_export(fmodel, example)
-    rewriter = _Rewriter(proto, layers, accuracy_level=accuracy_level)
-    proto = rewriter.run(requantize=requantize, example=example, threads=threads)
+    proto = _rewrite(
+        proto,
+        layers,
+        accuracy_level=accuracy_level,
+        requantize=requantize,
+        example=example,
+        threads=threads,
+    )
     lost = [
         f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
     ]
@@ -188,7 +194,7 @@ def export_onnx(
         quant_error=quant_err,
         argmax_agreement=agree,
         layers={fqn: layer.status for fqn, layer in layers.items()},
-        opset=rewriter.opset,
+        opset=OPSET,
         threads=threads,
     )
 
