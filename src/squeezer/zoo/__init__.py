@@ -1,5 +1,11 @@
 """Built-in architectures, listed in one registry so tests and the CLI can enumerate them.
 
+Besides small nets for the built-in data sets, the zoo holds the efficient architectures of the
+research line, each checked against its paper's figures (:class:`Reference`): SqueezeNet 1.0/1.1,
+SqueezeNext (1.0-SqNxt-23, 23v5), ShiftResNet-20/56 with the CIFAR ResNets they are compared with,
+DiracDeltaNet, and a SqueezeDet-style detector; the shift operation itself is
+:class:`squeezer.zoo.shift.Shift`.
+
 Example:
     >>> from squeezer.zoo import list_models, create
     >>> "digits_cnn" in list_models()
@@ -10,7 +16,23 @@ Example:
 
 from __future__ import annotations
 
-from . import small  # noqa: F401  (registers the built-in nets)
-from .registry import MODELS, ModelEntry, create, list_models, register_model
+from . import (  # noqa: F401  (each module registers its nets)
+    diracdeltanet,
+    shiftresnet,
+    small,
+    squeezedet,
+    squeezenet,
+    squeezenext,
+)
+from .registry import MODELS, ModelEntry, Reference, create, list_models, register_model
+from .shift import Shift
 
-__all__ = ["MODELS", "ModelEntry", "create", "list_models", "register_model"]
+__all__ = [
+    "MODELS",
+    "ModelEntry",
+    "Reference",
+    "Shift",
+    "create",
+    "list_models",
+    "register_model",
+]
