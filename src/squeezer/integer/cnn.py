@@ -17,16 +17,17 @@ It reproduces the fake-quant simulation it came from: values between quantizers 
 integer accumulators at fine scales (the simulation keeps them in float), and rounding is
 half-to-even like ``torch.round``. What remains is float32 round-off in the simulation itself and
 the rounding of biases to the accumulator's grid, so a code can differ by one step where the
-simulation's value sits within ~1e-4 of a rounding tie; ``tests/test_integer_cnn.py`` counts
-these. :func:`fold_batchnorm` folds BatchNorm into the preceding conv before quantization (HAWQ-V3's
-order), which removes the BN bias rounding altogether.
+simulation's value sits within ~1e-4 of a rounding tie; ``tests/integer/test_cnn.py`` counts
+these. :func:`~squeezer.integer.fold.fold_batchnorm` folds BatchNorm into the preceding conv
+before quantization (HAWQ-V3's order), which removes the BN bias rounding altogether.
+
+The program's steps are in :mod:`.steps`; this module is the compiler that emits them.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,301 +37,29 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph import copy_model, get_module, set_module
+from ..graph import copy_model, get_module
 from ..quant.modules import QuantEmbedding, QuantMixin
-from .dyadic import requantize, shift_round, to_dyadic
+from .dyadic import to_dyadic
+from .fold import _BATCHNORMS, _FOLDABLE, _bn_factors, _trace
+from .steps import (
+    Dequantize,
+    IntAdd,
+    IntAffine,
+    IntegerModel,
+    IntLayer,
+    IntMaxPool,
+    IntReLU,
+    IntReshape,
+    IntSumPool,
+    QuantizeInput,
+    Requantize,
+)
 
 #: Accumulators with a bias are refined (shifted left, the bias on the finer grid) up to this many
 #: bits: bias rounding then costs ~2^-30 of the range, and dyadic multipliers keep 30–31 bits.
 _WIDE_BITS = 30
 #: Residual sums are rescaled to a grid of this many bits over their worst-case range.
 _SUM_BITS = 30
-
-# ------------------------------------------------------------------------------------------------
-# BatchNorm folding (float, before quantization)
-
-
-class _Tracer(torch.fx.Tracer):
-    """fx tracer that keeps squeezer's quantized layers as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantMixin) or super().is_leaf_module(m, qualname)
-
-
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types on dynamic control flow
-        raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx ({exc}); integer conversion needs "
-            "a forward without data-dependent control flow"
-        ) from exc
-    return torch.fx.GraphModule(model, graph)
-
-
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def _bn_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, t) in float64 such that ``bn(y) = k · y + t`` per channel (eval mode)."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise UnsupportedModelError(
-            "BatchNorm without running statistics cannot be folded; build it with "
-            "track_running_stats=True"
-        )
-    c = bn.running_mean.numel()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(c).double()
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(c).double()
-    k = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
-    return k, beta - k * bn.running_mean.double()
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every BatchNorm that directly follows a conv/linear folded into it.
-
-    The conv's weight becomes ``w · γ/σ`` (per output channel) and its bias
-    ``(b − μ) · γ/σ + β``; the BatchNorm becomes ``nn.Identity``, so layer names (and plans keyed
-    by them) are unchanged. Folding uses the running statistics: the result equals ``model`` in eval
-    mode (to float round-off). Quantize the folded model, as HAWQ-V3 does, so the weight codes
-    already include the BatchNorm.
-
-    Example:
-        >>> from squeezer.zoo import create
-        >>> net = create("digits_cnn").eval()
-        >>> folded = fold_batchnorm(net)
-        >>> type(folded.bn1).__name__, folded.conv1.bias is not None
-        ('Identity', True)
-    """
-    out = copy_model(model)
-    gm = _trace(out)
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(get_module(out, node.target), _BATCHNORMS):
-            continue
-        prev = node.args[0]
-        if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module"):
-            continue
-        layer = get_module(out, prev.target)
-        if type(layer) not in _FOLDABLE or len(prev.users) != 1:
-            continue  # only plain float layers whose output feeds this BN alone
-        k, t = _bn_factors(get_module(out, node.target))
-        w = layer.weight.detach().double()
-        layer.weight.copy_((w * k.reshape(-1, *([1] * (w.dim() - 1)))).to(layer.weight.dtype))
-        b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(k)
-        layer.bias = nn.Parameter((b * k + t).to(layer.weight.dtype))
-        set_module(out, node.target, nn.Identity())
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Integer steps: small modules whose forward is integer-only (QuantizeInput and Dequantize are the
-# float boundary).
-
-
-class QuantizeInput(nn.Module):
-    """Float input → codes, exactly as the first layer's input quantizer rounds them."""
-
-    def __init__(self, scale: torch.Tensor, zero_point: int, qmin: int, qmax: int):
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().reshape(()))
-        self.zero_point, self.qmin, self.qmax = zero_point, qmin, qmax
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.round(x / self.scale) + self.zero_point  # same float ops as fake_quantize
-        return torch.clamp(q, self.qmin, self.qmax).to(torch.int64)
-
-
-class IntLayer(nn.Module):
-    """Conv1d/Conv2d/Linear on codes: ``acc = ((W_q ⋆ (q − z_x)) << j) + b_q``, exact in int64.
-
-    The int32 bias ``b_q`` sits on the accumulator grid ``s_x · s_w / 2^j``; ``j`` (0–16) is the
-    largest refinement that keeps it in int32, so rounding the float bias costs ≤ 2^−(j+1) of an
-    accumulator step instead of half a step.
-    """
-
-    def __init__(
-        self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, zp: int, j: int
-    ):
-        super().__init__()
-        self.kind = next(t.__name__ for t in _FOLDABLE if isinstance(layer, t))
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.zero_point, self.j = zp, j
-        if self.kind != "Linear":
-            self.stride, self.padding = layer.stride, layer.padding
-            self.dilation, self.groups = layer.dilation, layer.groups
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        x = q - self.zero_point
-        w = self.weight.to(torch.int64)
-        if self.kind == "Linear":
-            acc = F.linear(x, w)
-        else:
-            conv = F.conv2d if self.kind == "Conv2d" else F.conv1d
-            acc = conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-        if self.bias is None:
-            return acc
-        # channels: the last dim for a linear, dim 1 for a conv
-        shape = (-1,) if self.kind == "Linear" else (-1,) + (1,) * (acc.dim() - 2)
-        return (acc << self.j) + self.bias.to(torch.int64).reshape(shape)
-
-
-class Requantize(nn.Module):
-    """Accumulator → next layer's codes: ``clamp(round((a << e) · b / 2^c) + z, qmin, qmax)``."""
-
-    def __init__(self, pre: int, b: torch.Tensor, c: torch.Tensor, zp: int, qmin: int, qmax: int):
-        super().__init__()
-        self.pre, self.zero_point, self.qmin, self.qmax = pre, zp, qmin, qmax
-        self.register_buffer("multiplier", b)
-        self.register_buffer("shift", c)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return requantize(
-            a << self.pre, self.multiplier, self.shift, self.zero_point, self.qmin, self.qmax
-        )
-
-
-class IntAffine(nn.Module):
-    """A BatchNorm on an accumulator: ``sign · (a << j) + bias`` (its scale is bookkeeping)."""
-
-    def __init__(self, sign: torch.Tensor, j: int, bias: torch.Tensor):
-        super().__init__()
-        self.j = j
-        self.register_buffer("sign", sign)
-        self.register_buffer("bias", bias)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.sign * (a << self.j) + self.bias
-
-
-class IntAdd(nn.Module):
-    """Residual add of two accumulators at different scales: each rescaled by a dyadic number
-    to a common fine grid, then added."""
-
-    def __init__(self, terms: list[tuple[int, torch.Tensor, torch.Tensor]]):
-        super().__init__()
-        self.pre = [t[0] for t in terms]
-        for i, (_, b, c) in enumerate(terms):
-            self.register_buffer(f"multiplier{i}", b)
-            self.register_buffer(f"shift{i}", c)
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        out = 0
-        for i, a in enumerate(xs):
-            b, c = getattr(self, f"multiplier{i}"), getattr(self, f"shift{i}")
-            out = out + shift_round((a << self.pre[i]) * b, c)
-        return out
-
-
-class IntReLU(nn.Module):
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a.clamp(min=0)
-
-
-class IntMaxPool(nn.Module):
-    """Max pooling of an accumulator (per-channel positive scales commute with max)."""
-
-    def __init__(self, pool: nn.Module):
-        super().__init__()
-        self.dims = 2 if isinstance(pool, nn.MaxPool2d) else 1
-        self.args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        if self.dims == 2:
-            return F.max_pool2d(a, *self.args)
-        k, s, p, d, ceil = ((v[0] if isinstance(v, tuple) else v) for v in self.args)
-        # max_pool1d has no int64 kernel: pool a (…, 1, L) image with a 1 × k window
-        return F.max_pool2d(a.unsqueeze(-2), (1, k), (1, s), (0, p), (1, d), ceil).squeeze(-2)
-
-
-class IntSumPool(nn.Module):
-    """Average pooling as an integer window sum (the 1/n lives in the scale)."""
-
-    def __init__(self, dims: int, window: int | None, stride: int | None):
-        super().__init__()
-        self.dims, self.window, self.stride = dims, window, stride
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        axes = tuple(range(-self.dims, 0))
-        if self.window is None:  # global
-            return a.sum(dim=axes, keepdim=True)
-        for d in range(2, 2 + self.dims):  # each unfold appends its window as a last dim
-            a = a.unfold(d, self.window, self.stride)
-        return a.sum(dim=axes)
-
-
-class IntReshape(nn.Module):
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__()
-        self.shape = tuple(shape)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return a.reshape(a.shape[0], *self.shape)
-
-
-class Dequantize(nn.Module):
-    """Final accumulator → float32 output (``a · scale``)."""
-
-    def __init__(self, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("scale", scale)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return (a.double() * self.scale).float()
-
-
-class IntegerModel(nn.Module):
-    """The integer program made by :func:`to_integer`: named steps run in order.
-
-    ``forward(x)`` maps a float batch to float outputs; :meth:`run` exposes the integer values.
-    ``points`` maps each simulated input quantizer's FQN (e.g. ``"conv2.input_quantizer"``) to
-    the step that produces the same codes; ``output_scale`` is the real scale of the final
-    accumulator.
-    """
-
-    def __init__(
-        self,
-        steps: list[tuple[str, nn.Module, tuple[int, ...]]],
-        points: dict[str, str],
-        output_scale: torch.Tensor,
-    ):
-        super().__init__()
-        self.steps = nn.ModuleDict({name: m for name, m, _ in steps})
-        self.program = [(name, inputs) for name, _, inputs in steps]
-        self.points = dict(points)
-        self.register_buffer("output_scale", output_scale)
-
-    def run(
-        self,
-        x: torch.Tensor,
-        *,
-        overrides: Mapping[str, torch.Tensor] | None = None,
-        record: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The final int64 accumulator (real value ``acc · output_scale``) and, with ``record``,
-        every step's output by step name. ``overrides`` replaces named steps' outputs (used to
-        compare one layer at a time against the simulation)."""
-        values: list[torch.Tensor] = [x]
-        records: dict[str, torch.Tensor] = {}
-        for name, inputs in self.program[:-1]:  # the last step is the Dequantize boundary
-            out = self.steps[name](*(values[i] for i in inputs))
-            if record:
-                records[name] = out
-            if overrides is not None and name in overrides:
-                out = overrides[name]
-            values.append(out)
-        last_inputs = self.program[-1][1]
-        return values[last_inputs[0]], records
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc, _ = self.run(x)
-        return self.steps[self.program[-1][0]](acc)
-
-
-# ------------------------------------------------------------------------------------------------
-# Compilation
 
 
 @dataclass
