@@ -4,7 +4,7 @@ pass by pass over one :class:`~.onnx_graph._Graph`.
 How the graph is built:
 
 1. The Quant* layers are swapped for float layers holding the dequantized weights, so the float graph
-   computes squeezer's numbers, and torch.onnx's TorchScript exporter writes it (BatchNorm kept)
+   computes squeezer's numbers, and torch.onnx's TorchScript exporter writes it, BatchNorm kept
    (:mod:`.layers`, :mod:`.onnx`).
 2. Conv/ConvTranspose/Gemm/MatMul/Gather nodes are matched back to layers by the exact values of
    their weight initializers, which survives the exporter's renaming, transposing and
@@ -28,7 +28,7 @@ How the graph is built:
    (:mod:`.activations`, ranges from :func:`~.runtime._observe_ranges`).
 6. A MatMul reading an 8-bit quantized input and int8 weight codes becomes, with the bias Add after
    it, one ``MatMulIntegerToFloat`` (com.microsoft): ONNX Runtime would fuse the QDQ form into the
-   same kernel but keep the bias as a separate Add (and a slower BiasGelu after it) (:mod:`.fuse`).
+   same kernel but keep the bias as a separate Add, and a slower BiasGelu after it (:mod:`.fuse`).
 """
 
 from __future__ import annotations
