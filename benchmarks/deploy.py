@@ -211,7 +211,8 @@ def _cls_fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 def minilm(args, work: Path) -> dict[str, Any] | None:
     try:
         from squeezer.hf import load_hf
-        from squeezer.qbert import embed_batches, qbert_plan, token_batches
+        from squeezer.qbert import qbert_plan
+        from squeezer.text import embed_batches, token_batches
         from squeezer.text import embedding_metrics, split_sentences, stdlib_sentences, tokenize
     except ImportError as exc:  # pragma: no cover - depends on the hf extra
         log(f"MiniLM skipped: {exc}")

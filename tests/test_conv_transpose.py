@@ -173,7 +173,7 @@ def test_bytes_count_one_scale_per_output_channel():
     # 216 codes x 4 bits = 108 B, plus 3 scales (dim 1) x 4 B; along dim 0 it would be 8 scales
     assert weight_bytes(m.weight, spec, weight_channel_axis(m)) == 108 + 3 * 4
     assert model_bytes(nn.Sequential(m), Plan({"0": spec})) == 108 + 3 * 4
-    from squeezer.plan import plan_costs
+    from squeezer.costs import plan_costs
 
     costs = plan_costs(nn.Sequential(m), (2, 4), example=torch.zeros(1, 8, 5, 5))
     assert costs.size_bytes["0"][4] == 108 + 3 * 4

@@ -13,22 +13,17 @@ from torch import nn
 from squeezer import measure
 from squeezer.config import Budget, LayerQuant, Plan
 from squeezer.errors import ConfigError, InfeasibleBudgetError
-from squeezer.plan import (
-    BUDGET_KEYS,
-    Costs,
-    achieved,
-    latency_table,
-    pareto_frontier,
-    plan,
-    plan_costs,
-    residual_ties,
-)
+from squeezer.budget import BUDGET_KINDS
+from squeezer.costs import Costs, plan_costs
+from squeezer.layer_timing import layer_latency_table as latency_table
+from squeezer.plan import achieved, pareto_frontier, plan
+from squeezer.ties import residual_ties
 from squeezer.sensitivity import Sensitivity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BITS = (2, 4, 8)
-KEYS = tuple(BUDGET_KEYS)  # size_bytes, bits, bops, latency_ms
+KEYS = tuple(BUDGET_KINDS)  # size_bytes, bits, bops, latency_ms
 
 
 def random_instance(seed: int, n_layers: int = 8, bits=BITS) -> tuple[Sensitivity, Costs]:

@@ -7,34 +7,32 @@ Fast tests use a tiny randomly initialised BERT; the real all-MiniLM-L6-v2 runs 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from squeezer.config import Budget, Plan
-from squeezer.data import Dataset
+from squeezer.costs import plan_costs
 from squeezer.errors import ConfigError, DataError, InfeasibleBudgetError, UnsupportedModelError
 from squeezer.graph import quantizable_layers
 from squeezer.measure import average_bits
+from squeezer.pipeline import analyse, compress, replan
+from squeezer.plan import plan as ilp_plan
 from squeezer.qbert import (
-    analyze_encoder,
     bert_of,
+    block_ties,
     block_traces,
     blocks,
     describe_bits,
-    embed_batches,
-    encoder_plan,
     layer_roles,
-    mixed_precision_plan,
     qbert_plan,
-    qbert_sensitivity,
-    restore_order,
-    token_batches,
 )
 from squeezer.quant.apply import quantize
 from squeezer.quant.primitives import quantize_weight
-from squeezer.sensitivity import Sensitivity
-from squeezer.text import EmbeddingTask
+from squeezer.sensitivity import Sensitivity, sensitivity
+from squeezer.templates import TEMPLATES, AnalysisSettings, template_for
+from squeezer.text import EmbeddingTask, TokenDataset, embed_batches, restore_order, token_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,17 +46,31 @@ def model():
     return tiny_encoder()
 
 
+def token_dataset(model, x) -> TokenDataset:
+    with torch.no_grad():
+        y = model(**x)
+    return TokenDataset("tiny", x, y, x, y, EmbeddingTask(), {})
+
+
 @pytest.fixture(scope="module")
 def spectrum(model):
-    return analyze_encoder(
-        model,
-        token_data(8, seed=0),
-        batch_size=8,
-        max_probes=32,
-        min_probes=32,
-        top_k=0,
-        probe_batch=8,
-    )
+    """The pipeline's analysis stage with the Q-BERT template, on 8 sentences in one batch."""
+    settings = AnalysisSettings(samples=8, batch_size=8, max_probes=32, min_probes=32,
+                                rel_stderr=None, top_k=0, weights_only=True, probe_batch=8)
+    tpl = replace(TEMPLATES["qbert"], analysis=settings)
+    return analyse(model, token_dataset(model, token_data(8, seed=0)), tpl)
+
+
+def qbert_sensitivity(model, spectrum, tpl, bits):
+    return sensitivity(model, spectrum, bits=bits, template=tpl)
+
+
+def mixed_precision_plan(model, sens, budget, tpl, *, per_block=False):
+    """The planner stage as the pipeline runs it for an encoder (per-layer template, block ties
+    when asked)."""
+    costs = plan_costs(model, sens.bits, template=tpl)
+    ties = block_ties(model) if per_block else ()
+    return ilp_plan(sens, budget, costs=costs, ties=ties, template=tpl)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +191,7 @@ def test_layer_traces_match_the_exact_gauss_newton_trace(model, spectrum):
 
 
 def test_loss_is_the_embedding_task(model):
-    """analyze_encoder's targets are the model's own embeddings: the loss and gradient are zero."""
+    """The analysis' targets are the model's own embeddings: the loss and gradient are zero."""
     x = token_data(4, seed=0)
     with torch.no_grad():
         e = model(**x)
@@ -258,20 +270,36 @@ def test_per_block_plan_is_the_brute_force_optimum(model, spectrum):
     assert sens.total(plan.bits()) == pytest.approx(best, rel=1e-9)
 
 
-def test_encoder_plan_end_to_end(model):
-    x = token_data(8, seed=6)
-    with torch.no_grad():
-        y = model(**x)
-    ds = Dataset("tiny", x, y, x, y, EmbeddingTask(), {})
-    ep = encoder_plan(model, ds, Budget(bits=4.0), group_size=16, samples=4, probes=4, seed=1)
-    assert average_bits(model, ep.plan) <= 4.0 + 1e-9
-    assert ep.spectrum.samples == 4 and ep.spectrum.probes == 4
-    assert set(ep.plan.meta["block_traces"]) == {"embeddings", "layer.0", "layer.1"}
-    assert ep.plan.layers[f"{P}.0.attention.self.query"].group_size == 16
-    assert set(ep.sensitivity.omega) == set(ep.plan.layers)
-    tensor_data = Dataset("t", torch.zeros(4, 3), y[:4], torch.zeros(4, 3), y[:4], EmbeddingTask())
-    with pytest.raises(DataError, match="token inputs"):
-        encoder_plan(model, tensor_data, Budget(bits=4.0))
+def test_encoders_take_the_qbert_template_through_the_one_chain(model):
+    """compress() on an encoder: the Q-BERT template is chosen by structure, the analysis covers
+    the quantizable weights only, and every planned layer keeps the template's quantizer."""
+    assert template_for(model).name == "qbert"
+    assert template_for(torch.nn.Sequential(torch.nn.Linear(2, 2))).name == "default"
+    ds = token_dataset(model, token_data(16, seed=6))
+    r = compress(model, ds, Budget(bits=4.0), hessian_samples=4, seed=1)
+    a = r.analysis
+    assert a.template_name == "qbert" and a.spectrum.samples == 4
+    assert set(a.spectrum.layer_trace) == set(quantizable_layers(model))
+    assert average_bits(r.model, r.plan) <= 4.0 + 1e-9
+    assert r.plan.meta["name"] == "Q-BERT mixed (bits=4)" and set(a.sensitivity.omega) == set(
+        r.plan.layers
+    )
+    tpl = qbert_plan(model, 8, group_size=128)
+    for fqn, spec in r.plan.layers.items():
+        assert (spec.granularity, spec.act_bits) == (tpl.layers[fqn].granularity,
+                                                    tpl.layers[fqn].act_bits)  # fmt: skip
+    assert 0.5 < r.after.metric <= 1.0 + 1e-6
+
+
+def test_replanning_an_encoder_run_equals_planning_afresh(model):
+    """`squeezer plan` on an encoder run re-runs the stages after sensitivity from the saved
+    analysis: the plan equals the one the chain makes for that budget directly."""
+    ds = token_dataset(model, token_data(16, seed=6))
+    first = compress(model, ds, Budget(bits=4.0), hessian_samples=4, seed=1)
+    again = replan(model, ds, first.analysis, Budget(bits=6.0))
+    direct = mixed_precision_plan(model, first.analysis.sensitivity, Budget(bits=6.0),
+                                  first.analysis.template)  # fmt: skip
+    assert again.plan.layers == direct.layers and again.plan.bits() != first.plan.bits()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,15 +324,3 @@ def test_minilm_groups_beat_per_channel_at_four_bits():
     # Measured: per channel 0.907, groups of 128 0.941 (template: position/type tables 8-bit).
     assert cos["group128"] > cos["channel"] + 0.03
     assert cos["group128"] > 0.93
-
-
-def test_replanning_from_the_previous_plan_equals_planning_afresh(model, spectrum):
-    """`squeezer plan` on an encoder run uses the run's plan as the template: every layer keeps
-    its quantizer, so the new plan equals the one planned from the Q-BERT template directly."""
-    tpl = qbert_plan(model, 8, group_size=16)
-    sens = qbert_sensitivity(model, spectrum, tpl, bits=(2, 3, 4, 8))
-    first = mixed_precision_plan(model, sens, Budget(bits=4.0), tpl)
-    again = mixed_precision_plan(model, sens, Budget(bits=6.0), Plan.from_dict(first.to_dict()))
-    direct = mixed_precision_plan(model, sens, Budget(bits=6.0), tpl)
-    assert again.layers == direct.layers
-    assert again.bits() != first.bits()

@@ -3,7 +3,7 @@ from torch import nn
 
 from squeezer import LayerQuant, Plan, QuantConfig, load_quantized, quantize
 from squeezer.data import evaluate
-from squeezer.pipeline import calibration_batches, uniform_plan
+from squeezer.templates import uniform_plan
 from squeezer.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 
 
@@ -15,7 +15,7 @@ def test_quantize_leaves_input_model_bit_identical(trained_digits_cnn, digits):
     net, _ = trained_digits_cnn
     before = _state(net)
     training = net.training
-    q = quantize(net, uniform_plan(net, 4, act_bits=8), calib=calibration_batches(digits))
+    q = quantize(net, uniform_plan(net, 4, act_bits=8), calib=digits.calibration_batches())
     after = net.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -26,7 +26,7 @@ def test_quantize_leaves_input_model_bit_identical(trained_digits_cnn, digits):
 
 def test_8bit_and_4bit_accuracy(trained_digits_cnn, digits):
     net, info = trained_digits_cnn
-    calib = calibration_batches(digits)
+    calib = digits.calibration_batches()
     acc8 = evaluate(
         quantize(net, uniform_plan(net, 8), calib=calib), digits.test_batches(), digits.task
     )
@@ -80,7 +80,7 @@ def test_packed_storage_round_trip_and_size(trained_digits_cnn, digits, tmp_path
             "fc1": LayerQuant(bits=2, symmetric=False),
         }
     )
-    q = quantize(net, plan, calib=calibration_batches(digits))
+    q = quantize(net, plan, calib=digits.calibration_batches())
     save_weights(packed_state_dict(q), tmp_path / "m.safetensors")
     again = load_quantized(net, plan, read_state_dict(tmp_path / "m.safetensors"))
     x = digits.x_test[:64]
@@ -93,11 +93,10 @@ def test_packed_storage_round_trip_and_size(trained_digits_cnn, digits, tmp_path
 def test_hessian_batches_are_a_seeded_training_subset(digits):
     """The loss increase reported next to ΣΩ is measured on hessian_batches, which
     analyze_for_plan also feeds to the Hessian: a seeded subset of the training split."""
-    from squeezer.pipeline import hessian_batches
 
-    a = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
-    b = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=3)])
-    c = torch.cat([x for x, _ in hessian_batches(digits, 200, seed=4)])
+    a = torch.cat([x for x, _ in digits.analysis_batches(200, seed=3)])
+    b = torch.cat([x for x, _ in digits.analysis_batches(200, seed=3)])
+    c = torch.cat([x for x, _ in digits.analysis_batches(200, seed=4)])
     assert a.shape[0] == 200 and torch.equal(a, b) and not torch.equal(a, c)
     train = digits.x_train.flatten(1)
     assert all(bool((train == row).all(1).any()) for row in a.flatten(1))  # rows of x_train

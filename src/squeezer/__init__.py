@@ -10,9 +10,13 @@ Example:
     >>> qmodel = sq.quantize(model, sq.QuantConfig(sq.LayerQuant(bits=8)))
 """
 
-__version__ = "0.1.0"
-
-from .config import Budget, LayerQuant, Plan, QuantConfig
+# Modules that fill registries on import: the text data sets, Q-BERT's layer template, ZeroQ's
+# "kl" sensitivity (imported below for distill_data).
+from . import qbert, text  # noqa: F401
+from ._version import __version__
+from .budget import Budget
+from .config import LayerQuant, Plan, QuantConfig
+from .costs import Costs, plan_costs
 from .data import Batches, Dataset, evaluate, load_data
 from .errors import (
     ConfigError,
@@ -28,7 +32,7 @@ from .integer import fold_batchnorm, to_integer
 from .measure import average_bits, latency, model_bytes, profile_layers
 from .models import load_model, save_weights
 from .pipeline import compress
-from .plan import Costs, pareto_frontier, plan, plan_costs
+from .plan import pareto_frontier, plan
 from .quant.apply import calibrate, load_quantized, quantize
 from .sensitivity import Sensitivity, sensitivity
 from .spectrum import Spectrum, analyze

@@ -1,4 +1,4 @@
-"""Decisions as data: per-layer quantization settings, plans and budgets.
+"""Decisions as data: per-layer quantization settings and plans (budgets: :mod:`squeezer.budget`).
 
 Everything here is a frozen, versioned dataclass keyed by layer FQN that round-trips through JSON
 (``to_dict``/``from_dict``), so the planner only *produces* plans and `quantize` only *consumes* them.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,11 +15,23 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from .atomic import write_bytes_atomic, write_text_atomic  # noqa: F401  (old import path)
+from .budget import Budget  # noqa: F401  (old import path)
 from .errors import ConfigError
 from .graph import quantizable_layers, split_attention
-from .quant.primitives import GRANULARITIES, OBSERVERS, qrange
+
+#: How many weights share one (scale, zero point): all, one output channel, or a group of a row.
+GRANULARITIES = ("tensor", "channel", "group")
+#: How a weight or activation range is found.
+OBSERVERS = ("minmax", "percentile", "mse")
 
 PLAN_VERSION = 1
+
+
+def check_bits(bits: int) -> None:
+    """A ConfigError unless ``bits`` is a quantizer width squeezer supports (2–16)."""
+    if not 2 <= int(bits) <= 16:
+        raise ConfigError(f"bits must be between 2 and 16, got {bits}; use e.g. 4 or 8")
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class LayerQuant:
 
     def __post_init__(self) -> None:
         if self.bits not in (16, 32):
-            qrange(self.bits, self.symmetric)  # validates the range
+            check_bits(self.bits)
         if self.granularity not in GRANULARITIES:
             raise ConfigError(
                 f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
@@ -67,7 +77,7 @@ class LayerQuant:
             if obs not in OBSERVERS:
                 raise ConfigError(f"unknown observer {obs!r}; choose one of {', '.join(OBSERVERS)}")
         if self.act_bits is not None:
-            qrange(self.act_bits, self.act_symmetric)
+            check_bits(self.act_bits)
 
     @property
     def is_float(self) -> bool:
@@ -216,144 +226,9 @@ class Plan(JsonFile):
         return cls(layers, meta=dict(d.get("meta", {})), version=version)
 
 
-# --------------------------------------------------------------------------------------------------
-# Budgets
-
-_SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_BUDGET_KEYS = ("size", "bits", "bops", "latency")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Limits a plan must meet; any combination. A value with ``relative`` set to True for a key is a
-    fraction r of the span between the all-lowest and all-highest bit choice (HAWQ-V3's convention:
-    ``size=0.5r`` = all-low + 0.5 × (all-high − all-low)).
-
-    Attributes:
-        size_bytes: model size in bytes, scales and float parts included.
-        bits: average weight bits (parameter-weighted over quantized layers).
-        bops: bit operations (MACs × weight bits × activation bits).
-        latency_ms: summed per-layer latency from a measured table.
-        relative: keys whose value is relative ("r" suffix).
-
-    Example:
-        >>> Budget.parse("size=1.5MB,bits=4")
-        Budget(size_bytes=1500000.0, bits=4.0, bops=None, latency_ms=None, relative=())
-    """
-
-    size_bytes: float | None = None
-    bits: float | None = None
-    bops: float | None = None
-    latency_ms: float | None = None
-    relative: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if all(getattr(self, k) is None for k in ("size_bytes", "bits", "bops", "latency_ms")):
-            raise ConfigError("an empty budget; give e.g. --budget bits=4 or --budget size=1.5MB")
-        for k in ("size_bytes", "bits", "bops", "latency_ms"):
-            v = getattr(self, k)
-            if v is not None and not v > 0:
-                raise ConfigError(f"budget {k} must be positive, got {v}")
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """Parse ``size=1.5MB``, ``bits=4.5``, ``bops=2e9``, ``latency=3ms``, ``size=0.5r``, joined by
-        commas."""
-        vals: dict[str, float] = {}
-        relative: list[str] = []
-        for part in filter(None, (p.strip() for p in str(text).split(","))):
-            key, sep, raw = part.partition("=")
-            key, raw = key.strip().lower(), raw.strip().lower()
-            if not sep or not raw:
-                raise ConfigError(f"budget term {part!r} is not KEY=VALUE; e.g. --budget bits=4")
-            if key not in _BUDGET_KEYS:
-                raise ConfigError(
-                    f"unknown budget key {key!r}; use one of {', '.join(_BUDGET_KEYS)} "
-                    "(e.g. size=1.5MB, bits=4.5, bops=2e9, latency=3ms)"
-                )
-            if key in vals:
-                raise ConfigError(f"budget key {key!r} given twice")
-            if raw.endswith("r") and not raw.endswith("ms"):
-                relative.append({"size": "size_bytes", "latency": "latency_ms"}.get(key, key))
-                vals[key] = _number(raw[:-1], part)
-                if not 0 <= vals[key] <= 1:
-                    raise ConfigError(f"a relative budget is a fraction in [0, 1], got {part!r}")
-                continue
-            if key == "size":
-                m = re.fullmatch(r"([0-9.eE+-]+)\s*([kmg]i?b|b)?", raw)
-                if not m:
-                    raise ConfigError(
-                        f"cannot read size {raw!r}; write e.g. size=1.5MB or size=300kB"
-                    )
-                vals[key] = _number(m.group(1), part) * _SIZE_UNITS[m.group(2) or "b"]
-            elif key == "latency":
-                vals[key] = _number(raw.removesuffix("ms"), part)
-            else:
-                vals[key] = _number(raw, part)
-        if not vals:
-            raise ConfigError("an empty budget; give e.g. --budget bits=4 or --budget size=1.5MB")
-        return cls(
-            size_bytes=vals.get("size"),
-            bits=vals.get("bits"),
-            bops=vals.get("bops"),
-            latency_ms=vals.get("latency"),
-            relative=tuple(relative),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["relative"] = list(self.relative)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Budget:
-        d = dict(d)
-        d["relative"] = tuple(d.get("relative", ()))
-        return cls(**d)
-
-    def __str__(self) -> str:
-        parts = []
-        for k, name, unit in (
-            ("size_bytes", "size", "B"),
-            ("bits", "bits", ""),
-            ("bops", "bops", ""),
-            ("latency_ms", "latency", "ms"),
-        ):
-            v = getattr(self, k)
-            if v is not None:
-                parts.append(f"{name}={v:g}{'r' if k in self.relative else unit}")
-        return ",".join(parts)
-
-
-def _number(raw: str, part: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"budget term {part!r} does not hold a number") from None
-
-
 def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash leaves no half file."""
-    write_bytes_atomic(path, text.encode())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -58,6 +58,9 @@ class Task:
     name = "task"
     metric_name = "metric"
     higher_is_better = True
+    #: True if a target is the model's own output on the input (a labels-free distortion task):
+    #: the Hessian analysis then recomputes the targets on the very batches it uses.
+    targets_from_model = False
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -109,6 +112,30 @@ class Dataset:
     def test_batches(self, batch_size: int = 256):
         """(inputs, targets) batches of the test split, in order."""
         return Batches(self.x_test, self.y_test, batch_size)
+
+    @property
+    def n_train(self) -> int:
+        """Samples in the training split."""
+        return batch_size(self.x_train)
+
+    def calibration_batches(self, samples: int = 512, *, seed: int = 1234, batch_size: int = 128):
+        """A fixed, seeded subset of ``samples`` training samples to calibrate activation ranges."""
+        return Batches(
+            self.x_train, self.y_train, batch_size, shuffle=True, seed=seed, limit=samples
+        )
+
+    def analysis_batches(self, samples: int, *, batch_size: int = 128, seed: int = 0):
+        """The ``samples`` training samples a Hessian analysis averages over (a seeded subset,
+        drawn anew on each pass), and on which the loss increase it predicts is measured."""
+        n = min(int(samples), self.n_train)
+        return Batches(self.x_train, self.y_train, batch_size, shuffle=True, seed=seed, limit=n)
+
+    def example(self, n: int = 1) -> Any:
+        """The first ``n`` test inputs (a tensor, or a dict of tensors)."""
+        x = self.x_test
+        if isinstance(x, Mapping):
+            return {k: v[:n] for k, v in x.items()}
+        return x[:n]
 
 
 class Batches:
@@ -203,6 +230,30 @@ def mean_loss(model: nn.Module, batches: Any, task: Task) -> float:
     return total / count
 
 
+def check_fits(model: nn.Module, data: Dataset) -> None:
+    """A one-line DataError when ``data``'s inputs do not fit ``model`` (two test inputs are run).
+
+    Example:
+        >>> check_fits(nn.Linear(3, 2), Dataset("x", torch.zeros(4, 5), None, torch.zeros(4, 5),
+        ...                                      None, Classification()))
+        Traceback (most recent call last):
+        ...
+        squeezer.errors.DataError: the data (x, inputs of shape (5,)) does not fit the model: ...
+    """
+    was = model.training
+    try:
+        with torch.no_grad():
+            forward(model.eval(), data.example(2))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"the data ({data.name}, inputs of shape {data.input_shape}) does not fit the model: "
+            f"{first}"
+        ) from None
+    finally:
+        model.train(was)
+
+
 # --------------------------------------------------------------------------------------------------
 # Data sets. A registry maps built-in names to loaders; other specs are files or folders.
 
@@ -230,8 +281,6 @@ def load_data(spec: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
         ((1, 8, 8), 'top1')
     """
     spec = str(spec)
-    if spec == "sentences" or spec.endswith(".txt"):
-        from . import text  # noqa: F401  (registers "sentences" and "text"; transformers-free)
     if spec in DATASETS:
         return DATASETS[spec](seed=seed, **kwargs)
     path = Path(spec)

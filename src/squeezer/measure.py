@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -176,19 +176,32 @@ class Latency:
         return asdict(self)
 
 
-def time_callable(fn, *, warmup: int = 5, runs: int = 30, batch: int = 1) -> Latency:
-    """Latency of ``fn()``: ``warmup`` untimed calls, then the median and 10th/90th percentiles of
-    ``runs`` timed calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
+def time_calls(
+    calls: Mapping[str, Callable[[], Any]], *, warmup: int = 5, runs: int = 30, batch: int = 1
+) -> dict[str, Latency]:
+    """Latency of each ``calls[name]()``: ``warmup`` untimed calls of each, then ``runs`` timed
+    rounds that call every entry once in turn, so a change in machine load hits all alike. The one
+    timing function of squeezer: everything that reports a latency measures through it.
+
+    Example:
+        >>> t = time_calls({"noop": lambda: None}, warmup=1, runs=3)
+        >>> t["noop"].runs
+        3
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-    return Latency(statistics.median(ts), q[0], q[-1], runs, warmup, batch)
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = Latency(statistics.median(ts), q[0], q[-1], runs, warmup, batch)
+    return out
 
 
 @torch.no_grad()
@@ -199,36 +212,7 @@ def latency(model: nn.Module, example: Any, *, warmup: int = 5, runs: int = 30) 
     was_training = model.training
     model.eval()
     try:
-        return time_callable(
-            lambda: forward(model, example), warmup=warmup, runs=runs, batch=batch_size(example)
-        )
+        call = {"model": lambda: forward(model, example)}
+        return time_calls(call, warmup=warmup, runs=runs, batch=batch_size(example))["model"]
     finally:
         model.train(was_training)
-
-
-def layer_costs(
-    model: nn.Module,
-    example: Any,
-    bits: tuple[int, ...],
-    template: LayerQuant | None = None,
-) -> dict[str, dict[int, dict[str, float]]]:
-    """For the planner: {fqn: {bits: {"size_bytes", "bops", "params"}}} of each quantizable layer,
-    with ``template``'s granularity and activation bits at each candidate weight width."""
-    from dataclasses import replace
-
-    template = template or LayerQuant()
-    model = split_attention(model)
-    prof = profile_layers(model, example)
-    layers = quantizable_layers(model)
-    out: dict[str, dict[int, dict[str, float]]] = {}
-    for fqn, m in layers.items():
-        out[fqn] = {}
-        for b in bits:
-            spec = replace(template, bits=b)
-            ab = FLOAT_BITS if spec.act_bits is None else spec.act_bits
-            out[fqn][b] = {
-                "size_bytes": weight_bytes(m.weight, spec, weight_channel_axis(m)),
-                "bops": float(prof[fqn].macs) * b * ab,
-                "params": float(m.weight.numel()),
-            }
-    return out

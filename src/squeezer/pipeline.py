@@ -1,9 +1,25 @@
-"""The main job as an API: measure the float model, choose a plan, quantize, evaluate, and collect
-everything the run folder and report need. The CLI is a thin layer over these functions.
+"""The one compression chain: analyse → sensitivity → plan → quantize → evaluate.
 
-Each entry point first splits the model's ``nn.MultiheadAttention`` into Linear layers
-(:func:`squeezer.graph.split_attention`; a copy, and only if there is any), so every stage sees
-the layers :func:`squeezer.quantize` quantizes, and ``Result.model`` is that split float model."""
+Each stage is a function from typed inputs to a typed result that round-trips through JSON
+(:class:`~squeezer.spectrum.Spectrum`, :class:`~squeezer.sensitivity.Sensitivity`,
+:class:`~squeezer.costs.Costs`, :class:`~squeezer.config.Plan`, :class:`Evaluation`). What differs
+between runs is a registered handler, never a second chain:
+
+- the **layer template** of the model family (:mod:`squeezer.templates`: per-channel CNNs and any
+  other model, Q-BERT's groups for BERT-family encoders) says how each layer is quantized, which
+  widths the planner may choose and how the Hessian analysis runs;
+- the **calibration source** (:data:`CALIBRATION_SOURCES`: ``"real"`` data, or ``"zeroshot"``
+  ZeroQ distilled inputs) gives the activation calibration batches and the sensitivity method
+  (Hessian trace, or KL divergence on the distilled inputs);
+- the **data set** (:class:`~squeezer.data.Dataset`, :class:`~squeezer.text.TokenDataset`) knows
+  how to batch itself for calibration, analysis and evaluation.
+
+Re-planning (:func:`replan`) re-runs the stages after ``sensitivity`` from a saved
+:class:`Analysis`, for every kind of run. Every entry point first splits the model's
+``nn.MultiheadAttention`` into Linear layers (:func:`squeezer.graph.split_attention`; a copy), so
+every stage sees the layers :func:`squeezer.quantize` quantizes; ``Result.model`` is that split
+float model. The caller's model is never modified.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +30,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Budget, LayerQuant, Plan, QuantConfig
-from .data import Batches, Dataset, evaluate, forward, mean_loss
+from .budget import Budget
+from .calibration import CALIBRATION_SOURCES, Calibration, register_calibration, source
+from .config import Plan
+from .costs import Costs, plan_costs
+from .data import Dataset, evaluate, forward, mean_loss
 from .errors import ConfigError
 from .graph import float_weights, quantizable_layers, split_attention
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
+from .plan import FrontierPoint, pareto_frontier, plan
 from .quant.apply import quantize
 from .quant.modules import QuantMixin
+from .sensitivity import Sensitivity, sensitivity
+from .spectrum import Spectrum, analyze
+from .templates import LayerTemplate, template_for, uniform_plan
 
-#: Samples of the training split used to calibrate activation ranges.
-CALIB_SAMPLES = 512
-#: Training samples the Hessian analysis of a tensor-input model averages over (and the loss
-#: increase next to ΣΩ is measured on).
-HESSIAN_SAMPLES = 512
+__all__ = [
+    "CALIBRATION_SOURCES", "Analysis", "Calibration", "Evaluation", "Result", "analyse",
+    "analysis_for", "apply", "apply_plan", "choose_plan", "compress", "register_calibration", "replan",
+    "uniform_plan",
+]  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------
+# Results
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluation:
     """One evaluated model variant (a row of the report's variants table)."""
 
@@ -38,7 +64,6 @@ class Evaluation:
     size_bytes: float
     avg_bits: float
     bops: float
-    plan: Plan | None = None
     latency_ms: float | None = None
     #: whole-set metrics of tasks that have them (e.g. Spearman and top-10 for embeddings)
     extra: dict[str, float] = field(default_factory=dict)
@@ -57,21 +82,36 @@ class Evaluation:
         return d
 
 
-@dataclass
+@dataclass(frozen=True)
+class Analysis:
+    """What re-planning needs, all plain data: the spectrum (None for zero-shot runs), the
+    sensitivity, the cost tables, the Pareto frontier, the ties, the per-layer template and the
+    name of the template it came from."""
+
+    spectrum: Spectrum | None
+    sensitivity: Sensitivity
+    costs: Costs
+    frontier: list[FrontierPoint]
+    ties: tuple[tuple[str, ...], ...] = ()
+    template: Plan | None = None
+    template_name: str = "default"
+
+
+@dataclass(frozen=True)
 class Result:
-    """What one compression run produced."""
+    """What one compression run produced (built once, by :func:`compress` or :func:`replan`)."""
 
     model: nn.Module
     qmodel: nn.Module
     plan: Plan
     before: Evaluation
     after: Evaluation
-    variants: list[Evaluation] = field(default_factory=list)
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    variants: list[Evaluation]
+    layers: list[dict[str, Any]]
+    timings: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)
-    analysis: Any = None
-    calib_inputs: list[torch.Tensor] | None = None  # distilled inputs of a zero-shot run
+    analysis: Analysis | None = None
+    calib_inputs: list[torch.Tensor] | None = None  # the distilled inputs of a zero-shot run
 
     def metrics(self, data: Dataset | None) -> dict[str, Any]:
         """The ``metrics.json`` document."""
@@ -93,92 +133,321 @@ class Result:
         return {k: {"type": t, "weights": n} for k, (t, n) in fw}
 
 
-def calibration_batches(data: Dataset, samples: int = CALIB_SAMPLES, batch: int = 128) -> Any:
-    """A fixed, seeded subset of the training split for activation calibration. Token inputs are
-    cut to each batch's longest sentence: padding positions would otherwise widen the ranges."""
-    if is_token_data(data):
-        from .qbert import token_batches
-
-        g = torch.Generator().manual_seed(1234)
-        n = batch_size_of_split(data)
-        idx = torch.randperm(n, generator=g)[: min(samples, n)]
-        return token_batches({k: v[idx] for k, v in data.x_train.items()}, data.y_train[idx], 32)
-    return Batches(data.x_train, data.y_train, batch, shuffle=True, seed=1234, limit=samples)
+# --------------------------------------------------------------------------------------------------
+# Stages
 
 
-def is_token_data(data: Dataset) -> bool:
-    """True for tokenized text (dict inputs with an attention mask)."""
-    return isinstance(data.x_train, dict) and "attention_mask" in data.x_train
-
-
-def hessian_batches(data: Dataset, samples: int = HESSIAN_SAMPLES, seed: int = 0) -> Any:
-    """The training samples the Hessian analysis averages over: a seeded subset of ``samples``
-    for tensor data (as :func:`analyze_for_plan` draws them), the first
-    :data:`squeezer.qbert.HESSIAN_SAMPLES` sentences for token data (as
-    :func:`squeezer.qbert.encoder_plan` takes them). The loss increase measured here is what the
-    predicted ΣΩ estimates."""
-    if is_token_data(data):
-        from .qbert import HESSIAN_SAMPLES as n_sentences
-        from .qbert import token_batches
-
-        n = min(n_sentences, batch_size_of_split(data))
-        return token_batches({k: v[:n] for k, v in data.x_train.items()}, data.y_train[:n], 32)
-    n = min(samples, batch_size_of_split(data))
-    return Batches(data.x_train, data.y_train, 128, shuffle=True, seed=seed, limit=n)
-
-
-def test_batches(data: Dataset) -> Any:
-    """Evaluation batches: the test split, with token inputs cut to each batch's longest sentence
-    (the outputs are the same; the compute is a fraction)."""
-    if is_token_data(data):
-        from .qbert import token_batches
-
-        return token_batches(data.x_test, data.y_test, 64)
-    return data.test_batches()
-
-
-def example_input(data: Dataset, n: int = 1) -> Any:
-    x = data.x_test
-    if isinstance(x, dict):
-        return {k: v[:n] for k, v in x.items()}
-    return x[:n]
-
-
-def uniform_plan(
+def analyse(
     model: nn.Module,
-    bits: int,
+    data: Dataset,
+    template: LayerTemplate,
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Spectrum:
+    """The Hessian analysis the planner needs: per-layer traces (Hutchinson) of the task loss on
+    ``samples`` training samples (default: the template's), run as ``template.analysis`` says.
+    For a labels-free task (targets are the model's own outputs) the targets are recomputed on
+    the very batches analysed, so the loss and its gradient are zero at the float model."""
+    s = template.analysis
+    batches = data.analysis_batches(samples or s.samples, batch_size=s.batch_size, seed=seed)
+    if data.task.targets_from_model:
+        batches = _own_outputs(model, batches)
+    params = None
+    if s.weights_only:
+        weights = {id(m.weight) for m in quantizable_layers(model).values()}
+        params = [n for n, p in model.named_parameters() if id(p) in weights]
+    return analyze(
+        model,
+        data.task.loss,
+        batches,
+        params=params,
+        top_k=s.top_k,
+        per_layer_eig=False,
+        max_probes=s.max_probes,
+        min_probes=s.min_probes,
+        rel_stderr=s.rel_stderr,
+        probe_batch=s.probe_batch,
+        seed=seed,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def _own_outputs(model: nn.Module, batches: Any) -> list[tuple[Any, torch.Tensor]]:
+    was = model.training
+    model.eval()
+    try:
+        return [(x, forward(model, x).float()) for x, _ in batches]
+    finally:
+        model.train(was)
+
+
+def analysis_for(
+    model: nn.Module,
+    data: Dataset | None,
+    calibration: Calibration,
+    template: LayerTemplate,
     *,
     act_bits: int | None = 8,
-    granularity: str = "channel",
-    group_size: int | None = None,
-) -> Plan:
-    """Every quantizable layer at ``bits`` (per-channel by default) with ``act_bits`` activations.
-
-    Embeddings get no activation quantizer (their inputs are indices)."""
+    samples: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Analysis:
+    """Spectrum (if the sensitivity method needs one) → sensitivity Ω_i(b) with each layer's own
+    quantizer → cost tables → ties → Pareto frontier."""
     model = split_attention(model)
-    layers = quantizable_layers(model)
-    base = LayerQuant(bits=bits, granularity=granularity, group_size=group_size, act_bits=act_bits)
-    plan = QuantConfig(base).to_plan(model)
-    specs = {
-        k: (replace(v, act_bits=None) if isinstance(layers[k], nn.Embedding) else v)
-        for k, v in plan.layers.items()
-    }
-    name = f"W{bits}A{act_bits}" if act_bits else f"W{bits}"
-    return Plan(specs, meta={"method": "uniform", "bits": bits, "act_bits": act_bits, "name": name})
+    tpl = template.mixed(model, act_bits)
+    spectrum = None
+    if calibration.method in ("trace", "eigen"):
+        if data is None:
+            raise ConfigError(f"the {calibration.method!r} sensitivity needs data to analyse")
+        spectrum = analyse(model, data, template, samples=samples, seed=seed, progress=progress)
+    sens = sensitivity(
+        model,
+        spectrum,
+        bits=template.bits,
+        method=calibration.method,
+        template=tpl,
+        data=None if spectrum is not None else calibration.batches,
+    )
+    costs = plan_costs(model, template.bits, example=calibration.example, template=tpl)
+    ties = template.ties(model)
+    frontier = pareto_frontier(sens, costs, ties=ties)
+    return Analysis(spectrum, sens, costs, frontier, ties, tpl, template.name)
 
 
-def evaluate_variant(
-    name: str, model: nn.Module, qmodel: nn.Module, plan: Plan | None, data: Dataset, profiles: dict
+def choose_plan(analysis: Analysis, budget: Budget, *, label: str = "Hessian mixed") -> Plan:
+    """The ILP's plan for ``budget`` from an :class:`Analysis` (no model needed: milliseconds)."""
+    p = plan(
+        analysis.sensitivity,
+        budget,
+        costs=analysis.costs,
+        ties=analysis.ties,
+        template=analysis.template,
+    )
+    meta = {**p.meta, "template": analysis.template_name, "name": f"{label} ({budget})"}
+    return Plan(p.layers, meta=meta)
+
+
+def uniform_for(model: nn.Module, template: LayerTemplate, budget: Budget, act_bits: int | None):
+    """The template's uniform plan for a whole ``bits=N`` budget (and nothing else)."""
+    b = budget.whole_bits
+    if b is None:
+        raise ConfigError(
+            f"--method uniform takes a whole number of bits (e.g. --budget bits=4), got {budget}; "
+            "use the default --method hessian for size, BOPs or latency budgets"
+        )
+    p = template.uniform(model, b, act_bits)
+    return Plan(p.layers, meta={**p.meta, "budget": str(budget), "template": template.name})
+
+
+def apply(
+    model: nn.Module,
+    data: Dataset | None,
+    plan: Plan,
+    calibration: Calibration,
+    *,
+    extra_variants: tuple[Plan, ...] = (),
+    loss_samples: int = 512,
+    seed: int = 0,
+) -> Result:
+    """Quantize ``model`` by ``plan`` (activation ranges from ``calibration``) and evaluate it,
+    the float model and any extra variants on ``data``'s test split (sizes and BOPs only when
+    there is no data).
+
+    The loss increase is measured twice: on the test split, and on the ``loss_samples`` training
+    samples a Hessian analysis averages over, which is the increase the plan's ΣΩ predicts."""
+    model = split_attention(model)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    example = data.example(1) if data is not None else calibration.example
+    profiles = profile_layers(model, example)
+    before = _evaluate("FP32", model, model, None, data, profiles)
+    if data is not None:
+        before = replace(before, latency_ms=latency(model, example, warmup=3, runs=20).median_ms)
+    timings["measure_fp32"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    qmodel = quantize(model, plan, calib=calibration.batches)
+    timings["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    after = _evaluate(plan.meta.get("name", "compressed"), model, qmodel, plan, data, profiles)
+    variants = [before, after]
+    for p in extra_variants:
+        qm = quantize(model, p, calib=calibration.batches)
+        variants.append(_evaluate(p.meta.get("name", "variant"), model, qm, p, data, profiles))
+    extras = dict(calibration.record)
+    if data is not None:
+        extras["loss"] = _loss_increase(model, qmodel, data, loss_samples, seed, plan)
+    timings["evaluate"] = time.perf_counter() - t
+    return Result(
+        model=model,
+        qmodel=qmodel,
+        plan=plan,
+        before=before,
+        after=after,
+        variants=variants,
+        layers=layer_table(model, qmodel, plan, profiles),
+        timings=timings,
+        extras=extras,
+        calib_inputs=calibration.inputs,
+    )
+
+
+def _loss_increase(model, qmodel, data: Dataset, samples: int, seed: int, plan: Plan) -> dict:
+    test = data.test_batches()
+    seen = data.analysis_batches(samples, seed=seed)
+    out = {"fp32": mean_loss(model, test, data.task), "after": mean_loss(qmodel, test, data.task)}
+    out["increase"] = out["after"] - out["fp32"]
+    out["train_fp32"] = mean_loss(model, seen, data.task)
+    out["train_after"] = mean_loss(qmodel, seen, data.task)
+    out["train_increase"] = out["train_after"] - out["train_fp32"]
+    if "predicted_omega" in plan.meta:
+        out["predicted_increase"] = plan.meta["predicted_omega"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The chain
+
+
+def compress(
+    model: nn.Module,
+    data: Dataset | None,
+    budget: Budget | str,
+    *,
+    method: str = "hessian",
+    calib: str = "real",
+    act_bits: int | None = 8,
+    hessian_samples: int | None = None,
+    extra_variants: tuple[Plan, ...] = (),
+    template: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **calib_options: Any,
+) -> Result:
+    """Quantize ``model`` to meet ``budget`` and evaluate the result.
+
+    Args:
+        model: the float model (not modified).
+        data: a :class:`~squeezer.data.Dataset`: calibration and analysis on its training split,
+            evaluation on its test split. With ``calib="zeroshot"`` it is used for evaluation only
+            and may be None.
+        budget: a :class:`~squeezer.budget.Budget` or its text (``"bits=4.5"``, ``"size=40kB"``).
+        method: ``"hessian"`` (default): per-layer widths from the sensitivity and the exact
+            integer program; ``"uniform"``: every layer at a whole ``bits=N`` budget.
+        calib: a key of :data:`CALIBRATION_SOURCES`: ``"real"`` (default) or ``"zeroshot"``.
+        act_bits: activation bits (None: float activations).
+        hessian_samples: training samples the Hessian averages over (default: the template's).
+        extra_variants: more plans to quantize and evaluate beside the chosen one.
+        template: a layer template name (default: the one matching the model).
+        seed: seeds the analysis probes and the distillation.
+        progress: progress bars on stderr.
+        **calib_options: for the calibration source (``samples``, ``input_shape`` for zeroshot).
+
+    Example:
+        >>> from squeezer.data import load_data
+        >>> from squeezer.zoo import create
+        >>> r = compress(create("digits_cnn"), load_data("digits"), "bits=4")  # doctest: +SKIP
+    """
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if method not in ("hessian", "uniform"):
+        raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
+    model = split_attention(model)
+    tpl = template_for(model, template)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    calibration = source(calib)(
+        model, data, act_bits=act_bits, seed=seed, progress=progress, **calib_options
+    )
+    timings["calibrate_inputs"] = time.perf_counter() - t
+    analysis = None
+    t = time.perf_counter()
+    if method == "uniform":
+        chosen = uniform_for(model, tpl, budget, act_bits)
+    else:
+        analysis = analysis_for(
+            model, data, calibration, tpl, act_bits=act_bits, samples=hessian_samples,
+            seed=seed, progress=progress,
+        )  # fmt: skip
+        timings["analyze"] = time.perf_counter() - t
+        t = time.perf_counter()
+        chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
+    timings["plan"] = time.perf_counter() - t
+    res = apply(
+        model, data, chosen, calibration, extra_variants=extra_variants,
+        loss_samples=hessian_samples or tpl.analysis.samples, seed=seed,
+    )  # fmt: skip
+    return replace(res, timings={**timings, **res.timings}, analysis=analysis)
+
+
+def replan(
+    model: nn.Module,
+    data: Dataset | None,
+    analysis: Analysis,
+    budget: Budget | str,
+    *,
+    calib: str = "real",
+    calib_inputs: list[torch.Tensor] | None = None,
+    act_bits: int | None = 8,
+    seed: int = 0,
+) -> Result:
+    """The stages after ``sensitivity`` again, for a new ``budget``, from a saved
+    :class:`Analysis` (no Hessian work). A zero-shot run passes its saved distilled inputs as
+    ``calib_inputs``, so it calibrates on exactly the same data."""
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    model = split_attention(model)
+    t = time.perf_counter()
+    calibration = source(calib)(model, data, act_bits=act_bits, seed=seed, saved=calib_inputs)
+    tpl = template_for(model, analysis.template_name)
+    chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
+    t_plan = time.perf_counter() - t
+    res = apply(model, data, chosen, calibration, loss_samples=tpl.analysis.samples, seed=seed)
+    return replace(res, timings={"plan": t_plan, **res.timings}, analysis=analysis)
+
+
+def apply_plan(
+    model: nn.Module,
+    data: Dataset | None,
+    chosen: Plan,
+    *,
+    calib: str = "real",
+    calib_inputs: list[torch.Tensor] | None = None,
+    act_bits: int | None = 8,
+    seed: int = 0,
+    template: str | None = None,
+) -> Result:
+    """Quantize by a given plan (e.g. an edited plan.json) and evaluate, calibrating as ``calib``
+    says (a zero-shot run on its saved ``calib_inputs``)."""
+    model = split_attention(model)
+    calibration = source(calib)(model, data, act_bits=act_bits, seed=seed, saved=calib_inputs)
+    samples = template_for(model, template).analysis.samples
+    return apply(model, data, chosen, calibration, loss_samples=samples, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _evaluate(
+    name: str,
+    model: nn.Module,
+    qmodel: nn.Module,
+    plan: Plan | None,
+    data: Dataset | None,
+    profiles: dict,
 ) -> Evaluation:
-    """Metric, size, average bits and BOPs of one (quantized) model."""
+    """Metric (None without data), size, average bits and BOPs of one (quantized) model."""
     return Evaluation(
         name=name,
-        metric=evaluate(qmodel, test_batches(data), data.task),
+        metric=None if data is None else evaluate(qmodel, data.test_batches(), data.task),
         size_bytes=model_bytes(model, plan),
         avg_bits=average_bits(model, plan) if plan else 32.0,
         bops=sum(bops(profiles, plan).values()),
-        plan=plan,
-        extra=whole_set_metrics(qmodel, data),
+        extra={} if data is None else whole_set_metrics(qmodel, data),
     )
 
 
@@ -191,7 +460,7 @@ def whole_set_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
-        pairs = [(forward(model, x), y) for x, y in test_batches(data)]
+        pairs = [(forward(model, x), y) for x, y in data.test_batches()]
     finally:
         model.train(was_training)
     outs = torch.cat([o for o, _ in pairs])
@@ -223,366 +492,3 @@ def layer_table(model: nn.Module, qmodel: nn.Module, plan: Plan, profiles: dict)
             }
         )
     return rows
-
-
-@dataclass
-class Analysis:
-    """The Hessian side of a run: spectrum, sensitivity, costs and the frontier (all JSON-able)."""
-
-    spectrum: Any
-    sensitivity: Any
-    costs: Any
-    frontier: list[Any]
-    ties: tuple[tuple[str, ...], ...] = ()
-
-
-#: Candidate weight bit-widths of the planner.
-PLAN_BITS = (2, 3, 4, 8)
-
-
-def template_for(act_bits: int | None) -> LayerQuant:
-    """The per-layer settings every planned layer shares (only ``bits`` varies)."""
-    return LayerQuant(bits=8, granularity="channel", act_bits=act_bits)
-
-
-def analyze_for_plan(
-    model: nn.Module,
-    data: Dataset,
-    *,
-    act_bits: int | None = 8,
-    bits: tuple[int, ...] = PLAN_BITS,
-    samples: int = HESSIAN_SAMPLES,
-    seed: int = 0,
-    progress: bool = False,
-) -> Analysis:
-    """Hessian traces per layer → HAWQ-V2 sensitivity Ω_i(b) → costs per (layer, bits) → frontier."""
-    from .plan import pareto_frontier, plan_costs, residual_ties
-    from .sensitivity import sensitivity
-    from .spectrum import analyze
-
-    model = split_attention(model)
-    template = template_for(act_bits)
-    spectrum = analyze(
-        model,
-        data.task.loss,
-        hessian_batches(data, samples, seed),
-        top_k=1,
-        per_layer_eig=False,
-        max_probes=100,
-        rel_stderr=0.05,
-        seed=seed,
-        progress=progress,
-    )
-    sens = sensitivity(
-        model,
-        spectrum,
-        bits=bits,
-        method="trace",
-        granularity=template.granularity,
-        group_size=template.group_size,
-    )
-    costs = plan_costs(model, bits, example=example_input(data, 1), template=template)
-    ties = () if isinstance(data.x_train, dict) else _quiet_ties(model, residual_ties)
-    frontier = pareto_frontier(sens, costs, ties=ties)
-    return Analysis(spectrum, sens, costs, frontier, ties)
-
-
-def _quiet_ties(model: nn.Module, finder) -> tuple[tuple[str, ...], ...]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tuple(tuple(t) for t in finder(model))
-
-
-def batch_size_of_split(data: Dataset) -> int:
-    from .data import batch_size
-
-    return batch_size(data.x_train)
-
-
-def hessian_plan(
-    analysis: Analysis, budget: Budget, act_bits: int | None, *, name: str = "Hessian mixed"
-) -> Plan:
-    """The ILP's plan for ``budget`` from an :class:`Analysis` (no Hessian work: milliseconds)."""
-    from .plan import plan
-
-    p = plan(
-        analysis.sensitivity,
-        budget,
-        costs=analysis.costs,
-        ties=analysis.ties,
-        template=template_for(act_bits),
-    )
-    return Plan(p.layers, meta={**p.meta, "name": f"{name} ({budget})"})
-
-
-def compress(
-    model: nn.Module,
-    data: Dataset,
-    budget: Budget,
-    *,
-    act_bits: int | None = 8,
-    method: str = "hessian",
-    analysis: Analysis | None = None,
-    extra_variants: tuple[Plan, ...] = (),
-    hessian_samples: int = HESSIAN_SAMPLES,
-    seed: int = 0,
-    progress: bool = False,
-) -> Result:
-    """Quantize ``model`` to meet ``budget`` and evaluate the result.
-
-    ``method="hessian"`` (default) runs the Hessian analysis, HAWQ-V2 sensitivity and the exact
-    integer program over per-layer bit-widths; ``method="uniform"`` quantizes every layer at a whole
-    ``bits=N`` budget.
-
-    Example:
-        >>> from squeezer.data import load_data
-        >>> from squeezer.zoo import create
-        >>> r = compress(create("digits_cnn"), load_data("digits"), Budget(bits=4))  # doctest: +SKIP
-    """
-    model = split_attention(model)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if method == "uniform":
-        plan = uniform_only_plan(model, budget, act_bits=act_bits, data=data)
-    elif method == "hessian" and is_token_data(data) and analysis is None:
-        from .qbert import encoder_plan
-
-        enc = encoder_plan(model, data, budget, act_bits=act_bits, seed=seed, progress=progress)
-        analysis = Analysis(enc.spectrum, enc.sensitivity, None, [])
-        plan = Plan(enc.plan.layers, meta={**enc.plan.meta, "name": f"Q-BERT mixed ({budget})"})
-    elif method == "hessian":
-        if analysis is None:
-            analysis = analyze_for_plan(
-                model,
-                data,
-                act_bits=act_bits,
-                samples=hessian_samples,
-                seed=seed,
-                progress=progress,
-            )
-            timings["analyze"] = time.perf_counter() - t
-            t = time.perf_counter()
-        plan = hessian_plan(analysis, budget, act_bits)
-    else:
-        raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
-    timings["plan"] = time.perf_counter() - t
-    res = apply_plan(
-        model,
-        data,
-        plan,
-        extra_variants=extra_variants,
-        loss_data=hessian_batches(data, hessian_samples, seed),
-    )
-    res.timings = {**timings, **res.timings}
-    res.analysis = analysis
-    return res
-
-
-def apply_plan(
-    model: nn.Module,
-    data: Dataset,
-    plan: Plan,
-    *,
-    calib: Any = None,
-    extra_variants: tuple[Plan, ...] = (),
-    loss_data: Any = None,
-) -> Result:
-    """Measure the float model, quantize it by ``plan`` (calibrating on ``calib``, by default a
-    seeded subset of the training split), and evaluate the result and any extra variants.
-
-    The loss increase is measured twice: on the test split, and on ``loss_data`` (by default
-    :func:`hessian_batches`, the training samples the Hessian analysis saw), which is the increase
-    the plan's predicted ΣΩ estimates."""
-    model = split_attention(model)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    example = example_input(data, 1)
-    profiles = profile_layers(model, example)
-    before = evaluate_variant("FP32", model, model, None, data, profiles)
-    before.latency_ms = latency(model, example, warmup=3, runs=20).median_ms
-    timings["measure_fp32"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    calib = calibration_batches(data) if calib is None else calib
-    qmodel = quantize(model, plan, calib=calib)
-    timings["quantize"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    after = evaluate_variant(
-        plan.meta.get("name", "compressed"), model, qmodel, plan, data, profiles
-    )
-    variants = [before, after]
-    for p in extra_variants:
-        qm = quantize(model, p, calib=calib)
-        variants.append(
-            evaluate_variant(p.meta.get("name", "variant"), model, qm, p, data, profiles)
-        )
-    loss_fp32 = mean_loss(model, test_batches(data), data.task)
-    loss_q = mean_loss(qmodel, test_batches(data), data.task)
-    seen = hessian_batches(data) if loss_data is None else loss_data
-    seen_fp32, seen_q = mean_loss(model, seen, data.task), mean_loss(qmodel, seen, data.task)
-    timings["evaluate"] = time.perf_counter() - t
-    res = Result(
-        model,
-        qmodel,
-        plan,
-        before,
-        after,
-        variants,
-        layer_table(model, qmodel, plan, profiles),
-        timings,
-    )
-    res.extras["loss"] = {
-        "fp32": loss_fp32,
-        "after": loss_q,
-        "increase": loss_q - loss_fp32,
-        "train_fp32": seen_fp32,
-        "train_after": seen_q,
-        "train_increase": seen_q - seen_fp32,
-    }
-    if "predicted_omega" in plan.meta:
-        res.extras["loss"]["predicted_increase"] = plan.meta["predicted_omega"]
-    return res
-
-
-ZEROSHOT_NAME = "zero-shot mixed"
-
-
-def compress_zeroshot(
-    model: nn.Module,
-    budget: Budget,
-    *,
-    eval_data: Dataset | None = None,
-    act_bits: int | None = 8,
-    method: str = "kl",
-    samples: int = 64,
-    input_shape: tuple[int, ...] | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> Result:
-    """Data-free compression (ZeroQ): distil inputs that match the model's BatchNorm statistics,
-    rank layers by the KL divergence their quantization causes on those inputs, plan with the same
-    integer program, and calibrate activations on the distilled inputs. ``eval_data``, if given,
-    is used only to report the metric. With activations of 4 bits or fewer the inputs match each
-    input's own statistics (``match="sample"``), otherwise the batch's (ZeroQ's loss).
-
-    Example:
-        >>> from squeezer.zoo import create
-        >>> r = compress_zeroshot(create("digits_cnn"), Budget(bits=4))  # doctest: +SKIP
-    """
-    from .plan import pareto_frontier, plan_costs
-    from .sensitivity import sensitivity
-    from .zeroshot import zeroshot_batches
-
-    model = split_attention(model)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    # Per-sample statistics give narrower activation ranges: better at 4-bit activations, worse
-    # at 8 (docs/benchmarks.md, "Data-free quantization").
-    match = "sample" if act_bits is not None and act_bits <= 4 else "batch"
-    distilled = zeroshot_batches(
-        model, samples, seed=seed, input_shape=input_shape, match=match, progress=progress
-    )
-    timings["distill"] = time.perf_counter() - t
-    t = time.perf_counter()
-    analysis = None
-    if method == "uniform":
-        chosen = uniform_only_plan(model, budget, act_bits=act_bits)
-    elif method in ("kl", "hessian"):
-        template = template_for(act_bits)
-        sens = sensitivity(
-            model,
-            method="kl",
-            data=distilled,
-            bits=PLAN_BITS,
-            granularity=template.granularity,
-            group_size=template.group_size,
-        )
-        costs = plan_costs(model, PLAN_BITS, example=distilled[0][:1], template=template)
-        ties = _quiet_ties(model, _residual_ties())
-        analysis = Analysis(None, sens, costs, pareto_frontier(sens, costs, ties=ties), ties)
-        chosen = hessian_plan(analysis, budget, act_bits, name=ZEROSHOT_NAME)
-    else:
-        raise ConfigError(f"unknown method {method!r} for --calib zeroshot; use 'kl' or 'uniform'")
-    timings["plan"] = time.perf_counter() - t
-    res = apply_plan_zeroshot(model, chosen, distilled, eval_data)
-    res.timings = {**timings, **res.timings}
-    res.analysis = analysis
-    res.extras["calibration"] = {
-        "source": "distilled (ZeroQ)",
-        "samples": samples,
-        "match": match,
-        "seconds": timings["distill"],
-    }
-    res.calib_inputs = distilled
-    return res
-
-
-def apply_plan_zeroshot(
-    model: nn.Module,
-    chosen: Plan,
-    distilled: list[torch.Tensor],
-    eval_data: Dataset | None = None,
-) -> Result:
-    """Quantize ``model`` by ``chosen`` with activation ranges from the ``distilled`` batches, and
-    evaluate on ``eval_data`` if given (otherwise sizes and BOPs only)."""
-    if eval_data is not None:
-        return apply_plan(model, eval_data, chosen, calib=distilled)
-    model = split_attention(model)
-    t = time.perf_counter()
-    qmodel = quantize(model, chosen, calib=distilled)
-    profiles = profile_layers(model, distilled[0][:1])
-    before = Evaluation("FP32", None, model_bytes(model), 32.0, sum(bops(profiles, None).values()))
-    after = Evaluation(
-        chosen.meta.get("name", "compressed"),
-        None,
-        model_bytes(model, chosen),
-        average_bits(model, chosen),
-        sum(bops(profiles, chosen).values()),
-        plan=chosen,
-    )
-    return Result(
-        model,
-        qmodel,
-        chosen,
-        before,
-        after,
-        [before, after],
-        layer_table(model, qmodel, chosen, profiles),
-        {"quantize": time.perf_counter() - t},
-    )
-
-
-def _residual_ties():
-    from .plan import residual_ties
-
-    return residual_ties
-
-
-def uniform_only_plan(
-    model: nn.Module, budget: Budget, *, act_bits: int | None, data: Dataset | None = None
-) -> Plan:
-    """Uniform quantization for a whole ``bits=N`` budget (and nothing else). Sentence encoders get
-    the Q-BERT template: per-channel at 8 bits, groups of 128 below."""
-    only_bits = (
-        budget.bits is not None
-        and budget.size_bytes is None
-        and budget.bops is None
-        and budget.latency_ms is None
-        and not budget.relative
-    )
-    if only_bits and float(budget.bits).is_integer():
-        if data is not None and is_token_data(data):
-            from .qbert import qbert_plan
-
-            b = int(budget.bits)
-            plan = qbert_plan(model, b, group_size=None if b >= 8 else 128, act_bits=act_bits)
-            return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
-        plan = uniform_plan(model, int(budget.bits), act_bits=act_bits)
-        return Plan(plan.layers, meta={**plan.meta, "budget": str(budget)})
-    raise ConfigError(
-        f"--method uniform takes a whole number of bits (e.g. --budget bits=4), got {budget}; "
-        "use the default --method hessian for size, BOPs or latency budgets"
-    )

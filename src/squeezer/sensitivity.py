@@ -18,7 +18,8 @@ Methods (a registry; a new method registers a handler, ``register_sensitivity``)
   :attr:`Sensitivity.act`.
 
 ZeroQ's KL-divergence sensitivity (arXiv:2001.00281) plugs in as ``method="kl"`` through the same
-registry. The result is plain data keyed by the layer's fully qualified name (FQN).
+registry (:mod:`squeezer.zeroshot`; registered when the package is imported). The result is plain
+data keyed by the layer's fully qualified name (FQN).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .config import JsonFile
+from .config import JsonFile, LayerQuant, Plan
 from .data import batch_size, forward, to_device
 from .errors import ConfigError
 from .graph import (
@@ -177,6 +178,8 @@ class SensitivityRequest:
         data: a list of (inputs, targets) batches (or None).
         loss_fn: ``loss_fn(outputs, targets) -> scalar mean loss`` (or None).
         granularity, group_size, symmetric, observer: how weights are quantized.
+        quantizers: {FQN: LayerQuant} for layers quantized differently from the above (a
+            per-layer template); their widths are ignored.
         options: extra keyword arguments given to :func:`sensitivity`, for the handler.
     """
 
@@ -190,6 +193,7 @@ class SensitivityRequest:
     group_size: int | None = None
     symmetric: bool = True
     observer: str = "minmax"
+    quantizers: Mapping[str, LayerQuant] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def quantized_weight(self, fqn: str, bits: int) -> torch.Tensor:
@@ -198,13 +202,14 @@ class SensitivityRequest:
         w = layer.weight.detach()
         if bits >= 16:
             return w
+        q = self.quantizers.get(fqn)
         wq, _ = quantize_weight(
             w,
             bits,
-            granularity=self.granularity,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            observer=self.observer,
+            granularity=self.granularity if q is None else q.granularity,
+            group_size=self.group_size if q is None else q.group_size,
+            symmetric=self.symmetric if q is None else q.symmetric,
+            observer=self.observer if q is None else q.observer,
             channel_axis=weight_channel_axis(layer),
         )
         return wq
@@ -257,6 +262,7 @@ def sensitivity(
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     layers: Sequence[str] | None = None,
+    template: Plan | None = None,
     activations: bool = False,
     act_percentile: float = 99.99,
     max_batches: int | None = None,
@@ -274,7 +280,12 @@ def sensitivity(
             and quantize with the same settings.
         data: batches of ``(inputs, targets)`` (needed by "measured" and ``activations=True``).
         loss_fn: ``loss_fn(outputs, targets) -> mean loss``; cross-entropy when None.
-        layers: FQNs to score (default: every quantizable layer).
+        layers: FQNs to score (default: every quantizable layer, or ``template``'s layers).
+        template: a plan whose per-layer quantizers (granularity, group size, symmetry,
+            observer; not widths) override the four arguments above layer by layer, e.g. Q-BERT's
+            groups for Linears and rows for embedding tables (:func:`squeezer.qbert.qbert_plan`).
+            ``meta["granularity"]`` of the result then records ``[granularity, group_size]`` per
+            layer, and the top-level granularity is the most common one.
         activations: also measure the input-activation sensitivity into ``Sensitivity.act``.
         act_percentile: percentile clipping of the activation range (asymmetric, per tensor).
         max_batches: use at most this many batches of ``data``.
@@ -304,6 +315,13 @@ def sensitivity(
             raise ConfigError(f"candidate bit width {b} is not 2–8, 16 or 32; e.g. bits=(2, 4, 8)")
     model = split_attention(model)  # the layers quantize() sees
     all_layers = quantizable_layers(model)
+    quantizers: dict[str, LayerQuant] = {}
+    if template is not None:
+        quantizers = dict(template.layers)
+        layers = list(quantizers) if layers is None else layers
+        granularity, group_size, symmetric, observer = _most_common(
+            [(q.granularity, q.group_size, q.symmetric, q.observer) for q in quantizers.values()]
+        ) or (granularity, group_size, symmetric, observer)
     if layers is None:
         chosen = all_layers
     else:
@@ -339,6 +357,7 @@ def sensitivity(
         group_size=group_size,
         symmetric=symmetric,
         observer=observer,
+        quantizers={k: v for k, v in quantizers.items() if k in chosen},
         options=options,
     )
     omega = SENSITIVITY_METHODS[method](req)
@@ -355,6 +374,10 @@ def sensitivity(
         )
     if batches is not None:
         meta["batches"] = len(batches)
+    if quantizers:
+        meta["granularity"] = {
+            k: [quantizers[k].granularity, quantizers[k].group_size] for k in chosen
+        }
     attr = {"trace": "layer_trace", "eigen": "layer_top_eigenvalue"}.get(method)
     if attr is not None:
         # Clamped to zero curvature in Ω: a noisy trace estimate or a saddle direction.
@@ -575,5 +598,9 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     return net
 
 
-# Handlers living beside their concept register themselves on import.
-from . import zeroshot as _zeroshot  # noqa: E402, F401  (method "kl", ZeroQ)
+def _most_common(items: list[tuple]) -> tuple | None:
+    """The most frequent item (the first seen among ties), or None for no items."""
+    counts: dict[tuple, int] = {}
+    for it in items:
+        counts[it] = counts.get(it, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None

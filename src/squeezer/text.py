@@ -20,7 +20,7 @@ import functools
 import os
 import re
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset, Task, forward, register_dataset, to_device
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .progress import progress
 
 #: Folders of the standard library left out of the corpus (test suites, not documentation).
@@ -216,6 +216,107 @@ def embed(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 6
 
 
 # --------------------------------------------------------------------------------------------------
+# Batches cut to their longest sentence.
+
+
+def token_batches(
+    inputs: Mapping[str, torch.Tensor],
+    targets: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> list[Any]:
+    """Length-sorted batches of token inputs, each cut to its longest sentence.
+
+    Padding tokens never change a BERT sentence embedding (attention masks them, mean pooling skips
+    them), so cutting padding columns leaves every output the same while saving most of the
+    compute on short sentences. Returns ``[inputs_dict, ...]``, or ``[(inputs, targets), ...]``
+    when ``targets`` is given; :func:`restore_order` puts per-batch outputs back in input order.
+
+    Example:
+        >>> x = {"input_ids": torch.tensor([[1, 2, 0], [1, 0, 0]]),
+        ...      "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+        >>> [b["input_ids"].shape[1] for b in token_batches(x, batch_size=1)]
+        [2, 1]
+    """
+    if "attention_mask" not in inputs:
+        raise DataError("token inputs need an 'attention_mask'; tokenize with squeezer.text")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    lens = inputs["attention_mask"].sum(1)
+    order = torch.argsort(lens, descending=True, stable=True)
+    out: list[Any] = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        width = max(1, int(lens[idx].max()))
+        x = {k: v[idx, :width] for k, v in inputs.items()}
+        out.append(x if targets is None else (x, targets[idx]))
+    return out
+
+
+def restore_order(
+    outputs: Sequence[torch.Tensor], inputs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Concatenate per-batch outputs of :func:`token_batches` and return them in input order.
+
+    Example:
+        >>> x = {"attention_mask": torch.tensor([[1, 0], [1, 1]])}
+        >>> restore_order([torch.tensor([[2.0]]), torch.tensor([[1.0]])], x).flatten().tolist()
+        [1.0, 2.0]
+    """
+    lens = inputs["attention_mask"].sum(1)
+    order = torch.argsort(lens, descending=True, stable=True)
+    cat = torch.cat(list(outputs))
+    out = torch.empty_like(cat)
+    out[order] = cat
+    return out
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int = 32):
+    """``model``'s outputs over token ``inputs`` through :func:`token_batches` (eval mode, restored).
+
+    Example:
+        >>> e = embed_batches(encoder, tokenize(tokenizer, sentences))  # doctest: +SKIP
+    """
+    was = model.training
+    model.eval()
+    try:
+        outs = [model(**b).float() for b in token_batches(inputs, batch_size=batch_size)]
+    finally:
+        model.train(was)
+    return restore_order(outs, inputs)
+
+
+class TokenDataset(Dataset):
+    """A data set of tokenized text: every batch it hands out is length-sorted and cut to its
+    longest sentence (:func:`token_batches`), which leaves a BERT embedding unchanged and saves
+    most of the compute on short sentences.
+
+    Calibration takes a seeded random subset, like the tensor data sets; analysis takes the first
+    ``samples`` sentences of the (already shuffled) training split.
+    """
+
+    def train_batches(self, batch_size: int = 32, *, shuffle: bool = False, seed: int = 0):
+        return token_batches(self.x_train, self.y_train, batch_size)
+
+    def test_batches(self, batch_size: int = 64):
+        return token_batches(self.x_test, self.y_test, batch_size)
+
+    def calibration_batches(self, samples: int = 512, *, seed: int = 1234, batch_size: int = 32):
+        g = torch.Generator().manual_seed(seed)
+        n = self.n_train
+        idx = torch.randperm(n, generator=g)[: min(samples, n)]
+        return token_batches({k: v[idx] for k, v in self.x_train.items()}, self.y_train[idx],
+                             batch_size)  # fmt: skip
+
+    def analysis_batches(self, samples: int, *, batch_size: int = 32, seed: int = 0):
+        n = min(int(samples), self.n_train)
+        if n < 1:
+            raise DataError("the training split holds no sentences to analyse")
+        x = {k: v[:n] for k, v in self.x_train.items()}
+        return token_batches(x, self.y_train[:n], batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
 # The task and its metrics.
 
 
@@ -318,6 +419,7 @@ class EmbeddingTask(Task):
     name = "embedding"
     metric_name = "cosine"
     higher_is_better = True
+    targets_from_model = True
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return 0.5 * (outputs - targets).pow(2).sum(dim=-1).mean()
@@ -370,7 +472,7 @@ def embedding_dataset(
     info = {"max_len": int(max_len), "n_train": len(train), "n_test": len(test)}
     info.update(meta or {})
     info.update({"train_text": train, "test_text": test})
-    return Dataset(name, x_train, y_train, x_test, y_test, EmbeddingTask(), info)
+    return TokenDataset(name, x_train, y_train, x_test, y_test, EmbeddingTask(), info)
 
 
 def _need_model(name: str, model: Any, tokenizer: Any) -> None:

@@ -9,10 +9,13 @@ graph optimizer fuses each group into QLinearConv, QGemm or MatMulIntegerToFloat
 layers go to ONNX Runtime's block-quantized ``MatMulNBits`` (com.microsoft).
 
 Modules: :mod:`.onnx` (:func:`export_onnx`, :func:`export_float_onnx`, :class:`ExportReport`),
-:mod:`.rewrite` (the graph rewriter; its docstring says how the graph is built), :mod:`.layers`
-(the Quant* layers in integer form and the float twin), :mod:`.runtime` (ONNX Runtime sessions,
-feeds and latency), :mod:`.report` (the report's Deployment section) and :mod:`.common`
-(constants and shared helpers).
+:mod:`.rewrite` (the graph rewrite; its docstring says how the graph is built, pass by pass),
+its passes :mod:`.match` (weight nodes back to layers), :mod:`.weights` (integer weight codes,
+BatchNorm folding, biases), :mod:`.nbits` (MatMulNBits), :mod:`.activations` (Q/DQ of activations)
+and :mod:`.fuse` (MatMulIntegerToFloat), the graph they share :mod:`.onnx_graph` and the stored
+codes :mod:`.codes`; :mod:`.layers` (the Quant* layers in integer form and the float twin),
+:mod:`.runtime` (ONNX Runtime sessions, feeds and latency) and :mod:`.common` (constants and
+shared helpers).
 """
 
 from .common import ATOL as ATOL
@@ -21,7 +24,6 @@ from .common import MS_DOMAIN as MS_DOMAIN
 from .common import NBITS_BLOCKS as NBITS_BLOCKS
 from .common import OPSET as OPSET
 from .onnx import ExportReport, export_float_onnx, export_onnx
-from .report import report_section as report_section
 from .runtime import OrtModule, latency_table, ort_feeds, ort_session
 
 __all__ = [

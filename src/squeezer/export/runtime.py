@@ -109,10 +109,7 @@ def latency_table(
     Example:
         >>> latency_table({"fp32": net}, {1: x[:1]}, threads=2)  # doctest: +SKIP
     """
-    import statistics
-    import time
-
-    from ..measure import Latency
+    from ..measure import time_calls
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -135,20 +132,8 @@ def latency_table(
                         v.run(None, feeds)
 
                 calls[name] = call
-                for _ in range(warmup):
-                    call()
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(runs):
-                for name, call in calls.items():
-                    t0 = time.perf_counter()
-                    call()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-            row = {}
-            for name, ts in times.items():
-                q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-                lat = Latency(statistics.median(ts), q[0], q[-1], runs, warmup, b)
-                row[name] = lat.to_dict()
-            out[f"batch_{b}"] = row
+            times = time_calls(calls, warmup=warmup, runs=runs, batch=b)
+            out[f"batch_{b}"] = {name: lat.to_dict() for name, lat in times.items()}
     finally:
         torch.set_num_threads(old)
     return out

@@ -558,7 +558,7 @@ def to_integer_encoder(
         torch.int64
     """
     from ..data import forward
-    from ..qbert import bert_of
+    from ..encoders import bert_of
 
     bert = bert_of(qmodel)
     _check_bert(bert)

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import GRANULARITIES, OBSERVERS, check_bits  # noqa: F401  (declared with the configs)
 from ..errors import ConfigError
-
-GRANULARITIES = ("tensor", "channel", "group")
-OBSERVERS = ("minmax", "percentile", "mse")
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -35,8 +33,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
         >>> qrange(8, True), qrange(8, False), qrange(4, True)
         ((-127, 127), (0, 255), (-7, 7))
     """
-    if not 2 <= int(bits) <= 16:
-        raise ConfigError(f"bits must be between 2 and 16, got {bits}; use e.g. 4 or 8")
+    check_bits(bits)
     if symmetric:
         m = 2 ** (bits - 1) - 1
         return -m, m

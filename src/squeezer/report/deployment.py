@@ -1,23 +1,23 @@
-"""The "Deployment" section of squeezer's run report (:func:`report_section`), built from the
-``export`` and ``latency`` entries of ``metrics.json``.
+"""The report's "Deployment" section, built from the ``export`` and ``latency`` entries of
+``metrics.json`` (written by ``squeezer export`` and ``squeezer bench``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
+
+from .render import Run, fmt_bytes, section, table
 
 
 def _num(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, int | float) else "–"
 
 
-def report_section(metrics: Mapping[str, Any] | None) -> tuple[str, str] | None:
-    """The report's "Deployment" section from ``metrics.json``'s ``export`` and ``latency`` keys,
-    as (markdown, html); None when neither was measured."""
-    from ..report import fmt_bytes, table
-
-    m = metrics or {}
+@section("Deployment", 50)
+def _deployment(run: Run) -> tuple[str, str] | None:
+    """The section from ``metrics.json``'s ``export`` and ``latency`` keys, as (markdown, html);
+    None when neither was measured."""
+    m = run.get("metrics") or {}
     ex, lat = m.get("export"), m.get("latency")
     if not ex and not lat:
         return None

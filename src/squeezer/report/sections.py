@@ -1,144 +1,16 @@
-"""The run report: a self-contained ``report.html`` (plots inlined as PNG data URIs) and ``report.md``,
-rendered from the JSON files of a run folder, so ``squeezer report DIR`` can always re-write it.
-
-Each section is a function of the loaded run that returns (markdown, html) or None when its inputs
-are absent; later stages add sections by appending to :data:`SECTIONS`.
-"""
+"""The report's core sections: summary, variants, layers, mixed precision, and the run's manifest."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from .config import write_text_atomic
-from .graph import QUANTIZABLE_TYPES
-
-Run = dict[str, Any]
-Section = Callable[[Run], tuple[str, str] | None]
-SECTIONS: list[tuple[str, Section]] = []
+from ..graph import QUANTIZABLE_TYPES
+from .render import Run, figure, fmt_bytes, fmt_num, section, table
 
 
-def section(title: str) -> Callable[[Section], Section]:
-    """Register a report section renderer."""
-
-    def deco(fn: Section) -> Section:
-        SECTIONS.append((title, fn))
-        return fn
-
-    return deco
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Every JSON file of a run folder, keyed by file stem (``metrics``, ``plan``, ``spectrum``...)."""
-    run: Run = {"dir": Path(run_dir)}
-    for f in sorted(Path(run_dir).glob("*.json")):
-        try:
-            run[f.stem] = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return run
-
-
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Render ``report.md`` and ``report.html`` into ``run_dir`` from its JSON files."""
-    run = load_run(run_dir)
-    title = "squeezer report"
-    man = run.get("manifest", {})
-    subtitle = " · ".join(
-        str(x) for x in (man.get("model"), man.get("data"), man.get("budget")) if x
-    )
-    md_parts = [f"# {title}\n", f"{subtitle}\n" if subtitle else ""]
-    html_parts = []
-    for name, fn in SECTIONS:
-        out = fn(run)
-        if out is None:
-            continue
-        md, body = out
-        md_parts.append(f"\n## {name}\n\n{md}\n")
-        html_parts.append(f"<section><h2>{html.escape(name)}</h2>\n{body}\n</section>")
-    md_text = "".join(md_parts)
-    page = _PAGE.format(
-        title=html.escape(title),
-        subtitle=html.escape(subtitle),
-        body="\n".join(html_parts),
-        version=html.escape(str(man.get("version", ""))),
-    )
-    d = Path(run_dir)
-    write_text_atomic(d / "report.md", md_text)
-    write_text_atomic(d / "report.html", page)
-    return d / "report.html", d / "report.md"
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Human-readable bytes: ``fmt_bytes(1536)`` → ``'1.5 kB'`` (powers of 1000)."""
-    if n is None:
-        return "–"
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= k:
-            return f"{n / k:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def fmt_num(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}"
-    if isinstance(x, int) and not isinstance(x, bool):
-        return f"{x:,}"
-    return str(x)
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> tuple[str, str]:
-    """A table as (markdown, html)."""
-    md = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
-    md += "".join("| " + " | ".join(fmt_num(c) for c in r) + " |\n" for r in rows)
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    trs = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt_num(c))}</td>" for c in r) + "</tr>" for r in rows
-    )
-    return md, f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
-def figure(draw: Callable[[Any], None], *, width: float = 7.0, height: float = 3.2) -> str:
-    """Render ``draw(ax)`` with matplotlib into an inlined PNG ``<img>``; a note if matplotlib is
-    missing (the ``report`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "<p class=note>Plots need matplotlib: pip install 'squeezer[report]'.</p>"
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
-    try:
-        draw(ax)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
-
-
-# --------------------------------------------------------------------------------------------------
-# sections
-
-
-@section("Summary")
+@section("Summary", 10)
 def _summary(run: Run) -> tuple[str, str] | None:
     m = run.get("metrics")
     if not m:
@@ -186,7 +58,7 @@ def _ratio(before: Any, after: Any) -> str:
     return ""
 
 
-@section("Variants")
+@section("Variants", 20)
 def _variants(run: Run) -> tuple[str, str] | None:
     m = run.get("metrics") or {}
     vs = m.get("variants")
@@ -224,7 +96,7 @@ def _variants(run: Run) -> tuple[str, str] | None:
     return md, body + figure(draw)
 
 
-@section("Layers")
+@section("Layers", 30)
 def _layers(run: Run) -> tuple[str, str] | None:
     m = run.get("metrics") or {}
     layers = m.get("layers")
@@ -265,21 +137,7 @@ def _layers(run: Run) -> tuple[str, str] | None:
     return md, body + figure(draw, height=3.6)
 
 
-@section("Hessian spectrum")
-def _spectrum(run: Run) -> tuple[str, str] | None:
-    from .spectrum import report_section
-
-    return report_section(run.get("spectrum"))
-
-
-@section("Deployment")
-def _deployment(run: Run) -> tuple[str, str] | None:
-    from .export import report_section
-
-    return report_section(run.get("metrics"))
-
-
-@section("Mixed precision")
+@section("Mixed precision", 60)
 def _mixed(run: Run) -> tuple[str, str] | None:
     pareto, plan = run.get("pareto"), run.get("plan") or {}
     sens = run.get("sensitivity")
@@ -371,7 +229,7 @@ def _mixed(run: Run) -> tuple[str, str] | None:
     return md, body
 
 
-@section("Run")
+@section("Run", 90)
 def _manifest(run: Run) -> tuple[str, str] | None:
     man = run.get("manifest")
     if not man:
@@ -383,25 +241,3 @@ def _manifest(run: Run) -> tuple[str, str] | None:
     ]
     rows += [[f"time: {k}", f"{v:.2f} s"] for k, v in (man.get("timings") or {}).items()]
     return table(["key", "value"], rows)
-
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
-       max-width: 70rem; padding: 0 1rem; color: #222; }}
-h1 {{ margin-bottom: 0.2rem; }} .sub {{ color: #666; margin-top: 0; }}
-section {{ margin: 2rem 0; }}
-table {{ border-collapse: collapse; font-size: 0.9rem; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 0.3rem 0.7rem; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-thead th {{ background: #f4f4f4; }}
-img {{ max-width: 100%; }} .note {{ color: #a60; }}
-footer {{ color: #888; font-size: 0.8rem; margin-top: 3rem; }}
-</style></head>
-<body><h1>{title}</h1><p class="sub">{subtitle}</p>
-{body}
-<footer>written by squeezer {version}</footer>
-</body></html>
-"""

@@ -1,0 +1,180 @@
+"""Run-folder operations: each command of the CLI as one function that takes a
+:class:`~squeezer.runfolder.RunSpec` (or a run folder), computes through the pipeline, and writes
+the run folder through :mod:`squeezer.runfolder`. The CLI parses and prints; these do the work, and
+scripts can call them the same way.
+
+Example:
+    >>> spec = RunSpec("compress", "zoo:digits_cnn", weights="w.safetensors", data="digits",
+    ...                budget=Budget(bits=3))
+    >>> result, data = compress_run(spec, "runs/digits-mp")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .budget import Budget
+from .errors import ConfigError, SqueezerError
+from .pipeline import Result, apply_plan, compress, replan
+from .runfolder import (
+    RunSpec,
+    Stage,
+    check_output_dir,
+    is_run_folder,
+    load_inputs,
+    read_run,
+    write_compress_run,
+)
+
+
+def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = False):
+    """``squeezer compress``: compress the model ``spec`` names to its budget into ``out``.
+    Returns the :class:`~squeezer.pipeline.Result` and the data set (None for zero-shot runs
+    without evaluation data)."""
+    if spec.budget is None:
+        raise ConfigError("a compression run needs a budget, e.g. --budget bits=4")
+    if spec.calib == "real" and not spec.data:
+        raise ConfigError(
+            "--data is required to calibrate on real data; give --data DATA, or use "
+            "--calib zeroshot to quantize without any data"
+        )
+    check_output_dir(out)
+    model, data = load_inputs(spec)
+    with Stage(out) as stage:
+        result = compress(
+            model, data, spec.budget, method=spec.method or "hessian", calib=spec.calib,
+            act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
+            progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
+        )  # fmt: skip
+        write_compress_run(stage, spec, result, data)
+    return result, data
+
+
+def replan_run(run_dir: str | os.PathLike, budget: Budget | None = None):
+    """``squeezer plan DIR --budget B`` (re-plan from the saved analysis, no Hessian work), or
+    with ``budget=None`` ``squeezer quantize DIR`` (apply the folder's plan.json as it is); the
+    run folder is rewritten. Returns the result and the data set."""
+    run = read_run(run_dir)
+    if budget is not None and run.analysis is None:
+        raise ConfigError(
+            f"{run.dir} has no saved analysis (sensitivity.json, costs.json); make it with "
+            "'squeezer compress MODEL --data DATA --budget B --out DIR' (--method hessian)"
+        )
+    if budget is None and run.plan is None:
+        raise ConfigError(f"{run.dir} has no plan.json; run 'squeezer compress' or 'squeezer plan'")
+    model, data = run.load()
+    s = run.spec
+    common = {"calib": s.calib, "calib_inputs": run.calib_inputs, "act_bits": s.act_bits,
+              "seed": s.seed}  # fmt: skip
+    with Stage(run.dir, update=True) as stage:
+        if budget is not None:
+            result = replan(model, data, run.analysis, budget, **common)
+        else:
+            template = run.analysis.template_name if run.analysis else None
+            result = apply_plan(model, data, run.plan, template=template, **common)
+        write_compress_run(stage, run.redo(budget), result, data)
+    return result, data
+
+
+def train_run(spec: RunSpec, out: str | os.PathLike, *, epochs: int, progress: bool = False):
+    """``squeezer train``: train a fresh classifier on ``spec.data`` and save its weights as
+    ``out``/model.safetensors. Returns the training record and the data set."""
+    from .data import check_fits, load_data
+    from .models import load_model, save_weights
+    from .train import fit
+
+    if spec.model.startswith("hf:"):
+        raise ConfigError(
+            f"squeezer train trains classifiers (zoo:NAME or module:factory); {spec.model} comes "
+            "pre-trained: compress it directly"
+        )
+    if not spec.data:
+        raise ConfigError("squeezer train needs --data DATA (e.g. --data digits)")
+    check_output_dir(out)
+    # Trained as built (attention not split), so the weights fit the user's own model class.
+    model = load_model(spec.model, split=False)
+    data = load_data(spec.data, seed=spec.seed)
+    check_fits(model, data)
+    with Stage(out) as stage:
+        net, info = fit(model, data, epochs=epochs, seed=spec.seed, show_progress=progress)
+        save_weights(net, stage.path("model.safetensors"))
+        stage.write_json("metrics.json", {"metric_name": data.task.metric_name, **info,
+                                          "data": data.name})  # fmt: skip
+        stage.finish(replace(spec, weights="model.safetensors"))
+    return info, data
+
+
+def analyze_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = False, **options: Any):
+    """``squeezer analyze``: the Hessian spectrum of the model on its data, written to
+    ``out``/spectrum.json. Under ``torchrun`` every rank computes its shard and rank 0 alone
+    checks and writes the folder; other ranks return None. ``options`` go to
+    :func:`squeezer.spectrum.analyze_dataset` (``samples``, ``top_k``, ``density`` ...)."""
+    from .distributed import broadcast_flag, process_group_from_env
+    from .spectrum import analyze_dataset
+
+    if not spec.data:
+        raise ConfigError("squeezer analyze needs --data DATA (e.g. --data digits)")
+    with process_group_from_env() as (rank, world_size):
+        # Rank 0 tells the others whether to go on, so a refused folder cannot leave them waiting.
+        refused = None
+        if rank == 0:
+            try:
+                check_output_dir(out)
+            except SqueezerError as exc:
+                refused = exc
+        if not broadcast_flag(refused is None):
+            raise refused or SqueezerError(f"rank 0 refused the output folder {out}")
+        model, data = load_inputs(spec)
+
+        def run():
+            return analyze_dataset(model, data, seed=spec.seed, progress=progress and rank == 0,
+                                   **options)  # fmt: skip
+
+        if rank != 0:
+            run()
+            return None
+        with Stage(out) as stage:
+            spectrum = run()
+            stage.write_json("spectrum.json", spectrum.to_dict())
+            stage.finish(spec, world_size=world_size, timings={"analyze": spectrum.seconds})
+    return spectrum
+
+
+def run_demo(out: str | os.PathLike, *, seed: int = 0, log=print) -> tuple[Result, Any]:
+    """``squeezer demo``: train the digits CNN (or reuse the one an earlier demo run saved),
+    compress it to 3 average weight bits with Hessian mixed precision, evaluate uniform W8A8,
+    W4A8 and W3A8 beside it, and write the run folder. ``log`` receives progress lines."""
+    from .data import load_data
+    from .models import load_model, load_weights, save_weights
+    from .templates import uniform_plan
+    from .train import fit
+
+    out = check_output_dir(out)
+    spec = RunSpec("demo", "zoo:digits_cnn", weights="fp32.safetensors", data="digits",
+                   seed=seed, budget=Budget(bits=3))  # fmt: skip
+    torch.manual_seed(seed)
+    data = load_data(spec.data, seed=seed)
+    model = load_model(spec.model)
+    cached = out / spec.weights
+    t0 = time.perf_counter()
+    with Stage(out) as stage:
+        if is_run_folder(out) and cached.is_file():
+            load_weights(model, cached)
+            log(f"reusing the trained {spec.model} from {cached}")
+        else:
+            log(f"training {spec.model} on {spec.data} (15 epochs, CPU) ...")
+            model, _ = fit(model, data, epochs=15, seed=seed, show_progress=True)
+        t_train = time.perf_counter() - t0
+        save_weights(model, stage.path(spec.weights))
+        result = compress(
+            model, data, spec.budget, act_bits=8, seed=seed, progress=True,
+            extra_variants=tuple(uniform_plan(model, b, act_bits=8) for b in (8, 4, 3)),
+        )  # fmt: skip
+        result = replace(result, timings={**result.timings, "train": t_train})
+        write_compress_run(stage, spec, result, data)
+    return result, data
