@@ -5,6 +5,7 @@ optimal rematerialization of a training step (Checkmate)."""
 from .abs import ABSRun, fit_abs
 from .fit import fit
 from .optim import LAMB, LARS, OPTIMIZERS, make_optimizer, param_groups
+from .remat import Rematerialized, remat
 
 __all__ = [
     "ABSRun",
@@ -15,4 +16,6 @@ __all__ = [
     "fit_abs",
     "make_optimizer",
     "param_groups",
+    "remat",
+    "Rematerialized",
 ]
