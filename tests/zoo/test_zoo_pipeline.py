@@ -1,0 +1,136 @@
+"""Every efficient architecture of the zoo trains, quantizes, exports and (where the integer
+compiler has the ops) runs integer-only, through the Python API. Inputs are shrunk so the default
+suite stays quick: 224 x 224 nets at 64 x 64 (their pooling is global), 32 x 32 nets as they are."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import squeezer as sq
+from squeezer.data import Classification
+from squeezer.train import fit
+from squeezer.zoo import MODELS, create, list_models, small
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EFFICIENT = [n for n in list_models() if MODELS[n].factory.__module__ != small.__name__]
+# to_integer has no integer step for F.pad, slicing or torch.cat yet: the shift, the fire
+# module's concatenation and ShuffleNet's split/concat stop it (see the issue note)
+NEEDS_CONCAT = {n for n in EFFICIENT if n.startswith(("squeezenet", "shiftresnet", "dirac"))}
+W8A8 = sq.QuantConfig(sq.LayerQuant(bits=8, act_bits=8))
+# one net of each family runs by default; its deeper and wider siblings only with the slow marker
+QUICK = {"squeezenet1_1", "sqnxt23", "shiftresnet20_e1", "resnet20_cifar", "diracdeltanet",
+         "squeezedet"}  # fmt: skip
+
+
+def quick_first(names, marks=()):
+    """``names`` as parameters: those in QUICK as they are, the others marked slow."""
+    return [pytest.param(n, marks=[*marks] if n in QUICK else [*marks, pytest.mark.slow])
+            for n in names]  # fmt: skip
+
+
+def small_model(name: str) -> torch.nn.Module:
+    size = min(MODELS[name].input_shape[-1], 64)
+    if name == "squeezedet":
+        return create(name, image_size=size).eval()
+    m = create(name, classes=10).eval()
+    m.input_shape = (3, size, size)
+    return m
+
+
+def inputs(model, n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *model.input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()))
+
+
+@pytest.fixture(scope="module")
+def digits32(digits):
+    """scikit-learn's 8 x 8 digits upscaled (bilinear) to 32 x 32 and repeated to 3 channels; the
+    first 256 training and test samples (a training step, not a converged net, is under test)."""
+
+    def up(x):
+        x = x[:256]
+        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+
+    return sq.Dataset(
+        "digits32", up(digits.x_train), digits.y_train[:256], up(digits.x_test),
+        digits.y_test[:256], Classification(), {"classes": 10},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", quick_first(EFFICIENT))
+def test_w8a8_tracks_the_float_model(name):
+    net = small_model(name)
+    x = inputs(net)
+    q = sq.quantize(net, W8A8, calib=[x])
+    with torch.no_grad():
+        assert sqnr_db(net(x), q(x)) > 25.0  # measured 33-130 dB at random initialisation
+    # the caller's model is left as it was built: same layer types as a fresh one
+    fresh = small_model(name)
+    assert [type(m) for m in net.modules()] == [type(m) for m in fresh.modules()]
+
+
+GAP = pytest.mark.xfail(
+    strict=True,  # once to_integer gains the ops, these pass: drop the mark
+    raises=sq.UnsupportedModelError,
+    reason="to_integer has no integer torch.split / F.pad / torch.cat step yet",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [p for n in EFFICIENT for p in quick_first([n], [GAP] if n in NEEDS_CONCAT else [])],
+)
+def test_to_integer_reproduces_the_fake_quantized_model(name):
+    net = small_model(name)
+    x = inputs(net)
+    q = sq.quantize(sq.fold_batchnorm(net), W8A8, calib=[x])
+    imodel = sq.to_integer(q, x[:1])
+    with torch.no_grad():
+        ref, got = q(x), imodel(x)
+    # integer accumulators against the float simulation: a code can flip at a rounding tie and
+    # move a few outputs by a step (counted in tests/test_integer_cnn.py); the typical error is
+    # float round-off, and flips add up over depth (ResNet-56 has 57 requantizations)
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 0.05 * scale
+    assert (got - ref).abs().median() <= 5e-3 * scale
+
+
+@pytest.mark.parametrize("name", ["shiftresnet20_e1", "sqnxt23"])
+def test_fit_trains_a_zoo_model_on_digits(name, digits32):
+    net = create(name, classes=10, **({"width": 0.5} if name == "sqnxt23" else {}))
+    before = sq.evaluate(net.eval(), digits32.test_batches(), digits32.task)
+    trained, info = fit(net, digits32, epochs=1, seed=0, batch_size=64)
+    assert torch.isfinite(torch.tensor(info["final_loss"]))
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(net.parameters(), trained.parameters(), strict=True)
+    )
+    assert changed and info["top1"] >= 0 and before >= 0
+
+
+def test_export_of_a_shift_net_runs_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    net = small_model("shiftresnet20_e1")
+    x = inputs(net, 16)
+    report = sq.export_onnx(sq.quantize(net, W8A8, calib=[x]), tmp_path / "shift.onnx", x)
+    assert report.argmax_agreement is not None and report.argmax_agreement >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EFFICIENT)
+def test_every_efficient_model_exports_to_onnx(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    net = small_model(name)
+    x = inputs(net, 16)
+    report = sq.export_onnx(sq.quantize(net, W8A8, calib=[x]), tmp_path / f"{name}.onnx", x)
+    assert report.max_abs_error is not None  # export_onnx raised if ORT disagreed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in EFFICIENT if n != "squeezedet"])
+def test_every_efficient_classifier_learns_digits(name, digits32):
+    net, info = fit(create(name, classes=10), digits32, epochs=6, seed=0, batch_size=32)
+    assert info["top1"] > 20.0  # above chance (10%) on 256 test digits after 6 short epochs
