@@ -13,14 +13,15 @@ everything left in float):
 - W4 per-channel and W4 in groups of 128 (every table and matrix, weights only, as in FACTS.md);
 - Q-BERT template at 4 bits (groups of 128, position/token-type tables at 8 bits), W4A8;
 - Hessian mixed precision at 4.5 average weight bits (per layer, and per block as in Q-BERT):
-  Gauss–Newton traces of the embedding loss (:func:`squeezer.qbert.analyze_encoder`), HAWQ-V2 Ω,
+  Gauss–Newton traces of the embedding loss (the pipeline's analysis stage with the Q-BERT
+  template, :func:`squeezer.pipeline.analyse`), HAWQ-V2 Ω,
   ILP planner; with A8 activations and weights-only;
 - ``--granularity``: the 4-bit granularity study (Linear weights only: per tensor, Q-BERT's
   per-head row groups, per channel, groups of 128/64/32 along the input);
 - ``--ort``: ONNX Runtime ``quantize_dynamic`` int8 per-channel on the same sentences.
 
 Batches are sorted by length and cut to their longest sentence (padding never changes a BERT
-sentence embedding, see :func:`squeezer.qbert.token_batches`), so the cost follows real lengths.
+sentence embedding, see :func:`squeezer.text.token_batches`), so the cost follows real lengths.
 
 Run:  python benchmarks/minilm.py --n-test 512 --granularity --ort --json minilm.json
       (about 30 minutes on 2 loaded CPU cores; the Hessian analysis is ~half of it)
@@ -39,24 +40,36 @@ import torch
 from torch import nn
 
 from squeezer.config import Budget, LayerQuant, Plan
+from squeezer.costs import plan_costs
 from squeezer.graph import copy_model, quantizable_layers
 from squeezer.hf import load_hf
 from squeezer.integer import to_integer_encoder
 from squeezer.measure import average_bits, model_bytes
-from squeezer.qbert import (
-    analyze_encoder,
-    block_traces,
-    describe_bits,
-    embed_batches,
-    mixed_precision_plan,
-    qbert_plan,
-    qbert_sensitivity,
-    token_batches,
-)
+from squeezer.pipeline import analyse
+from squeezer.plan import plan as ilp_plan
+from squeezer.qbert import MIXED_BITS, block_ties, block_traces, describe_bits, qbert_plan
 from squeezer.quant.apply import quantize
 from squeezer.quant.primitives import quantize_weight
+from squeezer.sensitivity import sensitivity
 from squeezer.spectrum import Spectrum
-from squeezer.text import embedding_metrics, split_sentences, stdlib_sentences, tokenize
+from squeezer.templates import TEMPLATES
+from squeezer.text import (
+    EmbeddingTask,
+    TokenDataset,
+    embed_batches,
+    embedding_metrics,
+    split_sentences,
+    stdlib_sentences,
+    token_batches,
+    tokenize,
+)
+
+
+def mixed_precision_plan(model, sens, budget, tpl, *, per_block=False):
+    """The planner stage of the pipeline for an encoder: per-layer template, block ties if asked."""
+    costs = plan_costs(model, sens.bits, template=tpl)
+    ties = block_ties(model) if per_block else ()
+    return ilp_plan(sens, budget, costs=costs, ties=ties, template=tpl)
 
 
 def uniform(model: nn.Module, bits: int, granularity: str, group_size: int | None) -> Plan:
@@ -125,7 +138,7 @@ def ort_dynamic(model: nn.Module, inputs: dict, calib_dir: Path) -> torch.Tensor
     for b in batches:
         feed = {k: v.numpy() for k, v in b.items()}
         outs.append(torch.from_numpy(sess.run(None, feed)[0]))
-    from squeezer.qbert import restore_order
+    from squeezer.text import restore_order
 
     return restore_order(outs, inputs), q8.stat().st_size
 
@@ -240,9 +253,12 @@ def main() -> None:
         log(f"loaded the Hessian analysis from {args.spectrum}")
     else:
         t0 = time.perf_counter()
-        spec = analyze_encoder(
-            model, x_hes, max_probes=args.probes, min_probes=args.probes, rel_stderr=None, top_k=1
-        )
+        n = x_hes["input_ids"].shape[0]
+        settings = replace(TEMPLATES["qbert"].analysis, samples=n, max_probes=args.probes,
+                           min_probes=args.probes, top_k=1)  # fmt: skip
+        hes = TokenDataset("hessian", x_hes, embed_batches(model, x_hes), x_hes,
+                           embed_batches(model, x_hes), EmbeddingTask())  # fmt: skip
+        spec = analyse(model, hes, replace(TEMPLATES["qbert"], analysis=settings))
         log(
             f"Hessian analysis: {spec.samples} sentences, {spec.probes} probes, "
             f"{spec.hvp_count} HVPs, {time.perf_counter() - t0:.0f} s; top eigenvalue "
@@ -252,7 +268,7 @@ def main() -> None:
             spec.save(args.spectrum)
     blocks = block_traces(spec, model)
     log("block traces: " + ", ".join(f"{k} {v:.3g}" for k, v in blocks.items()))
-    sens = qbert_sensitivity(model, spec, tpl)
+    sens = sensitivity(model, spec, bits=MIXED_BITS, template=tpl)
     budget = Budget(bits=args.budget)
     plans = {}
     for per_block in (False, True):
@@ -264,7 +280,11 @@ def main() -> None:
     fake(f"mixed {args.budget} bits per layer, weights only", weights_only(plans[False]))
     if args.measured:
         t0 = time.perf_counter()
-        msens = qbert_sensitivity(model, None, tpl, method="measured", inputs=x_hes)
+        msens = sensitivity(
+            model, None, bits=MIXED_BITS, method="measured", template=tpl,
+            data=token_batches(x_hes, embed_batches(model, x_hes), 32),
+            loss_fn=EmbeddingTask().loss,
+        )  # fmt: skip
         log(f"measured sensitivity: {time.perf_counter() - t0:.0f} s")
         p = mixed_precision_plan(model, msens, budget, tpl)
         plans["measured"] = p

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from squeezer.config import Budget, LayerQuant, Plan
+from squeezer.costs import plan_costs
 from squeezer.data import Batches, evaluate, load_data, mean_loss
-from squeezer.plan import plan, plan_costs
+from squeezer.plan import plan
 from squeezer.quant.apply import quantize
 from squeezer.sensitivity import sensitivity
 from squeezer.spectrum import analyze

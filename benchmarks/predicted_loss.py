@@ -16,10 +16,12 @@ import time
 
 import torch
 
+from squeezer.calibration import source
 from squeezer.config import Budget
 from squeezer.data import Batches, load_data, mean_loss
-from squeezer.pipeline import analyze_for_plan, hessian_batches, hessian_plan
+from squeezer.pipeline import analysis_for, choose_plan
 from squeezer.quant.apply import quantize
+from squeezer.templates import template_for
 from squeezer.train.fit import fit
 from squeezer.zoo import MODELS as ZOO
 from squeezer.zoo import create
@@ -40,9 +42,10 @@ def main() -> None:
         net, _ = fit(create(name), ds, epochs=args.epochs, seed=0)
         net.eval()
         t0 = time.perf_counter()
-        analysis = analyze_for_plan(net, ds, act_bits=None)
+        calib = source("real")(net, ds)
+        analysis = analysis_for(net, ds, calib, template_for(net), act_bits=None)
         sets = {
-            "Hessian's 512": hessian_batches(ds),
+            "Hessian's 512": ds.analysis_batches(512),
             "train split": Batches(ds.x_train, ds.y_train, 256),
             "test split": ds.test_batches(),
         }
@@ -54,7 +57,7 @@ def main() -> None:
         print("| avg bits ≤ | predicted ΣΩ | " + " | ".join(f"measured, {k}" for k in sets) + " |")
         print("|---|---|" + "---|" * len(sets))
         for bits in BUDGETS:
-            plan = hessian_plan(analysis, Budget(bits=bits), None)
+            plan = choose_plan(analysis, Budget(bits=bits))
             q = quantize(net, plan)
             inc = [mean_loss(q, b, ds.task) - base[k] for k, b in sets.items()]
             cells = " | ".join(f"{v:.3g}" for v in inc)

@@ -31,9 +31,10 @@ import time
 import torch
 
 from squeezer.config import Budget, LayerQuant, QuantConfig
+from squeezer.costs import Costs
 from squeezer.data import evaluate, load_data
 from squeezer.graph import quantizable_layers
-from squeezer.plan import Costs, plan
+from squeezer.plan import plan
 from squeezer.quant.apply import quantize
 from squeezer.sensitivity import sensitivity
 from squeezer.train.fit import fit
