@@ -169,8 +169,9 @@ class Rematerialized(nn.Module):
                     stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
                 else:
                     stack.enter_context(torch.no_grad())
-                run_nodes(gm, seg.nodes, local)
+                run_nodes(gm, seg.nodes, local, keep=set(seg.outputs))
             fwd[s] = {"values": {o: local[o] for o in seg.outputs}, "leaves": leaves}
+            local.clear()
             if first and self._loss_name in fwd[s]["values"]:
                 loss = fwd[s]["values"][self._loss_name].detach()
 

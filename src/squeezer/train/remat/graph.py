@@ -2,7 +2,7 @@
 and what each costs, measured.
 
 The model and its loss are traced with ``torch.fx`` into one graph of calls; the calls are cut into
-``segments`` contiguous runs (cuts placed near equal shares of the measured forward time, at the
+``segments`` contiguous runs (cuts placed near equal shares of the bytes the forward writes, at the
 positions where the fewest bytes cross). Each segment ``s`` gives two nodes of the graph Checkmate
 schedules (Jain et al., "Checkmate: Breaking the Memory Wall with Optimal Tensor
 Rematerialization", arXiv:1910.02653):
@@ -227,9 +227,22 @@ def _calls(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
 
 
-def run_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], env: dict[str, Any]) -> None:
-    """Evaluate ``nodes`` in order, reading and writing values by fx name in ``env``."""
+def run_nodes(
+    gm: fx.GraphModule,
+    nodes: Sequence[fx.Node],
+    env: dict[str, Any],
+    keep: set[str] | None = None,
+) -> None:
+    """Evaluate ``nodes`` in order, reading and writing values by fx name in ``env``. With
+    ``keep``, a value computed here is dropped after its last use here unless it is in ``keep``
+    (so a segment holds only what it must while it runs)."""
     modules = dict(gm.named_modules())
+    last: dict[str, int] = {}
+    if keep is not None:
+        for i, node in enumerate(nodes):
+            for a in node.all_input_nodes:
+                last[a.name] = i
+    mine: set[str] = set()
 
     def load(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -238,7 +251,7 @@ def run_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], env: dict[str, Any])
             return env[a.name]
         return a
 
-    for node in nodes:
+    for i, node in enumerate(nodes):
         args = fx.node.map_aggregate(node.args, load)
         kwargs = fx.node.map_aggregate(node.kwargs, load)
         if node.op == "call_module":
@@ -247,6 +260,14 @@ def run_nodes(gm: fx.GraphModule, nodes: Sequence[fx.Node], env: dict[str, Any])
             env[node.name] = node.target(*args, **kwargs)
         else:
             env[node.name] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        del args, kwargs
+        mine.add(node.name)
+        if keep is not None:
+            for a in node.all_input_nodes:
+                if last.get(a.name) == i and a.name in mine and a.name not in keep:
+                    del env[a.name]
+            if node.name not in last and node.name not in keep:
+                del env[node.name]
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:
@@ -263,22 +284,23 @@ def _crossing_ok(v: Any) -> bool:
 def segment(
     gm: fx.GraphModule, example: tuple[Any, Any], segments: int
 ) -> tuple[list[Segment], dict[str, Any]]:
-    """Cut ``gm``'s calls into about ``segments`` contiguous segments; return them and the values
-    of one probe run (by fx name)."""
+    """Cut ``gm``'s calls into about ``segments`` contiguous segments of about equal work (bytes
+    written), each cut where the fewest bytes cross; return them and the values of one probe run
+    (by fx name)."""
     calls = _calls(gm)
     if not calls:
         raise UnsupportedModelError("the traced step has no operations to schedule")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    env: dict[str, Any] = {}
-    times = [0.0] * len(calls)
+    env: dict[str, Any] = {p.name: v for p, v in zip(placeholders, example, strict=True)}
     with torch.enable_grad():
-        for rep in range(3):  # the first run pays one-off costs (allocation, kernel choice)
-            env = {p.name: v for p, v in zip(placeholders, example, strict=True)}
-            for i, node in enumerate(calls):
-                t0 = time.perf_counter()
-                run_nodes(gm, [node], env)
-                if rep:
-                    times[i] += time.perf_counter() - t0
+        run_nodes(gm, calls, env)
+    # Work of a call ~ the bytes it writes: deterministic, unlike timings on a shared machine.
+    times = [
+        float(env[n.name].numel() * env[n.name].element_size())
+        if isinstance(env[n.name], torch.Tensor)
+        else 0.0
+        for n in calls
+    ]
     position = {n.name: i for i, n in enumerate(calls)}
     last_use = {n.name: position.get(n.name, -1) for n in gm.graph.nodes}
     for i, node in enumerate(calls):
@@ -380,7 +402,7 @@ def measure(
                 return x
 
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                run_nodes(gm, seg.nodes, local)
+                run_nodes(gm, seg.nodes, local, keep=set(seg.outputs))
             state.update(local=local, saved=saved)
 
         def backward(seg: Segment = seg, state: dict[str, Any] = state) -> None:
