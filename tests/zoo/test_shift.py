@@ -85,7 +85,7 @@ def test_quantization_leaves_the_shift_as_it_is():
     assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_onnx_export_holds_only_pad_slice_concat_for_the_shift(tmp_path):
+def test_onnx_export_holds_split_pad_concat_for_the_shift(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
@@ -96,7 +96,7 @@ def test_onnx_export_holds_only_pad_slice_concat_for_the_shift(tmp_path):
     report = sq.export_onnx(q, tmp_path / "csc.onnx", x)  # verified in ONNX Runtime
     assert report.max_abs_error is not None
     ops = {n.op_type for n in onnx.load(tmp_path / "csc.onnx").graph.node}
-    assert {"Pad", "Slice", "Concat"} <= ops
+    assert {"Split", "Pad", "Concat"} <= ops
     assert not ops & {"Loop", "If", "Scan"}  # static slices, no control flow
 
 

@@ -134,3 +134,14 @@ def test_every_efficient_model_exports_to_onnx(name, tmp_path):
 def test_every_efficient_classifier_learns_digits(name, digits32):
     net, info = fit(create(name, classes=10), digits32, epochs=6, seed=0, batch_size=32)
     assert info["top1"] > 20.0  # above chance (10%) on 256 test digits after 6 short epochs
+
+
+@pytest.mark.parametrize("name", quick_first(EFFICIENT))
+def test_batchnorm_folds_into_every_efficient_model(name):
+    # folding traces the net with torch.fx: the shift and the channel splits must be traceable
+    net = small_model(name)
+    x = inputs(net, 4)
+    folded = sq.fold_batchnorm(net)
+    with torch.no_grad():
+        ref = net(x)
+        assert (folded(x) - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6

@@ -37,8 +37,8 @@ def rotate_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """The shift-based channel shuffle: the last quarter of the ``channels`` moves to the front.
     (``channels`` is passed, not read from ``x``, so traced graphs hold constant slices.)"""
     q = channels * 3 // 4
-    head, tail = torch.split(x, [q, channels - q], dim=1)
-    return torch.cat([tail, head], dim=1)
+    parts = torch.split(x, [q, channels - q], dim=1)  # indexed: torch.fx cannot unpack a split
+    return torch.cat([parts[1], parts[0]], dim=1)
 
 
 class DiracDeltaUnit(nn.Module):
@@ -69,7 +69,8 @@ class DiracDeltaUnit(nn.Module):
         if self.downsample:
             keep, branch = self.shortcut(x), x
         else:
-            keep, branch = torch.split(x, [self.cin // 2, self.cin - self.cin // 2], dim=1)
+            parts = torch.split(x, [self.cin // 2, self.cin - self.cin // 2], dim=1)
+            keep, branch = parts[0], parts[1]
         out = self.conv2(self.shift(self.pool(self.conv1(branch))))
         return rotate_channels(torch.cat([keep, out], dim=1), self.cout)
 

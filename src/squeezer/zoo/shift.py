@@ -116,8 +116,9 @@ class Shift(nn.Module):
         # with a negative and a positive width. Splitting first keeps the backward cheap (a
         # concatenation of gradients, where slicing one padded tensor per group would fill a
         # full-size zero gradient per group: 6x slower on CPU).
+        # (parts are indexed, not iterated: torch.fx traces a split as one node of unknown length)
         shifted = [
-            F.pad(p, (-dx * d, dx * d, -dy * d, dy * d))
-            for p, (_, _, dy, dx) in zip(parts, self.groups, strict=True)
+            F.pad(parts[i], (-dx * d, dx * d, -dy * d, dy * d))
+            for i, (_, _, dy, dx) in enumerate(self.groups)
         ]
         return torch.cat(shifted, dim=1)
