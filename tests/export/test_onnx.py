@@ -1,4 +1,4 @@
-"""ONNX export (squeezer.export) and the ``export``/``bench`` commands.
+"""ONNX export (``squeezer.export.export_onnx``): the rewritten graph end to end.
 
 Oracles: squeezer's own fake-quant outputs (the export must match them to within one 8-bit step of
 the output range, and exactly up to float rounding where no activation is quantized), ONNX
@@ -8,17 +8,14 @@ size Σ params × bits / 8 plus the parts kept in float.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from squeezer import LayerQuant, Plan, QuantConfig, quantize
-from squeezer.cli import main
 from squeezer.errors import ExportError
-from squeezer.pipeline import calibration_batches, uniform_plan
+from squeezer.templates import uniform_plan
 
 pytest.importorskip("onnxruntime")
 from squeezer.export import export_onnx, ort_feeds, ort_session  # noqa: E402
@@ -60,7 +57,7 @@ def trained_resnet(one_thread, digits):
 
 
 def _w8a8(net, digits):
-    return quantize(net, uniform_plan(net, 8, act_bits=8), calib=calibration_batches(digits))
+    return quantize(net, uniform_plan(net, 8, act_bits=8), calib=digits.calibration_batches())
 
 
 def test_digits_cnn_matches_fake_quant_runs_int8_and_is_small(trained_cnn, digits, tmp_path):
@@ -158,7 +155,7 @@ def test_mixed_plan_float_layer_and_narrow_activations(trained_cnn, digits, tmp_
     fc2 stays float."""
     net = trained_cnn
     layers = {k: LayerQuant(bits=4, act_bits=4) for k in ("conv1", "conv2", "conv3", "fc1")}
-    q = quantize(net, Plan(layers), calib=calibration_batches(digits))
+    q = quantize(net, Plan(layers), calib=digits.calibration_batches())
     rep = export_onnx(q, tmp_path / "m.onnx", digits.x_test[:256])
     assert "fc2" not in rep.layers
     assert rep.max_abs_error <= rep.output_step
@@ -190,43 +187,6 @@ def test_bad_inputs():
         export_onnx(q, "never.onnx", [1, 2, 3])
     with pytest.raises(ExportError, match="no quantized layers"):
         export_onnx(MLP(), "never.onnx", torch.zeros(1, 64))
-
-
-def test_cli_export_and_bench(tmp_path, capsys):
-    run = tmp_path / "run"
-    argv = ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=8"]
-    assert main([*argv, "--method", "uniform", "--out", str(run), "--quiet"]) == 0
-    assert main(["export", str(run), "--format", "onnx"]) == 0, capsys.readouterr().err
-    assert (run / "model.onnx").is_file()
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["export"]["path"] == "model.onnx"
-    assert m["export"]["max_abs_error"] <= m["export"]["atol"]
-    # the deployed model is measured on the whole test split, next to the simulation
-    assert abs(m["export"]["test_metric"] - m["after"]["metric"]) <= 0.5
-    assert "of the ONNX model on the test split" in capsys.readouterr().out
-    assert main(["export", str(run), "--exact"]) == 0, capsys.readouterr().err
-    exact = json.loads((run / "metrics.json").read_text())["export"]
-    assert exact["test_metric"] == pytest.approx(m["after"]["metric"], abs=0.5)
-    assert main(["bench", str(run), "--runs", "3", "--warmup", "1", "--threads", "1"]) == 0
-    m = json.loads((run / "metrics.json").read_text())
-    lat = m["latency"]
-    assert lat["threads"] == 1
-    for b in ("batch_1", "batch_32"):
-        assert set(lat[b]) == {"PyTorch FP32", "ORT FP32", "ONNX (squeezer)"}
-        assert all(v["median_ms"] > 0 and v["runs"] == 3 for v in lat[b].values())
-    assert m["after"]["latency_ms"] == lat["batch_1"]["ONNX (squeezer)"]["median_ms"]
-    report = (run / "report.md").read_text()
-    assert "## Deployment" in report and "ONNX (squeezer)" in report
-
-
-def test_cli_export_needs_a_compressed_run(tmp_path, capsys):
-    assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
-    assert "not a squeezer run folder" in capsys.readouterr().err
-    w = tmp_path / "trained"  # a run folder without a compressed model (as `train` writes)
-    w.mkdir()
-    (w / "manifest.json").write_text(json.dumps({"tool": "squeezer", "command": "train"}))
-    assert main(["bench", str(w)]) == 2
-    assert "no compressed model" in capsys.readouterr().err
 
 
 def test_token_linears_become_matmul_integer_to_float_with_their_bias(tmp_path):

