@@ -79,9 +79,9 @@ def test_growth_follows_the_eigenvalue_and_repeats(digits):
 
 
 def _ref(lam, sizes, i):
-    # λ at the last growth (or at epoch 0) before epoch i
+    # the largest λ since the last growth (or epoch 0) before epoch i, from that growth on
     j = max([0] + [k for k in range(1, i) if sizes[k] > sizes[k - 1]])
-    return lam[j]
+    return max(lam[j:i])
 
 
 def test_patience_forces_growth(digits):

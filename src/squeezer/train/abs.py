@@ -4,7 +4,8 @@ Yao, Gholami et al., "Large batch size training of neural networks with adversar
 second-order information" (arXiv:1810.01021): large batches hurt early in training, where the loss
 is sharp (large top Hessian eigenvalue λ), and cost little once it is flat. ABS therefore starts
 with a small batch and, once an epoch, measures λ on one fixed batch; when λ has fallen by a factor
-``decrease`` since the last growth (or ``patience`` measurements passed without that), the batch
+``decrease`` below its largest value since the last growth (or ``patience`` measurements passed
+without that), the batch
 grows by ``growth`` (up to ``max_batch_size``) and the learning rate is scaled with it (linearly by
 default, the rule the paper pairs with batch growth; ``lr_scaling="sqrt"`` or ``"none"`` too).
 Learning-rate decay at ``decay_epochs`` multiplies the rate by ``decay``.
@@ -127,7 +128,8 @@ def fit_abs(
         batch_size: the initial (and micro-) batch size.
         max_batch_size: the largest effective batch; equal to ``batch_size`` for a fixed batch.
         growth: factor by which the batch grows.
-        decrease: grow when λ falls below ``λ_ref / decrease`` (``λ_ref``: λ at the last growth).
+        decrease: grow when λ falls below ``λ_ref / decrease`` (``λ_ref``: the largest λ measured
+            since the last growth, starting with the λ measured at it).
         patience: grow anyway after this many measurements without such a fall (the paper's
             duration factor).
         lr: the initial learning rate (default: the optimizer's, see
@@ -175,6 +177,8 @@ def fit_abs(
                 elif lam < reference / decrease or waited >= patience:
                     effective = min(effective * growth, max_batch_size)
                     reference, waited = lam, 0
+                else:  # early in training λ rises: measure the fall from the peak
+                    reference = max(reference, lam)
             ratio = effective / batch_size
             scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[lr_scaling]
             rate = base_lr * scale * rate_decay
