@@ -92,6 +92,14 @@ def _ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, raw: torch.Tensor) -> tor
     return torch.where((w_norm > 0) & (u_norm > 0), raw, torch.ones_like(raw))
 
 
+def _evaluate(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """The loss from ``closure`` (with gradients on, as ``step`` runs under no_grad), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _check(name: str, value: float, low: float = 0.0) -> None:
     if not value >= low:
         raise ValueError(f"{name}={value} is invalid; use a value >= {low}")
@@ -150,10 +158,7 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One update; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -245,10 +250,7 @@ class LAMB(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One update; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         divisor = self._clip_divisor()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
