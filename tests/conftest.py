@@ -75,3 +75,21 @@ def float_leaks():
     """``with float_leaks() as mode:`` records in ``mode.leaks`` the torch calls inside that turn
     an integer tensor into a floating one."""
     return _FloatLeakDetector
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """{kind: (net, data, dense Hessian, operator)} for the MLP and the Conv-BN net.
+
+    ``data`` is three uneven batches; the operator uses the same samples as one batch (the same
+    Hessian, as test_hvp checks) because one graph per product is faster.
+    """
+    from test_hvp import CE, dense_hessian, split, trained
+
+    from squeezer.hvp import HessianOperator
+
+    out = {}
+    for kind in ("mlp", "conv"):
+        net, x, y = trained(kind)
+        out[kind] = (net, split(x, y), dense_hessian(net, x, y), HessianOperator(net, CE, (x, y)))
+    return out

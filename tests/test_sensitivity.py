@@ -224,3 +224,38 @@ def test_trace_without_a_spectrum_computes_one_from_data(trained):
     s = sensitivity(net, data=data, bits=(2, 8), seed=1)
     assert s.meta["spectrum"]["seed"] == 1 and s.meta["spectrum"]["probes"] >= 10
     assert all(row[2] > row[8] > 0 for row in s.omega.values())
+
+
+@pytest.mark.parametrize("method", sorted(SENSITIVITY_METHODS))
+def test_every_registered_method_scores_every_layer(trained, method):
+    """Each method of the registry, on the same trained net and data: Ω for every layer and
+    width, zero at float widths, the coarsest width the worst for the layer the methods agree is
+    most sensitive, and a JSON round trip. Methods that need a spectrum compute it from data."""
+    from squeezer.spectrum import analyze
+
+    net, data = trained
+    spec = analyze(net, F.cross_entropy, data, top_k=0, per_layer_eig=True, max_probes=40,
+                   rel_stderr=None, seed=0)  # fmt: skip
+    s = sensitivity(net, spec, method=method, bits=(2, 4, 8, 32), data=data)
+    assert list(s.omega) == ["0", "2", "4"] and s.bits == (2, 4, 8, 32)
+    assert all(row[32] == 0.0 for row in s.omega.values())
+    assert all(row[2] >= row[8] - 1e-6 for row in s.omega.values())
+    assert max(row[2] for row in s.omega.values()) > 0
+    assert Sensitivity.from_json(s.to_json()) == s
+
+
+def test_per_layer_template_scores_each_layer_with_its_own_quantizer(trained):
+    net, data = trained
+    from squeezer.spectrum import analyze
+
+    spec = analyze(net, F.cross_entropy, data, top_k=0, per_layer_eig=False, max_probes=20,
+                   rel_stderr=None, seed=0)  # fmt: skip
+    tpl = Plan({"0": LayerQuant(granularity="group", group_size=3), "2": LayerQuant(),
+                "4": LayerQuant(granularity="tensor")})  # fmt: skip
+    s = sensitivity(net, spec, bits=(2, 4), template=tpl)
+    assert s.meta["granularity"] == {"0": ["group", 3], "2": ["channel", None],
+                                     "4": ["tensor", None]}  # fmt: skip
+    for fqn, q in tpl.layers.items():
+        one = sensitivity(net, spec, bits=(2, 4), granularity=q.granularity,
+                          group_size=q.group_size, layers=[fqn])  # fmt: skip
+        assert s.omega[fqn] == one.omega[fqn]

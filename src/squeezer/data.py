@@ -315,6 +315,11 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, test_fraction: float = 0
     return x[tr], y[tr], x[te], y[te]
 
 
+def _classification(name: str, x: torch.Tensor, y: torch.Tensor, seed: int, meta: dict) -> Dataset:
+    """A classification data set from all samples, split by :func:`_split`."""
+    return Dataset(name, *_split(x, y, seed), Classification(), meta)
+
+
 @register_dataset("digits")
 def _digits(seed: int = 0) -> Dataset:
     """scikit-learn's 1,797 real 8×8 handwritten digits, scaled to [0, 1], 75/25 split."""
@@ -323,8 +328,8 @@ def _digits(seed: int = 0) -> Dataset:
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
-    x_tr, y_tr, x_te, y_te = _split(x, y, seed=0)  # the split is fixed: results stay comparable
-    return Dataset("digits", x_tr, y_tr, x_te, y_te, Classification(), {"classes": 10})
+    # The split is fixed (seed 0 whatever the run's seed): results stay comparable.
+    return _classification("digits", x, y, 0, {"classes": 10})
 
 
 @register_dataset("mnist1d")
@@ -371,16 +376,8 @@ def _load_npz(path: Path, seed: int) -> Dataset:
     integer = np.issubdtype(x.dtype, np.integer)
     xt = torch.tensor(x, dtype=torch.long if integer else torch.float32)
     yt = torch.tensor(y, dtype=torch.long)
-    x_tr, y_tr, x_te, y_te = _split(xt, yt, seed)
-    return Dataset(
-        path.stem,
-        x_tr,
-        y_tr,
-        x_te,
-        y_te,
-        Classification(),
-        {"classes": int(yt.max()) + 1, "source": path.name},
-    )
+    return _classification(path.stem, xt, yt, seed,
+                           {"classes": int(yt.max()) + 1, "source": path.name})  # fmt: skip
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -415,13 +412,4 @@ def _load_image_folder(path: Path, seed: int) -> Dataset:
         raise DataError(f"{path} holds fewer than two readable images")
     x = torch.tensor(np.stack(xs))
     y = torch.tensor(ys, dtype=torch.long)
-    x_tr, y_tr, x_te, y_te = _split(x, y, seed)
-    return Dataset(
-        path.name,
-        x_tr,
-        y_tr,
-        x_te,
-        y_te,
-        Classification(),
-        {"classes": len(classes), "class_names": classes},
-    )
+    return _classification(path.name, x, y, seed, {"classes": len(classes), "class_names": classes})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -171,7 +171,7 @@ def _extremes(
 
 
 def _limits(
-    budget: Budget, sens: Sensitivity, costs: Costs, choices: Sequence[Sequence[int]]
+    budget: Budget, layers: Sequence[str], costs: Costs, choices: Sequence[Sequence[int]]
 ) -> dict[str, float]:
     """{budget key: absolute limit}, resolving HAWQ-V3's relative values."""
     out = {}
@@ -183,7 +183,7 @@ def _limits(
                 + (", latency=layer_latency_table(...)" if key == "latency_ms" else "")
             )
         if key in budget.relative:
-            lo, hi = _extremes(costs, key, sens.layers, choices)
+            lo, hi = _extremes(costs, key, layers, choices)
             value = lo + value * (hi - lo)
         out[key] = float(value)
     return out
@@ -232,14 +232,14 @@ def plan(
     pin = dict(pin or {})
     template = _template(sensitivity, costs, template)
     prog = _build(sensitivity, costs, ties, bits, pin)
-    limits = _limits(budget, sensitivity, costs, prog.choices)
+    limits = _limits(budget, prog.layers, costs, prog.choices)
     coefs = {key: _coef(prog, costs, key) for key in limits}
     for key, cap in limits.items():
         prog.limit(coefs[key], cap - costs.fixed(key))
     x = prog.solve()
     if x is None:
         raise InfeasibleBudgetError(
-            _infeasible_message(sensitivity, costs, ties, bits, pin, budget)
+            _infeasible_message(lambda: _build(sensitivity, costs, ties, bits, pin), costs, budget)
         )
     assignment = prog.assignment(x)
     meta = {
@@ -318,19 +318,13 @@ def _same_granularity(lq: LayerQuant, granularity: str, group_size: int | None) 
         )
 
 
-def _infeasible_message(
-    sens: Sensitivity,
-    costs: Costs,
-    ties: Ties,
-    bits: Sequence[int] | None,
-    pin: Mapping[str, int],
-    budget: Budget,
-) -> str:
-    """Name the first limit that cannot be met even at its own minimum under the other limits."""
-    prog0 = _build(sens, costs, ties, bits, pin)
-    limits = _limits(budget, sens, costs, prog0.choices)
+def _infeasible_message(build: Callable[[], _Program], costs: Costs, budget: Budget) -> str:
+    """Name the first limit that cannot be met even at its own minimum under the other limits
+    (``build()`` makes a fresh program of the failed plan, without limits)."""
+    prog0 = build()
+    limits = _limits(budget, prog0.layers, costs, prog0.choices)
     for key in limits:
-        prog = _build(sens, costs, ties, bits, pin)
+        prog = build()
         for other, cap in limits.items():
             if other != key:
                 prog.limit(_coef(prog, costs, other), cap - costs.fixed(other))

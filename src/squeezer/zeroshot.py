@@ -368,44 +368,16 @@ def distill(
     )
 
 
-def distill_data(
-    model: nn.Module,
-    n: int,
-    *,
-    seed: int = 0,
-    input_shape: Sequence[int] | None = None,
-    example: torch.Tensor | None = None,
-    steps: int = 200,
-    lr: float = 0.2,
-    batch_size: int = 64,
-    prior: tuple[float, float] | None = None,
-    match: str = "batch",
-    progress: bool = False,
-    callback: Callable[[int, float], None] | None = None,
-) -> torch.Tensor:
-    """``n`` synthetic inputs whose BatchNorm statistics match the model's running statistics.
-
-    The arguments are those of :func:`distill`.
+def distill_data(model: nn.Module, n: int, **options: Any) -> torch.Tensor:
+    """``n`` synthetic inputs whose BatchNorm statistics match the model's running statistics:
+    :func:`distill` (same keyword options) without its record.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
         >>> distill_data(net, 4, input_shape=(1, 8, 8), steps=10).shape
         torch.Size([4, 1, 8, 8])
     """
-    return distill(
-        model,
-        n,
-        seed=seed,
-        input_shape=input_shape,
-        example=example,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        prior=prior,
-        match=match,
-        progress=progress,
-        callback=callback,
-    ).inputs
+    return distill(model, n, **options).inputs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ from torch import nn
 
 from squeezer import LayerQuant, Plan, QuantConfig, load_quantized, quantize
 from squeezer.data import evaluate
-from squeezer.templates import uniform_plan
 from squeezer.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from squeezer.templates import uniform_plan
 
 
 def _state(model):

@@ -1,0 +1,84 @@
+"""The one compression chain: every calibration source and method through compress(); replan()
+from a saved analysis equals planning afresh; the caller's model untouched; registries listable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from squeezer.budget import Budget
+from squeezer.calibration import CALIBRATION_SOURCES, register_calibration
+from squeezer.errors import ConfigError
+from squeezer.pipeline import Calibration, choose_plan, compress, replan
+from squeezer.templates import TEMPLATES, template_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("calib", sorted(CALIBRATION_SOURCES))
+@pytest.mark.parametrize("method", ["hessian", "uniform"])
+def test_every_calibration_source_and_method(trained_digits_cnn, digits, calib, method):
+    net, _ = trained_digits_cnn
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    r = compress(net, digits, "bits=4", method=method, calib=calib, hessian_samples=128,
+                 samples=16)  # fmt: skip
+    assert r.after.avg_bits <= 4 + 1e-9 and r.after.metric > 90
+    assert r.before.metric == pytest.approx(r.variants[0].metric)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    json.dumps(r.metrics(digits))  # the metrics document is plain JSON
+    if method == "uniform":
+        assert r.analysis is None and r.plan.meta["method"] == "uniform"
+        return
+    a = r.analysis
+    assert a.template_name == "default" and a.sensitivity.method == (
+        "trace" if calib == "real" else "kl"
+    )
+    assert (a.spectrum is None) == (calib == "zeroshot")
+    assert (r.calib_inputs is not None) == (calib == "zeroshot")
+    assert len({s.bits for s in r.plan.layers.values()}) > 1  # really mixed at 4 bits
+    # Re-planning from the saved analysis: the plan the chain makes for that budget directly.
+    again = replan(net, digits, a, Budget(bits=3), calib=calib, calib_inputs=r.calib_inputs)
+    assert again.plan.layers == choose_plan(a, Budget(bits=3)).layers
+    assert again.after.avg_bits <= 3 + 1e-9
+
+
+def test_result_is_built_once(trained_digits_cnn, digits):
+    r = compress(trained_digits_cnn[0], digits, "bits=8", method="uniform")
+    with pytest.raises(AttributeError):
+        r.plan = None  # frozen
+
+
+def test_errors(trained_digits_cnn, digits):
+    net, _ = trained_digits_cnn
+    with pytest.raises(ConfigError, match="whole number of bits"):
+        compress(net, digits, "bits=4.5", method="uniform")
+    with pytest.raises(ConfigError, match="unknown calibration"):
+        compress(net, digits, "bits=4", calib="nope")
+    with pytest.raises(ConfigError, match="--data is required"):
+        compress(net, None, "bits=4")
+    with pytest.raises(ConfigError, match="unknown layer template"):
+        compress(net, digits, "bits=4", template="nope")
+
+
+def test_a_registered_calibration_source_plugs_in(trained_digits_cnn, digits):
+    """A new source is one handler: here, calibration on the test split's first 64 inputs."""
+
+    @register_calibration("test_split")
+    def _test_split(model, data, **_):
+        return Calibration([data.x_test[:64]], "kl", data.example(1), "test-split mixed")
+
+    try:
+        r = compress(trained_digits_cnn[0], digits, "bits=4", calib="test_split")
+        assert r.plan.meta["name"] == "test-split mixed (bits=4)"
+        assert r.analysis.sensitivity.method == "kl"
+    finally:
+        del CALIBRATION_SOURCES["test_split"]
+
+
+def test_templates_registry():
+    assert {"default", "qbert"} <= set(TEMPLATES)
+    for t in TEMPLATES.values():
+        assert t.bits == tuple(sorted(t.bits)) and t.analysis.samples > 0
+    assert template_for(torch.nn.Linear(2, 2)).name == "default"
