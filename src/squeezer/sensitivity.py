@@ -24,6 +24,8 @@ data keyed by the layer's fully qualified name (FQN).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -576,12 +578,7 @@ def _split(batch: Any) -> tuple[Any, Any]:
 
 
 def _take(data: Iterable[Any], max_batches: int | None) -> list[Any]:
-    out = []
-    for batch in data:
-        out.append(batch)
-        if max_batches is not None and len(out) >= max_batches:
-            break
-    return out
+    return list(itertools.islice(data, max_batches))
 
 
 def _require_data(batches: Sequence[Any] | None, what: str) -> Sequence[Any]:
@@ -600,7 +597,4 @@ def _eval_copy(model: nn.Module) -> nn.Module:
 
 def _most_common(items: list[tuple]) -> tuple | None:
     """The most frequent item (the first seen among ties), or None for no items."""
-    counts: dict[tuple, int] = {}
-    for it in items:
-        counts[it] = counts.get(it, 0) + 1
-    return max(counts, key=lambda k: counts[k]) if counts else None
+    return collections.Counter(items).most_common(1)[0][0] if items else None
