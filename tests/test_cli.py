@@ -186,22 +186,9 @@ def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
     save_weights(net, w)
     out = tmp_path / "run"
     rc = main(
-        [
-            "compress",
-            "zoo:digits_cnn",
-            "--weights",
-            str(w),
-            "--data",
-            "digits",
-            "--budget",
-            "bits=3",
-            "--hessian-samples",
-            "128",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+        ["compress", "zoo:digits_cnn", "--weights", str(w), "--data", "digits", "--budget",
+         "bits=3", "--hessian-samples", "128", "--out", str(out), "--quiet"]
+    )  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     for f in ("spectrum.json", "sensitivity.json", "costs.json", "pareto.json"):
         assert (out / f).is_file(), f
@@ -234,22 +221,9 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     save_weights(net, w)
     out = tmp_path / "zs"
     rc = main(
-        [
-            "compress",
-            "zoo:digits_cnn",
-            "--weights",
-            str(w),
-            "--calib",
-            "zeroshot",
-            "--budget",
-            "bits=4",
-            "--eval-data",
-            "digits",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+        ["compress", "zoo:digits_cnn", "--weights", str(w), "--calib", "zeroshot", "--budget",
+         "bits=4", "--eval-data", "digits", "--out", str(out), "--quiet"]
+    )  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["source"].startswith("distilled")

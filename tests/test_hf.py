@@ -444,3 +444,11 @@ def test_cli_compress_tiny_encoder_uniform_and_mixed(tiny_dir, tmp_path, capsys)
         assert m["after"]["avg_bits"] <= float(budget.split("=")[1]) + 1e-9
         assert 0.5 < m["after"]["metric"] <= 1.0 + 1e-6
     assert (tmp_path / "bits4.5" / "sensitivity.json").is_file()
+    # An encoder run re-plans like any other: the stages after sensitivity, from the saved files.
+    mixed = tmp_path / "bits4.5"
+    assert main(["plan", str(mixed), "--budget", "bits=6"]) == 0, capsys.readouterr().err
+    m = json.loads((mixed / "metrics.json").read_text())
+    assert 4.5 < m["after"]["avg_bits"] <= 6 + 1e-9
+    assert json.loads((mixed / "manifest.json").read_text())["replanned"] is True
+    plan = json.loads((mixed / "plan.json").read_text())
+    assert plan["meta"]["template"] == "qbert" and plan["meta"]["name"] == "Q-BERT mixed (bits=6)"
