@@ -337,3 +337,15 @@ def test_latency_table_in_onnxruntime():
     assert set(table) == {"0", "2"}
     for row in table.values():
         assert row[2] == row[8] > 0 and row[32] > 0  # no sub-byte kernels: 2 bits time as 8
+
+
+def test_moved_names_still_work_with_a_deprecation_warning():
+    import squeezer.costs
+    import squeezer.plan as old
+
+    with pytest.warns(DeprecationWarning, match="moved to squeezer.costs.plan_costs"):
+        assert old.plan_costs is squeezer.costs.plan_costs
+    with pytest.warns(DeprecationWarning):
+        assert old.residual_ties is residual_ties
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
