@@ -52,6 +52,14 @@ def _first_run_stats(modules: list[nn.Module]) -> Iterator[None]:
                     getattr(m, k).copy_(v)
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [v for v in x.values() if isinstance(v, torch.Tensor)]
+    return []
+
+
 class Rematerialized(nn.Module):
     """A model whose training step follows a rematerialization schedule.
 
@@ -78,9 +86,9 @@ class Rematerialized(nn.Module):
         self.graph = graph
         self.segments = segments
         self._gm = [gm]  # not a submodule: it shares model's parameters
-        self.set_schedule(schedule)
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self._loss_name = out.args[0].name
+        self.set_schedule(schedule)
         self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         modules = dict(gm.named_modules())
         self._seg_modules = [
@@ -91,6 +99,14 @@ class Rematerialized(nn.Module):
             for name, p in seg.inputs.items():
                 if p >= 0:
                     self._consumers[p].setdefault(name, []).append(seg.index)
+        # After the backward of its first consumer (the last one to run), an output that its own
+        # segment's backward does not read is dead: its storage is released early (the graph
+        # only needs its shape as a root). The model still counts it until B_s: conservative.
+        self._release: dict[int, list[tuple[int, str]]] = {}
+        for p, outs in enumerate(self._consumers):
+            for name, users in outs.items():
+                if name not in segments[p].pinned and name != self._loss_name:
+                    self._release.setdefault(min(users), []).append((p, name))
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Follow ``schedule`` from the next step on."""
@@ -115,6 +131,10 @@ class Rematerialized(nn.Module):
         gm = self._gm[0]
         k = len(self.segments)
         env0 = dict(zip(self._placeholders, (inputs, targets), strict=True))
+        protected = {
+            t.untyped_storage().data_ptr()
+            for t in (*gm.parameters(), *gm.buffers(), *_tensors(inputs), *_tensors(targets))
+        }
         fwd: dict[int, dict[str, Any]] = {}
         bwd: dict[int, dict[str, torch.Tensor]] = {}
         rng: dict[int, torch.Tensor] = {}
@@ -173,7 +193,7 @@ class Rematerialized(nn.Module):
             fwd[s] = {"values": {o: local[o] for o in seg.outputs}, "leaves": leaves}
             local.clear()
             if first and self._loss_name in fwd[s]["values"]:
-                loss = fwd[s]["values"][self._loss_name].detach()
+                loss = fwd[s]["values"][self._loss_name].detach().clone()
 
         def run_backward(s: int) -> None:
             seg = self.segments[s]
@@ -191,17 +211,45 @@ class Rematerialized(nn.Module):
                     ]
                     if not parts:
                         continue
-                    g = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                    g = parts[0]
+                    for part in parts[1:]:  # in place: each part is a consumer's own buffer
+                        g.add_(part)
                 tensors.append(t)
                 grads.append(g)
             if tensors:
                 torch.autograd.backward(tensors, grads)
             bwd[s] = {n: leaf.grad for n, leaf in f["leaves"].items() if leaf.grad is not None}
             f["leaves"] = {}
+            for p, name in self._release.get(s, ()):
+                held = fwd.get(p)
+                if held is not None:
+                    release(held["values"].get(name), skip=(p, name))
+
+        def release(t: Any, skip: tuple[int, str]) -> None:
+            """Free ``t``'s storage now, unless another value still held shares it. The graphs
+            of kept consumers pin their inputs' storage through their autograd leaves, though
+            they only need the shapes: without this a value the schedule frees would live on."""
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
+                return
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in protected:  # the caller's batch, parameters and buffers
+                return
+            for p, held in fwd.items():
+                for name, v in held["values"].items():
+                    if (p, name) != skip and isinstance(v, torch.Tensor):
+                        if v.untyped_storage().data_ptr() == ptr:
+                            return
+            t.untyped_storage().resize_(0)
 
         def drop(i: int) -> None:
             s = self.graph.nodes[i].segment
-            (fwd if self.graph.nodes[i].kind == "F" else bwd).pop(s, None)
+            if self.graph.nodes[i].kind == "B":
+                bwd.pop(s, None)
+                return
+            held = fwd.pop(s, None)
+            if held is not None:
+                for name, v in held["values"].items():
+                    release(v, skip=(s, name))
 
         for t, stage in enumerate(self._plan):
             for i in list(range(2 * k)):

@@ -198,6 +198,8 @@ class Segment:
     inputs: dict[str, int]
     outputs: list[str]
     saves_input: tuple[str, ...] = ()
+    #: Outputs whose storage the segment's own graph saved or shares (needed by its backward).
+    pinned: tuple[str, ...] = ()
     grad_inputs: set[str] = field(default_factory=set)
 
 
@@ -441,6 +443,17 @@ def measure(
                     if t.untyped_storage().data_ptr() in in_ptr
                 }
             )
+        )
+        own = {t.untyped_storage().data_ptr() for t in saved} | set(in_ptr)
+        ptrs: dict[int, int] = {}
+        for o in outs:
+            ptrs[o.untyped_storage().data_ptr()] = ptrs.get(o.untyped_storage().data_ptr(), 0) + 1
+        seg.pinned = tuple(
+            o
+            for o in seg.outputs
+            if not isinstance(state["local"][o], torch.Tensor)
+            or state["local"][o].untyped_storage().data_ptr() in own
+            or ptrs[state["local"][o].untyped_storage().data_ptr()] > 1
         )
         backward()  # warm-up: parameter gradients exist from now on, as in training
         t_f = _median_time(forward, reps)
