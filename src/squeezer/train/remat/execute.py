@@ -99,14 +99,6 @@ class Rematerialized(nn.Module):
             for name, p in seg.inputs.items():
                 if p >= 0:
                     self._consumers[p].setdefault(name, []).append(seg.index)
-        # After the backward of its first consumer (the last one to run), an output that its own
-        # segment's backward does not read is dead: its storage is released early (the graph
-        # only needs its shape as a root). The model still counts it until B_s: conservative.
-        self._release: dict[int, list[tuple[int, str]]] = {}
-        for p, outs in enumerate(self._consumers):
-            for name, users in outs.items():
-                if name not in segments[p].pinned and name != self._loss_name:
-                    self._release.setdefault(min(users), []).append((p, name))
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Follow ``schedule`` from the next step on."""
@@ -122,6 +114,22 @@ class Rematerialized(nn.Module):
             b = 2 * k - 1 - s
             last = max(t for t in range(b + 1) if R[t, s])
             self._graph_run.add((last, s))
+        # An output that its own segment's backward does not read is dead after its last read
+        # by a consumer (a forward, or a backward that saved it): its storage is released then,
+        # though the value is formally held until freed (the model counts it: conservative).
+        last_read: dict[tuple[int, str], tuple[int, int]] = {}
+        for t, stage in enumerate(self._plan):
+            for pos, (i, _) in enumerate(stage):
+                node = self.graph.nodes[i]
+                seg = self.segments[node.segment]
+                names = seg.inputs if node.kind == "F" else seg.saves_input
+                for name in names:
+                    if seg.inputs[name] >= 0:
+                        last_read[seg.inputs[name], name] = (t, pos)
+        self._release: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        for (p, name), at in last_read.items():
+            if name not in self.segments[p].pinned and name != self._loss_name:
+                self._release.setdefault(at, []).append((p, name))
 
     def forward(self, inputs: Any) -> Any:
         return self.model(inputs)
@@ -220,10 +228,6 @@ class Rematerialized(nn.Module):
                 torch.autograd.backward(tensors, grads)
             bwd[s] = {n: leaf.grad for n, leaf in f["leaves"].items() if leaf.grad is not None}
             f["leaves"] = {}
-            for p, name in self._release.get(s, ()):
-                held = fwd.get(p)
-                if held is not None:
-                    release(held["values"].get(name), skip=(p, name))
 
         def release(t: Any, skip: tuple[int, str]) -> None:
             """Free ``t``'s storage now, unless another value still held shares it. The graphs
@@ -258,12 +262,15 @@ class Rematerialized(nn.Module):
                 )
                 if held is not None and i not in self._keep[t]:
                     drop(i)
-            for node_index, freed in stage:
+            for pos, (node_index, freed) in enumerate(stage):
                 node = self.graph.nodes[node_index]
                 if node.kind == "F":
                     run_forward(node.segment, (t, node.segment) in self._graph_run)
                 else:
                     run_backward(node.segment)
+                for p, name in self._release.get((t, pos), ()):
+                    if p in fwd:
+                        release(fwd[p]["values"].get(name), skip=(p, name))
                 for i in freed:
                     drop(i)
         fwd.clear()
