@@ -182,3 +182,11 @@ def test_impossible_budget_says_so():
     batch = (torch.randn(32, 64), torch.zeros(32).long())
     with pytest.raises(ConfigError, match="no schedule fits"):
         remat(net, nn.functional.cross_entropy, batch, budget=1, segments=2, reps=1)
+
+
+def test_time_limit_falls_back_to_a_fitting_schedule():
+    graph = _chain(10, 1)
+    budget = int(0.5 * store_all(graph).peak)
+    s = solve(graph, budget, time_limit=0.01)
+    assert s is not None and s.peak <= budget
+    assert s.method in ("milp (time limit)", "lp-rounding", "milp")

@@ -12,9 +12,10 @@ nothing after it needs the value (the paper's linearised hazard count); the memo
 Unlike the paper, a backward node is computed exactly once, in its own stage: recomputing it
 would add its parameter gradients twice.
 
-When the MILP does not finish within the time limit, Checkmate's fallback is used: solve the LP
+When the MILP does not finish within the time limit, Checkmate's fallback is tried: solve the LP
 relaxation, round ``S`` at a threshold, derive the least ``R`` that the kept values allow, and keep
-the cheapest rounding that fits the budget (trying a tighter LP budget when none does).
+the cheapest rounding that fits the budget (trying a tighter LP budget when none does); the cheaper
+of it and the MILP's incumbent is used.
 """
 
 from __future__ import annotations
@@ -312,9 +313,9 @@ def solve(
     """The least-compute schedule of ``graph`` whose modelled peak stays within ``budget`` bytes,
     or None if no schedule fits.
 
-    The MILP is solved to proven optimality unless ``time_limit`` (seconds) runs out: then its best
-    point is used if it has one, else Checkmate's LP rounding. ``rounding=True`` goes straight to
-    the LP rounding (``False``: never).
+    The MILP is solved to proven optimality unless ``time_limit`` (seconds) runs out: then
+    Checkmate's LP rounding is computed too and the cheaper of it and the MILP's best point (if it
+    has one) is returned. ``rounding=True`` goes straight to the LP rounding (``False``: never).
 
     Example:
         >>> g = TrainGraph.chain([1.0, 1.0, 1.0], [10, 10, 10], grads=[2, 2, 2])
@@ -337,9 +338,15 @@ def solve(
         if sol is not False:
             R = _read(sol.x, Ridx, n) > 0.5
             S = _read(sol.x, Sidx, n) > 0.5
-            S = minimal_keep(graph, R) if minimal_keep(graph, R) is not None else S
+            least = minimal_keep(graph, R)
+            S = S if least is None else least
             method = "milp" if sol.optimal else "milp (time limit)"
-            return _schedule(graph, R, S, method, sol.optimal, time.perf_counter() - t0, budget)
+            found = _schedule(graph, R, S, method, sol.optimal, time.perf_counter() - t0, budget)
+            if sol.optimal or rounding is False:
+                return found
+            # Cut short: Checkmate's rounding may beat the incumbent; keep the cheaper.
+            rounded = _round(graph, budget, t0)
+            return found if rounded is None or found.cost <= rounded.cost else rounded
         if rounding is False:
             return None
     return _round(graph, budget, t0)
