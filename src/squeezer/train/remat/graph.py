@@ -294,8 +294,19 @@ def segment(
         raise UnsupportedModelError("the traced step has no operations to schedule")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env: dict[str, Any] = {p.name: v for p, v in zip(placeholders, example, strict=True)}
-    with torch.enable_grad():
-        run_nodes(gm, calls, env)
+    # Which call first saves each storage for backward: a value crossing a cut that no call before
+    # the cut saved is dead weight the schedule would keep (its segment's backward never reads it).
+    saver: dict[int, list[int]] = {}
+    current = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saver.setdefault(t.untyped_storage().data_ptr(), []).append(current[0])
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for i, node in enumerate(calls):
+            current[0] = i
+            run_nodes(gm, [node], env)
     # Work of a call ~ the bytes it writes: deterministic, unlike timings on a shared machine.
     times = [
         float(env[n.name].numel() * env[n.name].element_size())
@@ -312,15 +323,19 @@ def segment(
     for a in out_node.all_input_nodes:
         last_use[a.name] = len(calls)
 
-    # Bytes crossing a cut before call p, and whether every crossing value can be handed over.
+    # Bytes crossing a cut before call p, whether every crossing value can be handed over, and
+    # whether the cut is clean (every crossing value already saved for backward before it).
     crossing = []
     for p in range(1, len(calls)):
         live = [n.name for n in calls[:p] if last_use[n.name] >= p]
         ok = all(_crossing_ok(env[v]) for v in live)
-        size = sum(
-            env[v].numel() * env[v].element_size() for v in live if isinstance(env[v], torch.Tensor)
-        )
-        crossing.append((p, ok, size))
+        size, clean = 0, True
+        for v in live:
+            t = env[v]
+            if isinstance(t, torch.Tensor):
+                size += t.numel() * t.element_size()
+                clean &= any(i < p for i in saver.get(t.untyped_storage().data_ptr(), ()))
+        crossing.append((p, ok, size, clean))
     total = sum(times)
     cum = [sum(times[:p]) for p in range(len(calls) + 1)]
     cuts: list[int] = []
@@ -329,7 +344,10 @@ def segment(
         target, half = total * j / k, total / (2 * k)
         valid = [c for c in crossing if c[1] and (not cuts or c[0] > cuts[-1])]
         window = [c for c in valid if abs(cum[c[0]] - target) <= half]
-        if window:  # the cheapest cut near the target share of forward time
+        clean = [c for c in valid if c[3] and abs(cum[c[0]] - target) <= 2 * half]
+        if clean:  # the clean cut nearest the target share of the work
+            cuts.append(min(clean, key=lambda c: (abs(cum[c[0]] - target), c[2]))[0])
+        elif window:  # else the cheapest cut near it
             cuts.append(min(window, key=lambda c: (c[2], abs(cum[c[0]] - target)))[0])
         elif valid:
             cuts.append(min(valid, key=lambda c: abs(cum[c[0]] - target))[0])
