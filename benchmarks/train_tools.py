@@ -294,7 +294,7 @@ def bench_solve(args: argparse.Namespace) -> dict:
     for k in (int(s) for s in args.segments.split(",")):
         graph, _, _ = trace_step(model, nn.functional.cross_entropy, (x, y), segments=k, reps=1)
         full = store_all(graph)
-        for f in (0.5,):
+        for f in (0.7, 0.5):
             s = solve(graph, int(f * full.peak), time_limit=args.time_limit)
             r = solve(graph, int(f * full.peak), rounding=True)
             milp = None

@@ -345,8 +345,10 @@ def remat(
         if found is None:
             floor = max(nd.memory + nd.transient for nd in graph.nodes)
             raise ConfigError(
-                f"no schedule fits {budget} bytes (store-all needs {full.peak}; no node computes "
-                f"in less than {floor}): raise the budget or cut into more segments"
+                f"no schedule found that fits {budget} bytes (store-all needs {full.peak}; no "
+                f"node computes in less than {floor}; the MILP is infeasible or found no point "
+                f"in {time_limit:g} s and the LP rounding none that fits): raise the budget, the "
+                "time limit, or the number of segments"
             )
         schedule = found
     return Rematerialized(net, gm, segs, graph, schedule)
