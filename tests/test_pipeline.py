@@ -82,3 +82,29 @@ def test_templates_registry():
     for t in TEMPLATES.values():
         assert t.bits == tuple(sorted(t.bits)) and t.analysis.samples > 0
     assert template_for(torch.nn.Linear(2, 2)).name == "default"
+
+
+def test_latency_budget_measures_once_and_trades_float_for_int8(trained_digits_cnn, digits):
+    """A latency budget adds a per-layer table (here the proxy runtime: PyTorch float time x
+    bits/32, so int8 is faster) and float as a choice per layer; re-planning reuses the table."""
+    from squeezer.pipeline import LatencyOptions
+
+    net, _ = trained_digits_cnn
+    opts = LatencyOptions(backend="proxy", runs=5)
+    first = compress(net, digits, "bits=8", hessian_samples=64)
+    assert not first.analysis.costs.available("latency_ms")
+    costs_of = replan(net, digits, first.analysis, Budget.parse("latency=1000ms"), latency=opts)
+    a = costs_of.analysis
+    assert a.costs.available("latency_ms") and 32 in a.sensitivity.bits
+    assert a.costs.meta["latency"]["backend"] == "proxy"
+    assert set(costs_of.plan.bits().values()) == {32}  # a loose budget keeps everything in float
+    lo = a.costs.total("latency_ms", {k: 8 for k in a.sensitivity.layers})
+    hi = a.costs.total("latency_ms", {k: 32 for k in a.sensitivity.layers})
+    assert lo < hi
+    mid = (lo + hi) / 2
+    r = replan(net, digits, a, Budget(latency_ms=mid), latency=opts)
+    assert r.analysis.costs is a.costs  # the cached table, not a new measurement
+    ach = r.plan.meta["achieved"]["latency_ms"]
+    assert ach <= mid + 1e-12 and 32 in r.plan.bits().values() and 8 in r.plan.bits().values()
+    for fqn, spec in r.plan.layers.items():
+        assert spec.act_bits is None if spec.bits == 32 else spec.act_bits == 8

@@ -107,6 +107,13 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         default=8,
         help="activation bits (0 keeps activations in float; default 8)",
     )
+    _latency_arg(p)
+
+
+def _latency_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latency-backend", choices=("onnxruntime", "proxy"), default="onnxruntime",
+                   help="where a latency budget's per-layer table is measured (default: ONNX "
+                   "Runtime at --threads; proxy: PyTorch float time x bits/32)")  # fmt: skip
 
 
 def _spec(args: argparse.Namespace, command: str, **fields):
@@ -157,7 +164,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     spec = _spec(
         args, "compress", budget=Budget.parse(args.budget), method=args.method, calib=args.calib,
         act_bits=args.act_bits or None, hessian_samples=args.hessian_samples,
-        input_shape=_shape(args.input_shape),
+        input_shape=_shape(args.input_shape), latency_backend=args.latency_backend,
     )  # fmt: skip
     if args.calib == "zeroshot":  # the data is for evaluation only
         spec = replace(spec, data=args.eval_data or args.data)
@@ -170,6 +177,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="a run folder written by 'squeezer compress'")
     p.add_argument("--budget", required=True, metavar="B", help="e.g. bits=3, size=40kB, size=0.5r")
+    _latency_arg(p)
 
 
 @command("plan", "re-plan bits from DIR's saved analysis for a new budget, apply and evaluate",
@@ -178,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .budget import Budget
     from .runs import replan_run
 
-    result, data = replan_run(args.dir, Budget.parse(args.budget))
+    result, data = replan_run(args.dir, Budget.parse(args.budget), args.latency_backend)
     ach = result.plan.meta.get("achieved", {})
     print(
         f"planned in {result.timings['plan']:.3f} s: predicted loss increase "

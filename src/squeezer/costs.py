@@ -78,8 +78,9 @@ class Costs:
         """What choosing ``bits`` for layer ``fqn`` adds to budget kind ``key``."""
         if key == "bits":
             return self.params[fqn] * bits / sum(self.params.values())
-        if key == "bops":
-            return float(self.macs[fqn]) * bits * (self.act_bits or 32)  # type: ignore[index]
+        if key == "bops":  # a layer kept in float (bits ≥ 16) runs float activations too
+            act = (self.act_bits or 32) if bits < 16 else 32
+            return float(self.macs[fqn]) * bits * act  # type: ignore[index]
         table = self.size_bytes if key == "size_bytes" else self.latency_ms
         try:
             return float(table[fqn][bits])  # type: ignore[index]

@@ -141,3 +141,55 @@ def _ort_layer_times(
             calls[name] = lambda s=sess, f=feed: s.run(None, f)
         times = measure.time_calls(calls, runs=runs)
     return times["f32"].median_ms, times["i8"].median_ms
+
+
+def latency_costs(
+    model: nn.Module,
+    example: Any,
+    bits: Sequence[int],
+    *,
+    backend: str = "onnxruntime",
+    threads: int = 1,
+    runs: int = 50,
+) -> tuple[dict[str, dict[int, float]], float, float]:
+    """What a latency budget needs: the per-layer table (:func:`layer_latency_table`), the
+    latency of everything outside it, and the whole float model's latency, in ms on ``example``.
+
+    The part outside the table is the whole float model's measured latency less the sum of its
+    layers' float times (never below 0), so a plan that keeps every layer in float is predicted
+    at exactly the float model's measured latency, and a quantized plan at that minus what its
+    layers save. The whole model runs in ONNX Runtime for ``backend="onnxruntime"`` and in
+    PyTorch for ``"proxy"``.
+
+    Returns:
+        ``(table, fixed_ms, whole_fp32_ms)``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> table, fixed, whole = latency_costs(net, torch.zeros(4, 16), (8, 32), backend="proxy",
+        ...                                     runs=3)
+        >>> fixed >= 0 and whole > 0
+        True
+    """
+    table = layer_latency_table(model, example, bits, backend=backend, runs=runs, threads=threads)
+    model = split_attention(model).eval()
+    if backend == "onnxruntime":
+        from .export import export_float_onnx, ort_feeds, ort_session
+
+        sess = ort_session(export_float_onnx(model, example), threads=threads)
+        feeds = ort_feeds(example, sess)
+        call = {"fp32": lambda: sess.run(None, feeds)}
+    else:
+
+        def fp32() -> None:
+            with torch.no_grad():
+                forward(model, example)
+
+        call = {"fp32": fp32}
+    whole = measure.time_calls(call, runs=runs)["fp32"].median_ms
+    return table, max(0.0, whole - float_sum(table)), whole
+
+
+def float_sum(table: dict[str, dict[int, float]]) -> float:
+    """The summed latency of every layer of a table at its float (largest) width."""
+    return sum(row[max(row)] for row in table.values())

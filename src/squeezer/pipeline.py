@@ -48,7 +48,7 @@ from .templates import LayerTemplate, template_for, uniform_plan
 __all__ = [
     "CALIBRATION_SOURCES", "Analysis", "Calibration", "Evaluation", "Result", "analyse",
     "analysis_for", "apply", "apply_plan", "choose_plan", "compress", "register_calibration", "replan",
-    "uniform_plan",
+    "uniform_plan", "LatencyOptions", "with_latency",
 ]  # fmt: skip
 
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +218,48 @@ def analysis_for(
     return Analysis(spectrum, sens, costs, frontier, ties, tpl, template.name)
 
 
+@dataclass(frozen=True)
+class LatencyOptions:
+    """Where latency budgets are measured: ``backend`` ("onnxruntime", or "proxy": PyTorch float
+    time × bits / 32), ``threads`` and timed ``runs`` per measurement."""
+
+    backend: str = "onnxruntime"
+    threads: int = 1
+    runs: int = 50
+
+
+def with_latency(
+    model: nn.Module, analysis: Analysis, example: Any, options: LatencyOptions
+) -> Analysis:
+    """The analysis with a measured latency table in its costs (HAWQ-V3's per-layer lookup table)
+    and float (32 bits, Ω = 0) as one more choice for every layer: on runtimes without sub-byte
+    kernels every width ≤ 8 costs the same, so what a latency budget trades is which layers run in
+    int8 and which stay in float. Measured once; the run folder keeps it (costs.json)."""
+    from .layer_timing import float_sum, latency_costs
+
+    model = split_attention(model)
+    sens = analysis.sensitivity.with_float_width(32)
+    table, fixed, whole = latency_costs(model, example, sens.bits, backend=options.backend,
+                                        threads=options.threads, runs=options.runs)  # fmt: skip
+    tpl = analysis.template if analysis.template is not None else analysis.costs.template
+    costs = plan_costs(model, sens.bits, example=example, template=tpl, latency=table,
+                       fixed_latency_ms=fixed)  # fmt: skip
+    record = {"backend": options.backend, "threads": options.threads, "runs": options.runs,
+              "whole_fp32_ms": whole, "layers_fp32_ms": float_sum(table)}
+    costs = replace(costs, meta={**costs.meta, "latency": record})  # fmt: skip
+    frontier = pareto_frontier(sens, costs, ties=analysis.ties)
+    return replace(analysis, sensitivity=sens, costs=costs, frontier=frontier)
+
+
+def _needs_latency(analysis: Analysis, budget: Budget, options: LatencyOptions) -> bool:
+    """A latency budget on an analysis without a table measured the way ``options`` say."""
+    if "latency_ms" not in budget.limits():
+        return False
+    rec = analysis.costs.meta.get("latency") or {}
+    return not analysis.costs.available("latency_ms") or (
+        rec.get("backend"), rec.get("threads")) != (options.backend, options.threads)  # fmt: skip
+
+
 def choose_plan(analysis: Analysis, budget: Budget, *, label: str = "Hessian mixed") -> Plan:
     """The ILP's plan for ``budget`` from an :class:`Analysis` (no model needed: milliseconds)."""
     p = plan(
@@ -325,6 +367,7 @@ def compress(
     hessian_samples: int | None = None,
     extra_variants: tuple[Plan, ...] = (),
     template: str | None = None,
+    latency: LatencyOptions | None = None,
     seed: int = 0,
     progress: bool = False,
     **calib_options: Any,
@@ -344,6 +387,8 @@ def compress(
         hessian_samples: training samples the Hessian averages over (default: the template's).
         extra_variants: more plans to quantize and evaluate beside the chosen one.
         template: a layer template name (default: the one matching the model).
+        latency: how a latency budget's per-layer table is measured (default: ONNX Runtime, one
+            thread); measured only when ``budget`` limits latency.
         seed: seeds the analysis probes and the distillation.
         progress: progress bars on stderr.
         **calib_options: for the calibration source (``samples``, ``input_shape`` for zeroshot).
@@ -373,6 +418,9 @@ def compress(
             model, data, calibration, tpl, act_bits=act_bits, samples=hessian_samples,
             seed=seed, progress=progress,
         )  # fmt: skip
+        if _needs_latency(analysis, budget, latency or LatencyOptions()):
+            analysis = with_latency(model, analysis, calibration.example,
+                                    latency or LatencyOptions())  # fmt: skip
         timings["analyze"] = time.perf_counter() - t
         t = time.perf_counter()
         chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
@@ -393,15 +441,19 @@ def replan(
     calib: str = "real",
     calib_inputs: list[torch.Tensor] | None = None,
     act_bits: int | None = 8,
+    latency: LatencyOptions | None = None,
     seed: int = 0,
 ) -> Result:
     """The stages after ``sensitivity`` again, for a new ``budget``, from a saved
     :class:`Analysis` (no Hessian work). A zero-shot run passes its saved distilled inputs as
-    ``calib_inputs``, so it calibrates on exactly the same data."""
+    ``calib_inputs``, so it calibrates on exactly the same data. A latency budget on a run
+    without a latency table (or one measured otherwise) measures it first, once."""
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     model = split_attention(model)
     t = time.perf_counter()
     calibration = source(calib)(model, data, act_bits=act_bits, seed=seed, saved=calib_inputs)
+    if _needs_latency(analysis, budget, latency or LatencyOptions()):
+        analysis = with_latency(model, analysis, calibration.example, latency or LatencyOptions())
     tpl = template_for(model, analysis.template_name)
     chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
     t_plan = time.perf_counter() - t

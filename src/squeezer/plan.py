@@ -253,7 +253,11 @@ def plan(
         "pinned": pin,
         "solve_s": round(time.perf_counter() - t0, 4),
     }
-    layers = {k: replace(template(k), bits=b) for k, b in assignment.items()}
+    # A layer the plan keeps in float (16 or 32 bits) keeps its activations in float too.
+    layers = {
+        k: replace(template(k), bits=b, **({"act_bits": None} if b >= 16 else {}))
+        for k, b in assignment.items()
+    }
     return Plan(layers, meta=meta)
 
 

@@ -55,6 +55,7 @@ class RunSpec:
         hessian_samples: training samples of the Hessian analysis (None: the template's).
         calib_samples: distilled inputs of a zero-shot run.
         input_shape: one input's shape, for zero-shot runs of models that do not declare it.
+        latency_backend: where a latency budget's per-layer table is measured.
         replanned: the plan was re-planned (``squeezer plan``) or given (``squeezer quantize``).
 
     Example:
@@ -77,6 +78,7 @@ class RunSpec:
     hessian_samples: int | None = None
     calib_samples: int = 64
     input_shape: tuple[int, ...] | None = None
+    latency_backend: str = "onnxruntime"
     replanned: bool = False
 
     def manifest(self, **extra: Any) -> dict[str, Any]:

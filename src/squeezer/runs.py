@@ -20,7 +20,7 @@ import torch
 
 from .budget import Budget
 from .errors import ConfigError, SqueezerError
-from .pipeline import Result, apply_plan, compress, replan
+from .pipeline import LatencyOptions, Result, apply_plan, compress, replan
 from .runfolder import (
     RunSpec,
     Stage,
@@ -50,15 +50,19 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
             model, data, spec.budget, method=spec.method or "hessian", calib=spec.calib,
             act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
             progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
+            latency=_latency(spec),
         )  # fmt: skip
         write_compress_run(stage, spec, result, data)
     return result, data
 
 
-def replan_run(run_dir: str | os.PathLike, budget: Budget | None = None):
+def replan_run(
+    run_dir: str | os.PathLike, budget: Budget | None = None, latency_backend: str | None = None
+):
     """``squeezer plan DIR --budget B`` (re-plan from the saved analysis, no Hessian work), or
     with ``budget=None`` ``squeezer quantize DIR`` (apply the folder's plan.json as it is); the
-    run folder is rewritten. Returns the result and the data set."""
+    run folder is rewritten. ``latency_backend`` overrides the run's for a latency budget.
+    Returns the result and the data set."""
     run = read_run(run_dir)
     if budget is not None and run.analysis is None:
         raise ConfigError(
@@ -68,17 +72,23 @@ def replan_run(run_dir: str | os.PathLike, budget: Budget | None = None):
     if budget is None and run.plan is None:
         raise ConfigError(f"{run.dir} has no plan.json; run 'squeezer compress' or 'squeezer plan'")
     model, data = run.load()
-    s = run.spec
+    s = replace(run.spec, latency_backend=latency_backend or run.spec.latency_backend)
     common = {"calib": s.calib, "calib_inputs": run.calib_inputs, "act_bits": s.act_bits,
               "seed": s.seed}  # fmt: skip
     with Stage(run.dir, update=True) as stage:
         if budget is not None:
-            result = replan(model, data, run.analysis, budget, **common)
+            result = replan(model, data, run.analysis, budget, latency=_latency(s), **common)
         else:
             template = run.analysis.template_name if run.analysis else None
             result = apply_plan(model, data, run.plan, template=template, **common)
-        write_compress_run(stage, run.redo(budget), result, data)
+        write_compress_run(stage, replace(run.redo(budget), latency_backend=s.latency_backend),
+                           result, data)  # fmt: skip
     return result, data
+
+
+def _latency(spec: RunSpec) -> LatencyOptions:
+    """Latency tables are measured on the spec's runtime with the threads this process runs."""
+    return LatencyOptions(backend=spec.latency_backend, threads=torch.get_num_threads())
 
 
 def train_run(spec: RunSpec, out: str | os.PathLike, *, epochs: int, progress: bool = False):

@@ -45,8 +45,9 @@ from torch import nn
 from .data import to_device
 from .errors import ConfigError, UnsupportedModelError
 from .graph import copy_model, model_device
+from .measured import forward_with
 from .progress import progress as progress_bar
-from .sensitivity import SensitivityRequest, forward_with, register_sensitivity
+from .sensitivity import SensitivityRequest, register_sensitivity
 
 #: Message tail naming the alternative when a model cannot be distilled from.
 _USE_REAL_DATA = (

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("budget", "config", "attention", "graph"),
     ("data", "quant", "measure", "hvp", "estimators", "encoders", "text", "models", "hf", "zoo",
      "ties"),  # fmt: skip
-    ("spectrum", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
+    ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
      "qbert", "integer", "export", "calibration", "train"),  # fmt: skip
     ("pipeline",),
     ("report", "runfolder", "deploy", "runs"),

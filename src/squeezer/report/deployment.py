@@ -9,6 +9,10 @@ from typing import Any
 from .render import Run, fmt_bytes, section, table
 
 
+def _ms(x: Any) -> str:
+    return f"{x:.4g} ms" if isinstance(x, int | float) else "–"
+
+
 def _num(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, int | float) else "–"
 
@@ -19,9 +23,23 @@ def _deployment(run: Run) -> tuple[str, str] | None:
     None when neither was measured."""
     m = run.get("metrics") or {}
     ex, lat = m.get("export"), m.get("latency")
-    if not ex and not lat:
+    predicted = (((run.get("plan") or {}).get("meta") or {}).get("achieved") or {}).get("latency_ms")
+    if not ex and not lat and predicted is None:
         return None
     md, body = "", ""
+    if predicted is not None:
+        rec = (((run.get("costs") or {}).get("costs") or {}).get("meta") or {}).get("latency", {})
+        measured = ((lat or {}).get("batch_1") or {}).get("ONNX (squeezer)", {}).get("median_ms")
+        rows = [
+            [f"predicted, per-layer table ({rec.get('backend', '?')}, "
+             f"{rec.get('threads', '?')} threads, batch 1)", f"{predicted:.4g} ms"],
+            ["measured, the exported model in ONNX Runtime (batch 1; squeezer bench)",
+             "–" if measured is None else f"{measured:.4g} ms"],
+            ["float model, whole (measured with the table)", _ms(rec.get("whole_fp32_ms"))],
+            ["float model, sum of its layers' times", _ms(rec.get("layers_fp32_ms"))],
+        ]  # fmt: skip
+        md, body = table(["latency of the plan", ""], rows)
+        md += "\n"
     if ex:
         kinds: dict[str, int] = {}
         for how in (ex.get("layers") or {}).values():
@@ -48,7 +66,8 @@ def _deployment(run: Run) -> tuple[str, str] | None:
             ],
             ["layers", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))],
         ]
-        md, body = table(["ONNX export", ""], rows)
+        emd, ebody = table(["ONNX export", ""], rows)
+        md, body = md + emd, body + ebody
     if lat:
         batches = sorted(int(k.split("_")[1]) for k in lat if k.startswith("batch_"))
         names = list(lat[f"batch_{batches[0]}"]) if batches else []
