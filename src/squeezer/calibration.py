@@ -27,8 +27,6 @@ from .errors import ConfigError
 CALIB_SAMPLES = 512
 
 
-
-
 @dataclass(frozen=True)
 class Calibration:
     """What a calibration source gives the chain.
@@ -107,16 +105,17 @@ def _zeroshot(
         )
     record = {
         "calibration": {
-            "source": "distilled (ZeroQ)",
+            "source": "distilled (ZeroQ)" + (", saved with the run" if saved else ""),
             "samples": sum(int(x.shape[0]) for x in distilled),
             "match": match,
-            "seconds": time.perf_counter() - t,
+            "seconds": None if saved else time.perf_counter() - t,
         }
     }
     return Calibration(distilled, "kl", distilled[0][:1], ZEROSHOT_NAME, record, distilled)
 
 
 def source(name: str) -> CalibrationSource:
+    """The registered calibration source ``name``, or a ConfigError listing them."""
     if name not in CALIBRATION_SOURCES:
         raise ConfigError(
             f"unknown calibration {name!r}; choose one of {', '.join(CALIBRATION_SOURCES)}"
