@@ -25,6 +25,11 @@ from .errors import ConfigError
 
 #: Training samples used to calibrate activation ranges.
 CALIB_SAMPLES = 512
+#: What a run calibrating on real data without any says.
+NEEDS_DATA = (
+    "--data is required to calibrate on real data; give --data DATA, or use --calib zeroshot to "
+    "quantize without any data"
+)
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,7 @@ def register_calibration(name: str) -> Callable[[CalibrationSource], Calibration
 @register_calibration("real")
 def _real(model: nn.Module, data: Dataset | None, **_: Any) -> Calibration:
     if data is None:
-        raise ConfigError(
-            "--data is required to calibrate on real data; give --data DATA, or use "
-            "--calib zeroshot to quantize without any data"
-        )
+        raise ConfigError(NEEDS_DATA)
     return Calibration(data.calibration_batches(CALIB_SAMPLES), "trace", data.example(1))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .budget import Budget
+from .calibration import NEEDS_DATA
 from .errors import ConfigError, SqueezerError
 from .pipeline import LatencyOptions, Result, apply_plan, compress, replan
 from .runfolder import (
@@ -38,11 +39,8 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
     without evaluation data)."""
     if spec.budget is None:
         raise ConfigError("a compression run needs a budget, e.g. --budget bits=4")
-    if spec.calib == "real" and not spec.data:
-        raise ConfigError(
-            "--data is required to calibrate on real data; give --data DATA, or use "
-            "--calib zeroshot to quantize without any data"
-        )
+    if spec.calib == "real" and not spec.data:  # before any loading
+        raise ConfigError(NEEDS_DATA)
     check_output_dir(out)
     model, data = load_inputs(spec)
     with Stage(out) as stage:
