@@ -152,7 +152,7 @@ def test_load_errors(tmp_path, tiny_dir, monkeypatch):
         load_hf(f"hf:{gpt}")
     no_weights = tmp_path / "config_only"
     transformers.BertConfig(hidden_size=8, num_attention_heads=2).save_pretrained(no_weights)
-    with pytest.raises(UnsupportedModelError, match="could not be loaded"):
+    with pytest.raises(UnsupportedModelError, match="holds no weights"):
         load_hf(f"hf:{no_weights}")
     bad = tmp_path / "bad"
     bad.mkdir()

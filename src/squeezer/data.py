@@ -137,6 +137,10 @@ class Dataset:
             return {k: v[:n] for k, v in x.items()}
         return x[:n]
 
+    def splits(self, batch_size: int = 256) -> dict[str, Any]:
+        """Each split as one batch, for validation (:func:`check_fits`)."""
+        return {"training": [(self.x_train, self.y_train)], "test": [(self.x_test, self.y_test)]}
+
 
 class Batches:
     """A re-iterable sequence of (inputs, targets) batches over in-memory tensors.
@@ -230,28 +234,108 @@ def mean_loss(model: nn.Module, batches: Any, task: Task) -> float:
     return total / count
 
 
-def check_fits(model: nn.Module, data: Dataset) -> None:
-    """A one-line DataError when ``data``'s inputs do not fit ``model`` (two test inputs are run).
+def validate_batches(name: str, task: Task, splits: Mapping[str, Any]) -> dict[str, int]:
+    """Check every ``(inputs, targets)`` batch of each split before any work: no split empty,
+    inputs and float targets finite, classification labels whole numbers ≥ 0 in a 1-D tensor as
+    long as the batch, and at least two classes in the training split. Returns the sample count
+    of each split and the largest label (``max_label``, -1 without labels); a one-line DataError
+    otherwise.
 
     Example:
-        >>> check_fits(nn.Linear(3, 2), Dataset("x", torch.zeros(4, 5), None, torch.zeros(4, 5),
-        ...                                      None, Classification()))
+        >>> validate_batches("d", Classification(), {"training": [(torch.zeros(2, 3),
+        ...                  torch.tensor([0, 1]))], "test": [(torch.zeros(1, 3), torch.tensor([1]))]})
+        {'training': 2, 'test': 1, 'max_label': 1}
+    """
+    labels = isinstance(task, Classification)
+    out, top, classes = {}, -1, set()
+    for split, batches in splits.items():
+        n = 0
+        for x, y in batches:
+            for t in x.values() if isinstance(x, Mapping) else [x]:
+                _finite(t, f"the {split} inputs of {name}")
+            if labels:
+                top = max(top, _labels(y, batch_size(x), f"the {split} labels of {name}"))
+                if split == "training" and len(classes) < 2:
+                    classes.update(torch.unique(y).tolist())
+            elif isinstance(y, torch.Tensor):
+                _finite(y, f"the {split} targets of {name}")
+            n += batch_size(x)
+        if n == 0:
+            raise DataError(f"the {split} split of {name} is empty; give it at least one sample")
+        out[split] = n
+    if labels and len(classes) < 2:
+        raise DataError(
+            f"the training split of {name} holds one class only ({sorted(classes)}); a classifier "
+            "needs samples of at least two classes to calibrate, analyse and evaluate"
+        )
+    return {**out, "max_label": top}
+
+
+def _finite(t: Any, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{what} are a {type(t).__name__}, not tensors; give tensors or arrays")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise DataError(f"{what} hold {bad} NaN or infinite values; clean or drop those samples")
+
+
+def _labels(y: Any, n: int, what: str) -> int:
+    """The largest of one batch's class labels, after checking their type, shape and sign."""
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        kind = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise DataError(f"{what} must be integer class indices, got {kind}")
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(
+            f"{what} have shape {tuple(y.shape)} for {n} inputs; give one class index per input "
+            "(not one-hot rows)"
+        )
+    if y.numel() and int(y.min()) < 0:
+        raise DataError(f"{what} include {int(y.min())}; class labels run from 0 to classes - 1")
+    return int(y.max()) if y.numel() else -1
+
+
+def check_fits(model: nn.Module, data: Any) -> dict[str, int]:
+    """Check ``data`` (:func:`validate_batches` over its ``splits()``: one pass, streamed for a
+    :class:`~squeezer.stream.StreamDataset`) and that it fits ``model``: two test inputs are
+    run, the outputs must be finite and, for classification, have a class for every label.
+    Returns the validation counts; a one-line DataError otherwise.
+
+    Example:
+        >>> check_fits(nn.Linear(3, 2), Dataset("x", torch.zeros(4, 5), torch.tensor([0, 1, 0, 1]),
+        ...            torch.zeros(4, 5), torch.tensor([0, 1, 0, 1]), Classification()))
         Traceback (most recent call last):
         ...
         squeezer.errors.DataError: the data (x, inputs of shape (5,)) does not fit the model: ...
     """
+    stats = validate_batches(data.name, data.task, data.splits())
+    example = data.example(2)
+    shape = tuple((next(iter(example.values())) if isinstance(example, Mapping) else example)
+                  .shape[1:])  # fmt: skip
     was = model.training
     try:
         with torch.no_grad():
-            forward(model.eval(), data.example(2))
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            out = forward(model.eval(), example)
+    except Exception as exc:  # the user's forward may raise anything
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"the data ({data.name}, inputs of shape {data.input_shape}) does not fit the model: "
-            f"{first}"
+            f"the data ({data.name}, inputs of shape {shape}) does not fit the model: {first}"
         ) from None
     finally:
         model.train(was)
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        raise DataError(
+            f"the model's outputs on {data.name} are NaN or infinite (inputs and weights are "
+            "finite); check the model's forward and the input scaling"
+        )
+    if isinstance(data.task, Classification):
+        classes = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else 0
+        if stats["max_label"] >= classes:
+            raise DataError(
+                f"{data.name} has class labels up to {stats['max_label']}, but the model gives "
+                f"{classes} class scores per input; give a model with ≥ {stats['max_label'] + 1} "
+                "outputs, or relabel the data 0..classes-1"
+            )
+    return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,8 +356,11 @@ def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[.
 
 def load_data(spec: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
     """Load a data set from a spec: a built-in name (``digits``, ``mnist1d``, ...), an ``.npz`` file
-    with arrays ``x`` and ``y``, a folder of images in class sub-folders, or a ``.txt`` file of
-    sentences (one a line).
+    with arrays ``x`` and ``y`` (and optionally the user's own test split ``x_test``, ``y_test``), a
+    folder of images in class sub-folders (read lazily), a ``.txt`` file of sentences (one a line),
+    or ``pkg.module:factory``, a callable returning a ``torch.utils.data.Dataset``, a
+    ``DataLoader`` or an iterable of ``(inputs, targets)`` batches (streamed; see
+    :mod:`squeezer.stream`).
 
     Example:
         >>> ds = load_data("digits")
@@ -292,10 +379,13 @@ def load_data(spec: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
         return DATASETS["text"](path=path, seed=seed, **kwargs)
     if path.is_dir():
         return _load_image_folder(path, seed)
+    if ":" in spec and not path.exists():
+        return _load_factory(spec, seed)
     if not path.exists() and path.suffix == "":
         raise DataError(
             f"unknown data set {spec!r}; use one of {', '.join(sorted(DATASETS))}, an .npz file "
-            "with arrays x and y, a folder of images in class sub-folders, or a .txt file"
+            "with arrays x and y, a folder of images in class sub-folders, a .txt file, or "
+            "pkg.module:factory"
         )
     if not path.exists():
         raise DataError(f"data file {spec} does not exist; check the path")
@@ -350,17 +440,20 @@ def _mnist1d(seed: int = 0) -> Dataset:
 
 
 def _load_npz(path: Path, seed: int) -> Dataset:
+    """``x`` and ``y`` split 75/25 by the seed, or, if the file holds ``x_test`` and ``y_test``,
+    ``x``/``y`` for training and those for testing (the user's own split)."""
     import numpy as np
 
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path")
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "x" not in z or "y" not in z:
+            if "x" not in z or "y" not in z or ("x_test" in z) != ("y_test" in z):
                 raise DataError(
-                    f"{path} must hold arrays named 'x' and 'y'; it has {sorted(z.files)}"
+                    f"{path} must hold arrays named 'x' and 'y' (and optionally both 'x_test' and "
+                    f"'y_test'); it has {sorted(z.files)}"
                 )
-            x, y = z["x"], z["y"]
+            arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test") if k in z}
     except DataError:
         raise
     except Exception as exc:  # zipfile/ValueError/OSError: a corrupt or non-npz file
@@ -368,48 +461,62 @@ def _load_npz(path: Path, seed: int) -> Dataset:
             f"cannot read {path} as .npz ({type(exc).__name__}); re-save it with "
             "numpy.savez(path, x=inputs, y=labels)"
         ) from None
-    if len(x) != len(y) or len(x) < 2:
-        raise DataError(f"{path}: x has {len(x)} rows and y has {len(y)}; they must match (≥ 2)")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: y must hold integer class labels, got {y.dtype}")
-    # Integer inputs are indices (token ids for an Embedding): keep them integers.
-    integer = np.issubdtype(x.dtype, np.integer)
-    xt = torch.tensor(x, dtype=torch.long if integer else torch.float32)
-    yt = torch.tensor(y, dtype=torch.long)
-    return _classification(path.stem, xt, yt, seed,
-                           {"classes": int(yt.max()) + 1, "source": path.name})  # fmt: skip
+    tensors = {}
+    for k, a in arrays.items():
+        if k.startswith("y") and not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"{path}: {k} must hold integer class labels, got {a.dtype}")
+        if a.ndim == 0 or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            raise DataError(f"{path}: {k} must be a numeric array with one row per sample")
+        # Integer inputs are indices (token ids for an Embedding): keep them integers.
+        integer = np.issubdtype(a.dtype, np.integer)
+        tensors[k] = torch.tensor(a, dtype=torch.long if integer else torch.float32)
+    for sx, sy in (("x", "y"), ("x_test", "y_test")):
+        if sx in tensors and len(tensors[sx]) != len(tensors[sy]):
+            raise DataError(f"{path}: {sx} has {len(tensors[sx])} rows and {sy} "
+                            f"{len(tensors[sy])}; they must match")  # fmt: skip
+    x, y = tensors["x"], tensors["y"]
+    meta = {"classes": int(y.max()) + 1 if len(y) else 0, "source": path.name}
+    if "x_test" in tensors:
+        return Dataset(path.stem, x, y, tensors["x_test"], tensors["y_test"], Classification(),
+                       {**meta, "split": "file"})  # fmt: skip
+    if len(x) < 2:
+        raise DataError(f"{path}: x has {len(x)} rows; a train/test split needs at least 2")
+    return _classification(path.stem, x, y, seed, meta)
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _load_image_folder(path: Path, seed: int) -> Dataset:
-    """Images in class sub-folders (``root/CLASS/*.png``), read with Pillow, resized to the first
-    image's size, scaled to [0, 1], channels first."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+def _load_factory(spec: str, seed: int):
+    """``--data pkg.module:factory``: what the factory returns, streamed
+    (:func:`squeezer.stream.stream_data`); class labels, so a classification task."""
+    from .factory import resolve_factory
+    from .stream import stream_data
 
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    def make():
+        return resolve_factory(spec, "data")
+
+    return stream_data(spec.partition(":")[2], make(), Classification(), seed=seed, again=make,
+                       meta={"source": spec})  # fmt: skip
+
+
+def _load_image_folder(path: Path, seed: int):
+    """Images in class sub-folders (``root/CLASS/*.png``), streamed: only the file names are
+    listed up front; each image is read when a batch needs it."""
+    try:
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        listed = [(f, ci) for ci, c in enumerate(classes) for f in sorted((path / c).iterdir())
+                  if f.suffix.lower() in _IMAGE_SUFFIXES]  # fmt: skip
+    except OSError as exc:
+        raise DataError(f"cannot list {path} ({type(exc).__name__}); check its permissions") from None
     if len(classes) < 2:
         raise DataError(
             f"{path} needs at least two class sub-folders of images (root/CLASS/img.png)"
         )
-    xs, ys, size, mode = [], [], None, None
-    for ci, c in enumerate(classes):
-        for f in sorted((path / c).iterdir()):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as im:
-                    if size is None:
-                        size, mode = im.size, ("L" if im.mode in ("L", "1", "P", "I") else "RGB")
-                    arr = np.asarray(im.convert(mode).resize(size), dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"cannot read image {f} ({exc}); remove or replace it") from None
-            xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            ys.append(ci)
-    if len(xs) < 2:
-        raise DataError(f"{path} holds fewer than two readable images")
-    x = torch.tensor(np.stack(xs))
-    y = torch.tensor(ys, dtype=torch.long)
-    return _classification(path.name, x, y, seed, {"classes": len(classes), "class_names": classes})
+    if len(listed) < 2:
+        raise DataError(f"{path} holds fewer than two images")
+    from .stream import ImageFiles, stream_data
+
+    images = ImageFiles([f for f, _ in listed], [c for _, c in listed])
+    return stream_data(path.name, images, Classification(), seed=seed,
+                       meta={"classes": len(classes), "class_names": classes})  # fmt: skip

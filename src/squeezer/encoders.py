@@ -50,7 +50,7 @@ def bert_of(model: nn.Module) -> nn.Module:
             return m
     raise UnsupportedModelError(
         f"{type(model).__name__} is not a BERT-style encoder (no .embeddings and .encoder.layer); "
-        "load one with squeezer.hf.load_hf('hf:DIR')"
+        "give the model as hf:DIR (a Hugging Face BERT-family folder)"
     )
 
 

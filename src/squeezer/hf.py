@@ -115,7 +115,36 @@ def resolve_hf_path(spec: str) -> Path:
     return path
 
 
-def load_hf(spec: str, *, attn_implementation: str = "eager") -> LoadedHF:
+def check_weight_files(path: Path, spec: str, *, trust_pickle: bool = False) -> bool:
+    """Whether the folder's weights are safetensors; a one-line UnsupportedModelError if it holds
+    none, or only pickles (``pytorch_model.bin``, which can run code when read) and
+    ``trust_pickle`` is False. Nothing is read.
+
+    Example:
+        >>> check_weight_files(Path("my-bert"), "hf:my-bert")    # doctest: +SKIP
+        True
+    """
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if not pickles:
+        raise UnsupportedModelError(
+            f"{spec!r} holds no weights (model.safetensors); save the model with "
+            "model.save_pretrained(DIR)"
+        )
+    if not trust_pickle:
+        raise UnsupportedModelError(
+            f"{spec!r} has its weights only as {pickles[0]}, a pickle, which can run arbitrary code "
+            "when read; if you trust it, pass --trust-pickle, or re-save the folder with "
+            "model.save_pretrained(DIR) (safetensors)"
+        )
+    return False
+
+
+def load_hf(
+    spec: str, *, attn_implementation: str = "eager", trust_pickle: bool = False
+) -> LoadedHF:
     """Load a local BERT-family model and its tokenizer, offline, as a :class:`SentenceEncoder`.
 
     The encoder is loaded in float32, in eval mode, without its pooler (the sentence embedding does
@@ -126,6 +155,8 @@ def load_hf(spec: str, *, attn_implementation: str = "eager") -> LoadedHF:
             all-MiniLM-L6-v2).
         attn_implementation: ``"eager"`` by default, because PyTorch's fused CPU attention
             (``"sdpa"``) has no double backward, which Hessian-vector products need.
+        trust_pickle: allow a folder whose only weights are a pickle (``pytorch_model.bin``).
+            Otherwise only safetensors weights are read, and a pickle is never opened.
 
     Returns:
         ``(model, tokenizer)``.
@@ -164,6 +195,7 @@ def load_hf(spec: str, *, attn_implementation: str = "eager") -> LoadedHF:
             f"({', '.join(sorted(BERT_FAMILY))})"
         )
 
+    safe = check_weight_files(path, spec, trust_pickle=trust_pickle)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():
         transformers.utils.logging.disable_progress_bar()
@@ -172,6 +204,7 @@ def load_hf(spec: str, *, attn_implementation: str = "eager") -> LoadedHF:
             str(path),
             local_files_only=True,
             attn_implementation=attn_implementation,
+            use_safetensors=safe,
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -16,10 +16,40 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+_BANNER_SHOWN = False
+
+
+def _quiet_highs(highspy):
+    """A silent ``highspy.Highs()``. The C++ constructor prints its banner ("Running HiGHS ...
+    Copyright ...") on file descriptor 1 the first time one is made in a process, before any option
+    can turn output off; so that first construction runs with fd 1 pointed at the null device
+    (Python's and C's buffers flushed either side, so no other output is lost or swallowed)."""
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:
+        h = highspy.Highs()
+    else:
+        import ctypes
+
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+            h = highspy.Highs()
+            ctypes.CDLL(None).fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(null)
+        _BANNER_SHOWN = True
+    h.silent()
+    return h
 
 
 @dataclass(frozen=True)
@@ -87,8 +117,7 @@ class Program:
         """
         import highspy
 
-        h = highspy.Highs()
-        h.silent()
+        h = _quiet_highs(highspy)
         options: list[tuple[str, object]] = [
             ("mip_rel_gap", float(rel_gap)),
             ("mip_abs_gap", 0.0 if rel_gap == 0 else 1e-6),

@@ -6,7 +6,6 @@ can run arbitrary code) loads only when the caller opts in with ``trust_pickle=T
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .factory import resolve_factory
 from .graph import split_attention
 
 
@@ -56,7 +56,7 @@ def load_model(
             from .hf import load_hf
         except ImportError as exc:  # pragma: no cover - hf module ships with the package
             raise UnsupportedModelError(f"hf: models are unavailable ({exc})") from exc
-        model = load_hf(spec).model
+        model = load_hf(spec, trust_pickle=trust_pickle).model
     elif ":" in spec:
         model = _from_factory(spec)
     else:
@@ -85,22 +85,7 @@ def _with_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: bo
 
 
 def _from_factory(spec: str) -> nn.Module:
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UnsupportedModelError(
-            f"cannot import {mod_name!r} for model {spec!r} ({exc}); is it on PYTHONPATH?"
-        ) from None
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise UnsupportedModelError(f"module {mod_name!r} has no attribute {attr!r}")
-    try:
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    except Exception as exc:
-        raise UnsupportedModelError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
+    model = resolve_factory(spec, "model")
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
             f"{spec} returned a {type(model).__name__}, not a torch.nn.Module"
@@ -111,6 +96,8 @@ def _from_factory(spec: str) -> nn.Module:
 def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, Any]:
     """A state dict from a ``.safetensors`` file or a torch file (``weights_only`` unless trusted)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UnsupportedModelError(f"weights {path} is not a file; give a weights file")
     if not path.is_file():
         raise UnsupportedModelError(f"weights file {path} does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -152,12 +139,44 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, trust_pickle: boo
 
 
 def _load_state_dict(model: nn.Module, sd: dict[str, Any], path: str | os.PathLike) -> None:
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
+    if wrong:
+        k, got, want = wrong[0]
+        raise UnsupportedModelError(
+            f"{Path(path).name} does not fit the model: {len(wrong)} tensors have other shapes "
+            f"({k}: {got} in the file, {want} in the model); was it saved from another size or "
+            "architecture?"
+        )
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UnsupportedModelError(
             f"{Path(path).name} does not fit the model: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}; was it saved from another architecture?"
         )
+
+
+def check_weights(model: nn.Module, source: str = "the model") -> None:
+    """A one-line UnsupportedModelError if a floating parameter or buffer of ``model`` holds NaN or
+    infinity (such weights would poison every Hessian product and quantization range).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(float("nan"))
+        >>> check_weights(net)
+        Traceback (most recent call last):
+        ...
+        squeezer.errors.UnsupportedModelError: the weights of the model hold NaN or infinity ...
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UnsupportedModelError(
+                f"the weights of {source} hold NaN or infinity ({bad} values in {name}); the "
+                "training diverged or the file is damaged: give finite weights"
+            )
 
 
 def save_weights(

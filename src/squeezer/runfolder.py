@@ -124,21 +124,28 @@ class RunSpec:
 
 
 def load_inputs(spec: RunSpec, run_dir: str | os.PathLike | None = None):
-    """The float model (its attention split) and the data set (or None) that ``spec`` names.
+    """The float model (its attention split) and the data set (or None) that ``spec`` names, all
+    checked before any work, each failure a one-line SqueezerError: the spec's numbers, the
+    weights (safetensors or a plain state dict unless ``trust_pickle``; the model's shapes; finite),
+    the data (readable, finite, neither split empty, at least two classes) and their fit (the
+    model runs on the data, its outputs are finite and cover every label).
 
     Text data is tokenized with an ``hf:`` model's own tokenizer, and its targets are that FP32
-    model's embeddings. The data must fit the model (a one-line DataError otherwise)."""
+    model's embeddings."""
     from .data import check_fits, load_data
     from .graph import split_attention
-    from .models import load_model, load_weights
+    from .models import check_weights, load_model, load_weights
 
+    _check_numbers(spec)
     weights = spec.weights_in(run_dir) if run_dir is not None else spec.weights
+    source = f"{spec.model}" + (f" with {Path(weights).name}" if weights else "")
     if spec.model.startswith("hf:"):
         from .hf import load_hf
 
-        model, tokenizer = load_hf(spec.model)
+        model, tokenizer = load_hf(spec.model, trust_pickle=spec.trust_pickle)
         if weights:
             load_weights(model, weights, trust_pickle=spec.trust_pickle)
+        check_weights(model, source)
         model = split_attention(model)
         if not spec.data:
             return model, None
@@ -147,11 +154,31 @@ def load_inputs(spec: RunSpec, run_dir: str | os.PathLike | None = None):
         )
     else:
         model = load_model(spec.model, weights=weights, trust_pickle=spec.trust_pickle)
+        check_weights(model, source)
         if not spec.data:
             return model, None
         data = load_data(spec.data, seed=spec.seed)
     check_fits(model, data)
     return model, data
+
+
+def _check_numbers(spec: RunSpec) -> None:
+    """The spec's counts and widths are in range (each named by its command-line flag)."""
+    checks = [
+        ("--max-len", spec.max_len, spec.max_len >= 2),
+        ("--act-bits", spec.act_bits, spec.act_bits is None or 2 <= spec.act_bits <= 16),
+        ("--hessian-samples", spec.hessian_samples,
+         spec.hessian_samples is None or spec.hessian_samples >= 1),
+        ("--input-shape", spec.input_shape,
+         spec.input_shape is None or (len(spec.input_shape) > 0 and min(spec.input_shape) >= 1)),
+        ("--seed", spec.seed, spec.seed >= 0),
+    ]  # fmt: skip
+    for flag, value, ok in checks:
+        if not ok:
+            limits = {"--max-len": "at least 2", "--act-bits": "2..16 (0 keeps float)",
+                      "--hessian-samples": "at least 1", "--seed": "0 or more",
+                      "--input-shape": "positive sizes, e.g. 1,8,8"}  # fmt: skip
+            raise ConfigError(f"{flag} {value} is out of range; give {limits[flag]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +190,11 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory path")
+    above = next(p for p in out.absolute().parents if p.exists())  # the nearest existing folder
+    if not above.is_dir():
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder; give a directory path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {above} is not writable; choose a folder you can write")
     if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
         raise ConfigError(
             f"--out {out} holds files squeezer did not write; choose a new or empty directory"
@@ -188,6 +220,33 @@ def require_run_folder(path: str | os.PathLike) -> Path:
     return p
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived during a staged run: raised in the main thread so that :class:`Stage`
+    removes its staging folder on the way out; the process then exits with 128 + 15."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (main thread only; signals go nowhere else).
+    Returns the handler to restore."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Stage:
     """A staging directory for a run; :meth:`commit` swaps it in for ``out``.
 
@@ -202,11 +261,16 @@ class Stage:
         self.t0 = time.perf_counter()
 
     def __enter__(self) -> Stage:
+        self._previous = _raise_on_sigterm()
         parent = self.out.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=parent)
-        )
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(
+                tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=parent)
+            )
+        except BaseException:
+            _restore_sigterm(self._previous)
+            raise
         os.chmod(self.dir, 0o755)
         if self.update:  # start from the run's current files; changed ones are overwritten
             for f in self.out.iterdir():
@@ -215,10 +279,13 @@ class Stage:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if exc_type is None:
+                self.commit()
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            _restore_sigterm(self._previous)
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -15,9 +15,10 @@ ROOT = Path(squeezer.__file__).parent
 #: Layers, lowest first: a module may import from its own layer or below, never above.
 #: Sub-packages are listed by their dotted prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("_version", "errors", "progress", "threads", "distributed", "atomic", "milp"),
+    ("_version", "errors", "progress", "threads", "distributed", "atomic", "milp", "factory"),
     ("budget", "config", "attention", "graph"),
-    ("data", "quant", "measure", "hvp", "estimators", "encoders", "text", "models", "hf", "zoo",
+    ("stream", "data", "quant", "measure", "hvp", "estimators", "encoders", "text", "models", "hf",
+     "zoo",
      "ties"),  # fmt: skip
     ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
      "qbert", "integer", "export", "calibration", "train"),  # fmt: skip

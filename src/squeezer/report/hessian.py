@@ -55,7 +55,9 @@ def _spectrum(run: Run) -> tuple[str, str] | None:
             top = [spec.layer_top_eigenvalue.get(n, math.nan) for n in names]
             ax2.plot(xs, top, "o-", color="#dd8452")
             ax2.set_ylabel("top eigenvalue of H_ll")
-        ax.set_title("per-layer Hessian: average trace (bars), top eigenvalue (line)")
+            ax.set_title("per-layer Hessian: average trace (bars), top eigenvalue (line)")
+        else:  # no per-layer eigenvalues were computed: promise no line
+            ax.set_title("per-layer Hessian: average trace per parameter")
 
     html = html1 + html2 + figure(draw_layers, height=3.6)
     d = spec.density
