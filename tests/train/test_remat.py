@@ -43,7 +43,13 @@ def _chain(k: int, seed: int = 0) -> TrainGraph:
 
 
 @pytest.mark.parametrize(
-    "k,seed", [(2, 0), (3, 0), (3, 1), pytest.param(3, 2, marks=pytest.mark.slow)]
+    "k,seed",
+    [
+        (2, 0),
+        (3, 0),
+        pytest.param(3, 1, marks=pytest.mark.slow),
+        pytest.param(3, 2, marks=pytest.mark.slow),
+    ],
 )
 def test_milp_optimum_equals_exhaustive_search(k, seed):
     graph = _chain(k, seed)
