@@ -508,7 +508,9 @@ def _load_image_folder(path: Path, seed: int):
         listed = [(f, ci) for ci, c in enumerate(classes) for f in sorted((path / c).iterdir())
                   if f.suffix.lower() in _IMAGE_SUFFIXES]  # fmt: skip
     except OSError as exc:
-        raise DataError(f"cannot list {path} ({type(exc).__name__}); check its permissions") from None
+        raise DataError(
+            f"cannot list {path} ({type(exc).__name__}); check its permissions"
+        ) from None
     if len(classes) < 2:
         raise DataError(
             f"{path} needs at least two class sub-folders of images (root/CLASS/img.png)"

@@ -163,7 +163,9 @@ class Program:
         if not optimal and not limited:
             raise RuntimeError(f"HiGHS stopped with status {h.modelStatusToString(status)}")
         x = np.asarray(h.getSolution().col_value, dtype=np.float64)
-        if limited and (x.size != n or not np.isfinite(x).all() or not h.getInfo().primal_solution_status):
+        if limited and (
+            x.size != n or not np.isfinite(x).all() or not h.getInfo().primal_solution_status
+        ):
             raise RuntimeError("HiGHS reached its time limit before finding a feasible point")
         info = h.getInfo()
         gap = float(getattr(info, "mip_gap", 0.0)) if any(self.integer) else 0.0

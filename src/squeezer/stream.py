@@ -111,7 +111,13 @@ class Pass:
 
     def __init__(self, view: Any, size: int, seed: int | None = None, limit: int | None = None,
                  epochs: bool = False):  # fmt: skip
-        self.view, self.size, self.seed, self.limit, self.epochs = view, int(size), seed, limit, epochs
+        self.view, self.size, self.seed, self.limit, self.epochs = (
+            view,
+            int(size),
+            seed,
+            limit,
+            epochs,
+        )
         self._epoch = 0
 
     def __len__(self) -> int:
@@ -212,7 +218,7 @@ def _view(source: Any, again: Callable[[], Any]) -> Indexed | Batched:
         one_shot = iter(source) is source
     except TypeError:
         raise DataError(
-            f"the data factory returned a {type(source).__name__}; return a torch Dataset, a "
+            f"the data factory returned an object of type {type(source).__name__}; return a torch Dataset, a "
             "DataLoader, an iterable of (inputs, targets) batches, or a (train, test) pair of them"
         ) from None
     return Batched(again if one_shot else (lambda: source))
