@@ -98,15 +98,9 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         help="hessian: per-layer bits from Hessian traces and an exact integer program (default); "
         "uniform: every layer at a whole --budget bits=N",
     )
-    p.add_argument(
-        "--max-len", type=int, default=128, help="token length of text inputs (default 128)"
-    )
-    p.add_argument(
-        "--act-bits",
-        type=int,
-        default=8,
-        help="activation bits (0 keeps activations in float; default 8)",
-    )
+    p.add_argument("--max-len", type=int, default=128, help="token length of text inputs (128)")
+    p.add_argument("--act-bits", type=int, default=8,
+                   help="activation bits (0 keeps activations in float; default 8)")  # fmt: skip
     _latency_arg(p)
 
 
@@ -211,8 +205,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
+    from .train.optim import OPTIMIZERS
+
     _model_args(p)
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
+                   help="adamw (default), lamb or lars (layer-wise trust ratios), sgd")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
+    p.add_argument("--batch-size", type=int, default=64)
 
 
 @command("train", "train a classifier (zoo:NAME or module:factory) on a data set, save its weights",
@@ -221,7 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import train_run
 
     spec = _spec(args, "train", method=None)
-    info, data = train_run(spec, args.out, epochs=args.epochs, progress=not args.quiet)
+    info, data = train_run(spec, args.out, epochs=args.epochs, progress=not args.quiet,
+                           optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size)  # fmt: skip
     if not args.quiet:
         print(
             f"{args.model} on {data.name}: {data.task.metric_name} {info[data.task.metric_name]:.2f} "

@@ -89,9 +89,12 @@ def _latency(spec: RunSpec) -> LatencyOptions:
     return LatencyOptions(backend=spec.latency_backend, threads=torch.get_num_threads())
 
 
-def train_run(spec: RunSpec, out: str | os.PathLike, *, epochs: int, progress: bool = False):
+def train_run(
+    spec: RunSpec, out: str | os.PathLike, *, epochs: int, progress: bool = False, **fit_options
+):
     """``squeezer train``: train a fresh classifier on ``spec.data`` and save its weights as
-    ``out``/model.safetensors. Returns the training record and the data set."""
+    ``out``/model.safetensors. ``fit_options`` go to :func:`squeezer.train.fit` (``optimizer``,
+    ``lr``, ``batch_size``) and into metrics.json. Returns the training record and the data set."""
     from .data import check_fits, load_data
     from .models import load_model, save_weights
     from .train import fit
@@ -109,10 +112,11 @@ def train_run(spec: RunSpec, out: str | os.PathLike, *, epochs: int, progress: b
     data = load_data(spec.data, seed=spec.seed)
     check_fits(model, data)
     with Stage(out) as stage:
-        net, info = fit(model, data, epochs=epochs, seed=spec.seed, show_progress=progress)
+        net, info = fit(model, data, epochs=epochs, seed=spec.seed, show_progress=progress,
+                        **fit_options)  # fmt: skip
         save_weights(net, stage.path("model.safetensors"))
         stage.write_json("metrics.json", {"metric_name": data.task.metric_name, **info,
-                                          "data": data.name})  # fmt: skip
+                                          "data": data.name, "fit": fit_options})  # fmt: skip
         stage.finish(replace(spec, weights="model.safetensors"))
     return info, data
 
