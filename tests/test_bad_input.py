@@ -325,6 +325,15 @@ def _cases(f):
         "one activation bit": ([*digits, "--act-bits", "1"], "--act-bits"),
         "max-len 1": ([*digits, "--max-len", "1"], "--max-len"),
         "input shape text": ([*c, "--calib", "zeroshot", "--input-shape", "a,b"], "--input-shape"),
+        "text data for a zoo model": ([*c, "--data", "sentences"], "give MODEL as hf:DIR"),
+        "zero-shot without a shape": (
+            ["compress", f"{mod}:nan_out", "--budget", "bits=8", "--calib", "zeroshot"],
+            "--input-shape",
+        ),  # fmt: skip
+        "zero-shot shape that does not fit": (
+            [*c, "--calib", "zeroshot", "--input-shape", "3,5,5"],
+            "--input-shape",
+        ),  # fmt: skip
         "threads text": ([*digits, "--threads", "abc"], "threads"),
         "no data": (c, "--data is required"),
     }

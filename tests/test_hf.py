@@ -377,7 +377,7 @@ def test_load_data_sentences_and_text(tiny, tmp_path):
 
 
 def test_load_data_sentences_needs_the_model():
-    with pytest.raises(DataError, match="needs the FP32 model and its tokenizer"):
+    with pytest.raises(DataError, match="give MODEL as hf:DIR"):
         sqdata.load_data("sentences")
 
 

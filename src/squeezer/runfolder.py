@@ -155,11 +155,34 @@ def load_inputs(spec: RunSpec, run_dir: str | os.PathLike | None = None):
     else:
         model = load_model(spec.model, weights=weights, trust_pickle=spec.trust_pickle)
         check_weights(model, source)
+        if spec.calib == "zeroshot" and spec.command == "compress":
+            _check_input_shape(model, spec.input_shape)
         if not spec.data:
             return model, None
         data = load_data(spec.data, seed=spec.seed)
     check_fits(model, data)
     return model, data
+
+
+def _check_input_shape(model: Any, shape: tuple[int, ...] | None) -> None:
+    """Distillation (``--calib zeroshot``) needs one input's shape, and the model must run on it."""
+    import torch
+
+    shape = shape or getattr(model, "input_shape", None)
+    if shape is None:
+        raise ConfigError(
+            "--calib zeroshot cannot tell the model's input shape; pass --input-shape (one input "
+            "without the batch dimension, e.g. --input-shape 1,8,8)"
+        )
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *shape))
+    except Exception as exc:  # the user's forward may raise anything
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"the model does not run on inputs of shape {tuple(shape)}: {first}; give the shape "
+            "of one input with --input-shape"
+        ) from None
 
 
 def _check_numbers(spec: RunSpec) -> None:

@@ -478,8 +478,8 @@ def embedding_dataset(
 def _need_model(name: str, model: Any, tokenizer: Any) -> None:
     if model is None or tokenizer is None:
         raise DataError(
-            f"the {name!r} data needs the FP32 model and its tokenizer for its targets; use an hf: "
-            "model, or call load_data(spec, model=encoder, tokenizer=tokenizer)"
+            f"the {name!r} data is text, whose targets are an encoder's own embeddings: give MODEL "
+            "as hf:DIR or hf:minilm (from Python: load_data(spec, model=..., tokenizer=...))"
         )
 
 
