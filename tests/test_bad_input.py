@@ -199,133 +199,67 @@ def inputs(tmp_path_factory):
 
 
 def _cases(f):
-    """name -> (argv after 'squeezer', a phrase the message must hold). OUT stands for the output
-    folder; a case that is about the output folder names its own."""
+    """name -> (argv after 'squeezer', a phrase the message must hold); ``--out`` is added."""
     c = ["compress", "zoo:digits_cnn", "--budget", "bits=8"]
-    digits = [*c, "--data", "digits"]
-    npz = {k: [*c, "--data", str(f[k])] for k in (
-        "nan_x", "inf_x", "nan_test", "label_high", "label_neg", "one_class", "empty", "empty_test",
-        "rows", "float_y", "onehot", "no_y", "half_test", "shape", "corrupt_npz", "dir_npz")}  # fmt: skip
+
+    def data(spec):
+        return [*c, "--data", str(spec)]
+
+    def model(spec, *more):
+        return ["compress", spec, "--budget", "bits=8", "--data", "digits", *more]
+
+    def weights(key):
+        return model("zoo:digits_cnn", "--weights", str(f[key]))
+
+    def hf(key):
+        return ["compress", f"hf:{f[key]}", "--budget", "bits=8", "--data", "sentences"]
+
+    def budget(b):
+        return ["compress", "zoo:digits_cnn", "--budget", b, "--data", "digits"]
+
     mod = MODULE
     return {
         # data
-        "NaN inputs": (npz["nan_x"], "NaN or infinite"),
-        "Inf inputs": (npz["inf_x"], "NaN or infinite"),
-        "NaN in the user's test split": (npz["nan_test"], "test inputs"),
-        "label beyond the outputs": (npz["label_high"], "labels up to 10"),
-        "negative label": (npz["label_neg"], "include -1"),
-        "one class": (npz["one_class"], "one class only"),
-        "empty data": (npz["empty"], "at least 2"),
-        "empty test split": (npz["empty_test"], "test split"),
-        "x and y rows differ": (npz["rows"], "must match"),
-        "float labels": (npz["float_y"], "integer class labels"),
-        "one-hot labels": (npz["onehot"], "one class index per input"),
-        "no y array": (npz["no_y"], "'x' and 'y'"),
-        "x_test without y_test": (npz["half_test"], "x_test"),
-        "inputs of another shape": (npz["shape"], "does not fit the model"),
-        "corrupt npz": (npz["corrupt_npz"], "as .npz"),
-        "npz that is a folder": (npz["dir_npz"], "cannot read"),
-        "missing data file": ([*c, "--data", str(f["root"] / "nope.npz")], "does not exist"),
-        "unknown data name": ([*c, "--data", "imagenet"], "unknown data set"),
-        "image folder of one class": ([*c, "--data", str(f["one_class_images"])], "two class"),
-        "unreadable images": ([*c, "--data", str(f["broken_images"])], "cannot read image"),
-        "data factory raises": ([*c, "--data", f"{mod}:raises"], "calling"),
-        "data factory returns an int": (
-            [*c, "--data", f"{mod}:int_data"],
-            "returned an object of type int",
-        ),
-        "data batches are not pairs": (
-            [*c, "--data", f"{mod}:triples"],
-            "not an (inputs, targets)",
-        ),
-        "NaN in a streamed data set": ([*c, "--data", f"{mod}:nan_data"], "NaN or infinite"),
-        "data module missing": ([*c, "--data", "no_such_mod_xyz:make"], "cannot import"),
+        "NaN inputs": (data(f["nan_x"]), "NaN or infinite"),
+        "Inf inputs": (data(f["inf_x"]), "NaN or infinite"),
+        "NaN in the user's test split": (data(f["nan_test"]), "test inputs"),
+        "label beyond the outputs": (data(f["label_high"]), "labels up to 10"),
+        "negative label": (data(f["label_neg"]), "include -1"),
+        "one class": (data(f["one_class"]), "one class only"),
+        "empty data": (data(f["empty"]), "at least 2"),
+        "empty test split": (data(f["empty_test"]), "test split"),
+        "x and y rows differ": (data(f["rows"]), "must match"),
+        "float labels": (data(f["float_y"]), "integer class labels"),
+        "one-hot labels": (data(f["onehot"]), "one class index per input"),
+        "no y array": (data(f["no_y"]), "'x' and 'y'"),
+        "x_test without y_test": (data(f["half_test"]), "x_test"),
+        "inputs of another shape": (data(f["shape"]), "does not fit the model"),
+        "corrupt npz": (data(f["corrupt_npz"]), "as .npz"),
+        "npz that is a folder": (data(f["dir_npz"]), "cannot read"),
+        "missing data file": (data(f["root"] / "nope.npz"), "does not exist"),
+        "unknown data name": (data("imagenet"), "unknown data set"),
+        "image folder of one class": (data(f["one_class_images"]), "two class"),
+        "unreadable images": (data(f["broken_images"]), "cannot read image"),
+        "data factory raises": (data(f"{mod}:raises"), "calling"),
+        "data factory returns an int": (data(f"{mod}:int_data"), "object of type int"),
+        "data batches are not pairs": (data(f"{mod}:triples"), "not an (inputs, targets)"),
+        "NaN in a streamed data set": (data(f"{mod}:nan_data"), "NaN or infinite"),
+        "data module missing": (data("no_such_mod_xyz:make"), "cannot import"),
+        "text data for a zoo model": (data("sentences"), "give MODEL as hf:DIR"),
         "train on NaN data": (["train", "zoo:digits_cnn", "--data", str(f["nan_x"])], "NaN"),
         "analyze one class": (
             ["analyze", "zoo:digits_cnn", "--data", str(f["one_class"])],
             "one class",
         ),  # fmt: skip
         # models
-        "forward fails": (
-            ["compress", f"{mod}:fails", "--budget", "bits=8", "--data", "digits"],
-            "my forward is broken",
-        ),  # fmt: skip
-        "outputs NaN": (
-            ["compress", f"{mod}:nan_out", "--budget", "bits=8", "--data", "digits"],
-            "NaN or infinite",
-        ),  # fmt: skip
-        "unknown zoo model": (
-            ["compress", "zoo:nope", "--budget", "bits=8", "--data", "digits"],
-            "no built-in model",
-        ),  # fmt: skip
-        "model spec without a kind": (
-            ["compress", "digits_cnn", "--budget", "bits=8", "--data", "digits"],
-            "cannot resolve model",
-        ),  # fmt: skip
-        "model module missing": (
-            ["compress", "no_such_mod_xyz:make", "--budget", "bits=8", "--data", "digits"],
-            "cannot import",
-        ),  # fmt: skip
-        "model attribute missing": (
-            ["compress", f"{mod}:nope", "--budget", "bits=8", "--data", "digits"],
-            "no attribute",
-        ),  # fmt: skip
-        "factory returns no module": (
-            ["compress", f"{mod}:not_a_module", "--budget", "bits=8", "--data", "digits"],
-            "not a torch.nn.Module",
-        ),  # fmt: skip
-        "model factory raises": (
-            ["compress", f"{mod}:raises", "--budget", "bits=8", "--data", "digits"],
-            "cannot build",
-        ),  # fmt: skip
-        # weights
-        "NaN weights": ([*digits, "--weights", str(f["nan"])], "NaN or infinity"),
-        "Inf weights": ([*digits, "--weights", str(f["inf"])], "NaN or infinity"),
-        "weights of other shapes": ([*digits, "--weights", str(f["shapes"])], "other shapes"),
-        "weights of another net": ([*digits, "--weights", str(f["other"])], "does not fit"),
-        "missing weights": (
-            [*digits, "--weights", str(f["root"] / "no.safetensors")],
-            "does not exist",
-        ),  # fmt: skip
-        "corrupt safetensors": ([*digits, "--weights", str(f["corrupt"])], "not a valid"),
-        "full pickle": ([*digits, "--weights", str(f["evil"])], "--trust-pickle"),
-        "weights not tensors": ([*digits, "--weights", str(f["not_tensors"])], "state dict"),
-        "weights path is a folder": ([*digits, "--weights", str(f["weights_dir"])], "not a file"),
-        # Hugging Face folders
-        "hf folder missing": (
-            ["compress", f"hf:{f['root'] / 'nohf'}", "--budget", "bits=8", "--data", "sentences"],
-            "no such folder",
-        ),  # fmt: skip
-        "hf without config": (
-            ["compress", f"hf:{f['hf_noconfig']}", "--budget", "bits=8", "--data", "sentences"],
-            "no config.json",
-        ),  # fmt: skip
-        "hf config garbage": (
-            ["compress", f"hf:{f['hf_badconfig']}", "--budget", "bits=8", "--data", "sentences"],
-            "not a Hugging Face model config",
-        ),  # fmt: skip
-        "hf decoder model": (
-            ["compress", f"hf:{f['hf_gpt2']}", "--budget", "bits=8", "--data", "sentences"],
-            "BERT-family",
-        ),  # fmt: skip
-        "hf weights only a pickle": (
-            ["compress", f"hf:{f['hf_pickle']}", "--budget", "bits=8", "--data", "sentences"],
-            "pass --trust-pickle",
-        ),  # fmt: skip
-        # budgets
-        "budget key": ([*digits[:3], "speed=3", "--data", "digits"], "unknown budget key"),
-        "zero bits": ([*digits[:3], "bits=0", "--data", "digits"], "must be positive"),
-        "bits not a number": ([*digits[:3], "bits=abc", "--data", "digits"], "number"),
-        "negative size": ([*digits[:3], "size=-1MB", "--data", "digits"], "must be positive"),
-        "empty budget": ([*digits[:3], "", "--data", "digits"], "empty budget"),
-        "relative budget above 1": ([*digits[:3], "size=2r", "--data", "digits"], "fraction"),
-        "a key twice": ([*digits[:3], "bits=4,bits=3", "--data", "digits"], "twice"),
-        # numbers
-        "no Hessian samples": ([*digits, "--hessian-samples", "0"], "--hessian-samples"),
-        "one activation bit": ([*digits, "--act-bits", "1"], "--act-bits"),
-        "max-len 1": ([*digits, "--max-len", "1"], "--max-len"),
-        "input shape text": ([*c, "--calib", "zeroshot", "--input-shape", "a,b"], "--input-shape"),
-        "text data for a zoo model": ([*c, "--data", "sentences"], "give MODEL as hf:DIR"),
+        "forward fails": (model(f"{mod}:fails"), "my forward is broken"),
+        "outputs NaN": (model(f"{mod}:nan_out"), "NaN or infinite"),
+        "unknown zoo model": (model("zoo:nope"), "no built-in model"),
+        "model spec without a kind": (model("digits_cnn"), "cannot resolve model"),
+        "model module missing": (model("no_such_mod_xyz:make"), "cannot import"),
+        "model attribute missing": (model(f"{mod}:nope"), "no attribute"),
+        "factory returns no module": (model(f"{mod}:not_a_module"), "not a torch.nn.Module"),
+        "model factory raises": (model(f"{mod}:raises"), "cannot build"),
         "zero-shot without a shape": (
             ["compress", f"{mod}:nan_out", "--budget", "bits=8", "--calib", "zeroshot"],
             "--input-shape",
@@ -334,7 +268,45 @@ def _cases(f):
             [*c, "--calib", "zeroshot", "--input-shape", "3,5,5"],
             "--input-shape",
         ),  # fmt: skip
-        "threads text": ([*digits, "--threads", "abc"], "threads"),
+        # weights
+        "NaN weights": (weights("nan"), "NaN or infinity"),
+        "Inf weights": (weights("inf"), "NaN or infinity"),
+        "weights of other shapes": (weights("shapes"), "other shapes"),
+        "weights of another net": (weights("other"), "does not fit"),
+        "missing weights": (
+            model("zoo:digits_cnn", "--weights", str(f["root"] / "no.pt")),
+            "does not exist",
+        ),  # fmt: skip
+        "corrupt safetensors": (weights("corrupt"), "not a valid"),
+        "full pickle": (weights("evil"), "--trust-pickle"),
+        "weights not tensors": (weights("not_tensors"), "state dict"),
+        "weights path is a folder": (weights("weights_dir"), "not a file"),
+        # Hugging Face folders
+        "hf folder missing": (
+            ["compress", f"hf:{f['root'] / 'nohf'}", "--budget", "bits=8", "--data", "sentences"],
+            "no such folder",
+        ),  # fmt: skip
+        "hf without config": (hf("hf_noconfig"), "no config.json"),
+        "hf config garbage": (hf("hf_badconfig"), "not a Hugging Face model config"),
+        "hf decoder model": (hf("hf_gpt2"), "BERT-family"),
+        "hf weights only a pickle": (hf("hf_pickle"), "pass --trust-pickle"),
+        # budgets
+        "budget key": (budget("speed=3"), "unknown budget key"),
+        "zero bits": (budget("bits=0"), "must be positive"),
+        "bits not a number": (budget("bits=abc"), "number"),
+        "negative size": (budget("size=-1MB"), "must be positive"),
+        "empty budget": (budget(""), "empty budget"),
+        "relative budget above 1": (budget("size=2r"), "fraction"),
+        "a key twice": (budget("bits=4,bits=3"), "twice"),
+        # numbers
+        "no Hessian samples": (
+            model("zoo:digits_cnn", "--hessian-samples", "0"),
+            "--hessian-samples",
+        ),  # fmt: skip
+        "one activation bit": (model("zoo:digits_cnn", "--act-bits", "1"), "--act-bits"),
+        "max-len 1": (model("zoo:digits_cnn", "--max-len", "1"), "--max-len"),
+        "input shape text": ([*c, "--calib", "zeroshot", "--input-shape", "a,b"], "--input-shape"),
+        "threads text": (model("zoo:digits_cnn", "--threads", "abc"), "threads"),
         "no data": (c, "--data is required"),
     }
 
