@@ -1,0 +1,475 @@
+"""ExecuTorch export: a squeezer-quantized model lowered through ``torch.export``, PT2E
+quantization and the XNNPACK partitioner to a ``.pte`` program, with squeezer's own scales and
+bit-widths (no re-calibration where XNNPACK's patterns let them through), run in the ExecuTorch
+runtime and checked against squeezer's simulation as :func:`squeezer.export.export_onnx` does.
+
+How the graph is built:
+
+1. The float twin of the model (:func:`squeezer.export.layers._float_twin`): float layers holding
+   squeezer's dequantized weights, so that quantizing them again with squeezer's scales gives
+   squeezer's codes back exactly, whatever their bit-width (4-bit codes are int8 values in
+   -7..7). A BatchNorm right after a quantized convolution is folded into it, its factor moving
+   into the per-channel weight scale (codes unchanged but for sign), as the ONNX export does.
+2. ``torch.export`` at batch 1 (the embedded case), then ExecuTorch's ``XNNPACKQuantizer``
+   annotates the quantized layers only (per-channel symmetric int8 weights, int8 activations),
+   so the Q/DQ pattern is the one XNNPACK's integer kernels take.
+3. Every observer the quantizer placed is given squeezer's parameters where squeezer has them:
+   each layer's weight scale, and its input quantizer's scale and zero point (squeezer's uint8
+   codes shifted by 128 to int8, the same real values). The others, on tensors squeezer keeps in
+   float (a layer's output that no squeezer quantizer reads, e.g. the logits), XNNPACK's static
+   kernels still need quantized; they keep the range observed on the example
+   (:attr:`ExecutorchReport.observed`): one rounding squeezer does not do, hence the looser
+   default tolerance of :func:`export_executorch`.
+4. ``convert_pt2e``, ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` and
+   ``to_executorch``; the program is run in ``executorch.runtime`` on the example, one sample at a
+   time, and compared with squeezer's outputs before the file is written.
+
+Needs the optional extra ``executorch`` (``pip install 'squeezer[executorch]'``); verified with
+executorch 1.5.1 (which pulls torchao 0.18) beside torch 2.13.0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Plan, write_bytes_atomic
+from ..errors import ExportError
+from ..graph import copy_model, get_module, set_module
+from .common import ATOL, _first_line
+from .layers import _collect_layers, _float_twin, _Layer
+from .onnx import _compare, _outputs
+
+#: Name of the latency row of the exported program (and of its FP32 twin).
+ROW = "ExecuTorch (squeezer)"
+FLOAT_ROW = "ExecuTorch FP32"
+_KINDS = ("conv", "linear")
+
+
+@dataclass(frozen=True)
+class ExecutorchReport:
+    """What :func:`export_executorch` wrote and how well the ExecuTorch runtime agrees with squeezer.
+
+    Attributes:
+        path: the written ``.pte``.
+        size_bytes: its size.
+        theoretical_bytes: ``squeezer.measure.model_bytes`` of the plan (as in the ONNX report).
+        float_size_bytes: size of the FP32 model's ``.pte`` lowered the same way (None if not made).
+        max_abs_error: max |ExecuTorch − squeezer| over the checked samples.
+        median_sample_error: median over samples of each sample's max |Δ|.
+        atol: the tolerance it was checked against.
+        output_step: one 8-bit step of squeezer's output range, (max − min) / 255.
+        quant_error: max |squeezer − FP32| over the checked samples.
+        argmax_agreement: share of samples whose argmax agrees (2-D outputs), else None.
+        samples: how many samples were checked (each at batch 1).
+        layers: {FQN: how the layer was lowered} ("xnnpack-int8-w4" for 4-bit codes in int8, ...).
+        squeezer_qparams: how many quantizers carry squeezer's own scales.
+        observed: how many carry a range observed on the example (tensors squeezer keeps in float
+            that XNNPACK's static kernels quantize).
+        outside_delegate: the program's ops that XNNPACK did not take (ExecuTorch's portable
+            kernels run them), e.g. ``aten.mean.dim``; the quantized layers are never among them.
+        latency: {row: Latency.to_dict()} at batch 1, timed through ``squeezer.measure.time_calls``.
+        threads: XNNPACK threads (and torch's) during the check and timing.
+        versions: executorch, torchao and torch versions used.
+    """
+
+    path: str
+    size_bytes: int
+    theoretical_bytes: float
+    float_size_bytes: int | None
+    max_abs_error: float | None
+    median_sample_error: float | None
+    atol: float | None
+    output_step: float | None
+    quant_error: float | None
+    argmax_agreement: float | None
+    samples: int
+    layers: dict[str, str] = field(default_factory=dict)
+    squeezer_qparams: int = 0
+    observed: int = 0
+    outside_delegate: list[str] = field(default_factory=list)
+    latency: dict[str, dict] = field(default_factory=dict)
+    threads: int = 1
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def executorch_available() -> bool:
+    """True if ExecuTorch (with its XNNPACK backend and runtime) can be imported."""
+    try:
+        _imports()
+    except ExportError:
+        return False
+    return True
+
+
+def _imports():
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.runtime import Runtime
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise ExportError(
+            f"ExecuTorch export needs executorch and torchao ({_first_line(exc)}); "
+            "pip install 'squeezer[executorch]'"
+        ) from None
+    return {
+        "XnnpackPartitioner": XnnpackPartitioner,
+        "XNNPACKQuantizer": XNNPACKQuantizer,
+        "config": get_symmetric_quantization_config,
+        "lower": to_edge_transform_and_lower,
+        "Runtime": Runtime,
+        "prepare": prepare_pt2e,
+        "convert": convert_pt2e,
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for name in ("executorch", "torchao"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:  # pragma: no cover
+            out[name] = "?"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def export_executorch(
+    qmodel: nn.Module,
+    path: str | os.PathLike,
+    example: torch.Tensor,
+    *,
+    verify: bool = True,
+    atol: float | None = None,
+    threads: int | None = None,
+    samples: int = 32,
+    float_model: nn.Module | None = None,
+    runs: int = 30,
+    warmup: int = 5,
+) -> ExecutorchReport:
+    """Lower a fake-quantized model to an ExecuTorch ``.pte`` (XNNPACK, int8 kernels) with
+    squeezer's scales, run it in the ExecuTorch runtime, check and time it.
+
+    Args:
+        qmodel: a model from :func:`squeezer.quantize`. Its Conv/Linear layers with per-channel or
+            per-tensor symmetric weights of at most 8 bits and 8-bit input quantizers run on
+            XNNPACK's int8 kernels (codes of fewer bits are stored as int8); weight-only layers
+            run in FP32 with the dequantized weights.
+        path: the ``.pte`` file to write (atomically; nothing is written if the check fails).
+        example: an input tensor (a batch of samples). Its first sample fixes the program's input
+            shape (batch 1); its first ``samples`` samples are the check, and its samples also
+            calibrate the few quantizers squeezer has no scale for.
+        verify: run the program and compare with ``qmodel`` sample by sample.
+        atol: max |ExecuTorch − squeezer| allowed. By default, as in ``export_onnx`` with
+            ``requantize``: the typical sample within max(2 output steps, max |squeezer − FP32|),
+            and no sample farther than twice that or twice the quantization's own effect.
+        threads: threads of XNNPACK's process-wide threadpool (default: torch's thread count).
+        samples: how many samples to check.
+        float_model: the FP32 model; if given, it is lowered too, for the size and latency rows.
+        runs, warmup: timed and untimed calls of ``squeezer.measure.time_calls`` (runs=0: no
+            timing).
+
+    Returns:
+        An :class:`ExecutorchReport`.
+
+    Raises:
+        ExportError: executorch is missing, a layer cannot be lowered with squeezer's parameters,
+            or the runtime disagrees beyond ``atol``.
+    """
+    et = _imports()
+    if not isinstance(example, torch.Tensor):
+        raise ExportError(
+            "ExecuTorch export takes one input tensor; models with several inputs (text models "
+            "with an attention mask) are not supported yet: use --format onnx"
+        )
+    threads = threads or torch.get_num_threads()
+    _set_threads(threads)
+    qmodel = copy_model(qmodel).eval()
+    layers = _collect_layers(qmodel)
+    status = {fqn: _lowering(layer) for fqn, layer in layers.items()}
+    scales = {fqn: layer.scale[:, 0].astype(np.float64) for fqn, layer in layers.items()}
+    twin = _float_twin(qmodel, layers)
+    x1 = example[:1].detach()
+    with torch.no_grad():
+        _fold_batchnorm(twin, x1, status, scales)
+
+    gm = torch.export.export(twin, (x1,)).module()
+    quantizer = et["XNNPACKQuantizer"]()
+    config = et["config"](is_per_channel=True)
+    # Global config, filtered: a per-module config would split XNNPACK's fused patterns
+    # (conv + relu: the relu is another module), and the float layers must stay float.
+    int8 = {fqn for fqn, s in status.items() if s.startswith("xnnpack-int8")}
+    float_layers = {
+        fqn
+        for fqn, m in twin.named_modules()
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and fqn not in int8
+    }
+    quantizer.set_global(config).set_filter_function(
+        lambda node: _module_of(node) not in float_layers
+    )
+    try:
+        prepared = et["prepare"](gm, quantizer)
+        with torch.no_grad():
+            for i in range(min(len(example), 64)):
+                prepared(example[i : i + 1])
+        n_fixed, n_observed = _fix_qparams(prepared, layers, status, scales)
+        converted = et["convert"](prepared)
+        data, outside = _lower(et, converted, x1)
+        left = [op for op in outside if any(k in op for k in ("convolution", "linear", "mm"))]
+        if int8 and left:
+            raise ExportError(
+                f"XNNPACK did not take {left} (they would run in ExecuTorch's portable kernels, "
+                "not as integer kernels); keep those layers' activations in float"
+            )
+    except ExportError:
+        raise
+    except Exception as exc:  # the torch.export / PT2E / lowering stack raises many kinds
+        raise ExportError(f"ExecuTorch lowering failed ({_first_line(exc)})") from exc
+
+    runtime = et["Runtime"].get()
+    method = runtime.load_program(data).load_method("forward")
+    max_err = median_err = step = agree = tol = quant_err = None
+    n = min(samples, len(example))
+    if verify:
+        with torch.no_grad():
+            ref = _outputs(qmodel(example[:n]))
+            fp32 = _outputs(_float_twin(qmodel, layers, dequantized=False)(example[:n]))
+        runs_out = [method.execute([example[i : i + 1].contiguous()]) for i in range(n)]
+        got = [
+            torch.cat([r[k] for r in runs_out]).detach().float().numpy() for k in range(len(ref))
+        ]
+        rows, step, agree = _compare(ref, got)
+        max_err, median_err = float(rows.max()), float(np.median(rows))
+        quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
+        if atol is None:
+            steps, share = ATOL[n_observed > 0]
+            tol = max(steps * step, share * quant_err)
+            ok = median_err <= tol and max_err <= max(2 * tol, 2 * quant_err)
+        else:
+            tol = float(atol)
+            ok = max_err <= tol
+        if not ok:
+            raise ExportError(
+                f"the ExecuTorch runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median "
+                f"over samples {median_err:.3g}, tolerance {tol:.3g} (one output step = "
+                f"{step:.3g}, max |squeezer − FP32| = {quant_err:.3g}); pass atol=... if that is "
+                "expected, or verify=False to write the file and inspect it"
+            )
+    write_bytes_atomic(path, data)
+
+    float_size = None
+    calls = {ROW: lambda: method.execute([x1])}
+    if float_model is not None:
+        fmodule = torch.export.export(copy_model(float_model).eval(), (x1,)).module()
+        fdata, _ = _lower(et, fmodule, x1)
+        float_size = len(fdata)
+        fmethod = runtime.load_program(fdata).load_method("forward")
+        calls[FLOAT_ROW] = lambda: fmethod.execute([x1])
+    latency = {}
+    if runs > 0:
+        from ..measure import time_calls
+
+        latency = {k: v.to_dict() for k, v in time_calls(calls, warmup=warmup, runs=runs).items()}
+
+    from ..measure import model_bytes
+
+    plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
+    return ExecutorchReport(
+        path=str(path),
+        size_bytes=len(data),
+        theoretical_bytes=model_bytes(_float_twin(qmodel, layers), plan),
+        float_size_bytes=float_size,
+        max_abs_error=max_err,
+        median_sample_error=median_err,
+        atol=tol,
+        output_step=step,
+        quant_error=quant_err,
+        argmax_agreement=agree,
+        samples=n if verify else 0,
+        layers=status,
+        squeezer_qparams=n_fixed,
+        observed=n_observed,
+        outside_delegate=outside,
+        latency=latency,
+        threads=threads,
+        versions=_versions(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# steps
+
+
+def _set_threads(threads: int) -> None:
+    try:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(int(threads))
+    except (ImportError, RuntimeError):  # pragma: no cover - older builds: keep the default
+        pass
+
+
+def _lowering(layer: _Layer) -> str:
+    """How a layer can be lowered: ``xnnpack-int8-w{bits}``, or why it runs in float."""
+    if layer.kind not in _KINDS:
+        if layer.act is not None:
+            raise ExportError(
+                f"layer {layer.fqn!r} ({layer.kind}) quantizes its input, which the ExecuTorch "
+                "export supports only for Conv and Linear layers"
+            )
+        return f"float ({layer.kind}: fp32 dequantized weights)"
+    if layer.act is None:
+        return "float (weight-only: fp32 dequantized weights)"
+    reasons = []
+    if layer.scale.shape[1] != 1:
+        reasons.append("group-wise weight scales (XNNPACK's static int8 kernels take per-channel)")
+    if np.any(layer.zero_point != 0) or layer.qmin < -128 or layer.qmax > 127:
+        reasons.append("asymmetric weights (XNNPACK takes symmetric int8 weights)")
+    if layer.act.qmax - layer.act.qmin != 255:
+        reasons.append(f"{layer.spec.act_bits}-bit activations (XNNPACK's kernels take 8)")
+    if reasons:
+        raise ExportError(
+            f"layer {layer.fqn!r} cannot run on XNNPACK with squeezer's parameters: "
+            + "; ".join(reasons)
+            + " (use --format onnx, or a plan without them)"
+        )
+    return f"xnnpack-int8-w{layer.spec.bits}"
+
+
+def _fold_batchnorm(
+    twin: nn.Module, x1: torch.Tensor, status: dict[str, str], scales: dict[str, np.ndarray]
+) -> None:
+    """Fold each BatchNorm that alone reads a quantized Conv's output into that Conv: weight and
+    per-channel scale times γ/σ, bias (b − μ)·γ/σ + β; the BatchNorm becomes an Identity."""
+    graph = torch.export.export(twin, (x1,)).graph
+    for node in graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        src = node.args[0]
+        if not hasattr(src, "op") or len(src.users) != 1 or "conv" not in str(src.target):
+            continue
+        conv_fqn, bn_fqn = _module_of(src), _module_of(node)
+        if conv_fqn not in status or not status[conv_fqn].startswith("xnnpack"):
+            continue
+        conv, bn = get_module(twin, conv_fqn), get_module(twin, bn_fqn)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+            continue
+        f = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+        f = f.detach().double()
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        w = (conv.weight.detach().double() * f.reshape(shape)).float()
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(f)
+        b = (b - bn.running_mean.double()) * f
+        if bn.affine:
+            b = b + bn.bias.detach().double()
+        conv.weight = nn.Parameter(w, requires_grad=False)
+        conv.bias = nn.Parameter(b.float(), requires_grad=False)
+        scales[conv_fqn] = scales[conv_fqn] * np.abs(f.numpy())
+        set_module(twin, bn_fqn, nn.Identity())
+        status[conv_fqn] += f" (BatchNorm {bn_fqn} folded)"
+
+
+def _module_of(node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _fix_qparams(prepared, layers: Mapping[str, _Layer], status, scales) -> tuple[int, int]:
+    """Give the observers of each lowered layer's weight and input squeezer's parameters.
+    Returns (observers with squeezer's parameters, observers left with observed ranges)."""
+    modules = dict(prepared.named_modules())
+    fixed: dict[int, tuple] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
+            continue
+        fqn = _module_of(node)
+        if fqn not in layers or not status[fqn].startswith("xnnpack"):
+            continue
+        layer = layers[fqn]
+        x_obs, w_obs = (_observer(prepared, a) for a in node.args[:2])
+        if x_obs is None or w_obs is None:
+            raise ExportError(
+                f"XNNPACK's quantizer left layer {fqn!r} unquantized (its pattern is not one "
+                "XNNPACK lowers); keep its activations in float (act_bits=None)"
+            )
+        s = torch.tensor(scales[fqn], dtype=torch.float32)
+        _set(fixed, w_obs, fqn, s, torch.zeros(len(s), dtype=torch.int64), layer.qmin, layer.qmax)
+        a = layer.act
+        shift = -128 if a.qmin == 0 else 0  # uint8 codes -> int8 codes, same real values
+        _set(fixed, x_obs, fqn, a.scale, a.zero_point + shift, a.qmin + shift, a.qmax + shift)
+    observers = {
+        id(m) for m in modules.values() if type(m).__name__.endswith(("Observer", "FakeQuantize"))
+    }
+    return len(fixed), len(observers - set(fixed))
+
+
+def _observer(modules, node):
+    if getattr(node, "op", None) != "call_module":
+        return None
+    m = getattr(modules, str(node.target), None)  # a shared observer is under several names
+    return m if m is not None and hasattr(m, "calculate_qparams") else None
+
+
+def _set(fixed: dict, obs, fqn: str, scale, zero_point, qmin: int, qmax: int) -> None:
+    key = (
+        tuple(np.atleast_1d(np.asarray(scale, dtype=np.float32)).tolist()),
+        tuple(np.atleast_1d(np.asarray(zero_point)).tolist()),
+    )
+    prev = fixed.get(id(obs))
+    if prev is not None and prev[1] != key:
+        raise ExportError(
+            f"layers {prev[0]!r} and {fqn!r} read one tensor with different squeezer scales; "
+            "XNNPACK's graph quantizes a tensor once"
+        )
+    if isinstance(scale, torch.Tensor):
+        qp = (scale, zero_point)
+    else:
+        qp = (torch.tensor([float(scale)]), torch.tensor([int(zero_point)]))
+    obs.calculate_qparams = lambda qp=qp: qp
+    obs.quant_min, obs.quant_max = int(qmin), int(qmax)
+    fixed[id(obs)] = (fqn, key)
+
+
+def _lower(et, module: nn.Module, x1: torch.Tensor) -> tuple[bytes, list[str]]:
+    """The program's bytes, and the ops left outside the XNNPACK delegate (run by ExecuTorch's
+    portable kernels), by name."""
+    ep = torch.export.export(module, (x1,))
+    edge = et["lower"](ep, partitioner=[et["XnnpackPartitioner"]()])
+    outside = sorted(
+        {
+            str(getattr(n.target, "__name__", n.target))
+            for n in edge.exported_program().graph_module.graph.nodes
+            if n.op == "call_function"
+            and "executorch_call_delegate" not in str(n.target)
+            and "getitem" not in str(n.target)
+        }
+    )
+    return bytes(edge.to_executorch().buffer), outside
+
+
+__all__ = [
+    "FLOAT_ROW",
+    "ROW",
+    "ExecutorchReport",
+    "executorch_available",
+    "export_executorch",
+]

@@ -1,0 +1,147 @@
+"""ExecuTorch export (``squeezer.export.executorch``): a quantized model lowered to a ``.pte``
+through PT2E and XNNPACK with squeezer's own scales, run in the ExecuTorch runtime.
+
+Oracles: squeezer's fake-quant outputs (the program must agree within its tolerance: one extra
+int8 rounding of the logits, which XNNPACK's static kernels quantize and squeezer does not), the
+lowered graph (every quantized layer inside the XNNPACK delegate), and a model whose scales were
+moved by hand (the program must follow squeezer's scales, not re-calibrate its own).
+
+Skipped where executorch is not installed (the optional extra ``squeezer[executorch]``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from squeezer import LayerQuant, Plan, quantize
+from squeezer.errors import ExportError
+from squeezer.export.executorch import (
+    FLOAT_ROW,
+    ROW,
+    executorch_available,
+    export_executorch,
+)
+from squeezer.templates import uniform_plan
+
+needs_executorch = pytest.mark.skipif(
+    not executorch_available(),
+    reason="executorch is not installed (optional extra: pip install 'squeezer[executorch]')",
+)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(one_thread, digits):
+    from squeezer.train import fit
+    from squeezer.zoo import create
+
+    net, _ = fit(create("digits_cnn"), digits, epochs=6, seed=0)
+    return net
+
+
+def _quantized(net, digits, bits=8, **kw):
+    return quantize(
+        net, uniform_plan(net, bits, act_bits=8, **kw), calib=digits.calibration_batches()
+    )
+
+
+@needs_executorch
+@pytest.mark.parametrize("bits", [8, 4])
+def test_digits_cnn_runs_int8_with_squeezer_scales(trained_cnn, digits, tmp_path, bits):
+    q = _quantized(trained_cnn, digits, bits)
+    path = tmp_path / "model.pte"
+    r = export_executorch(q, path, digits.x_test[:64], float_model=trained_cnn, runs=3, warmup=1)
+    assert path.is_file() and path.stat().st_size == r.size_bytes
+    # every conv and linear on XNNPACK's int8 kernels, BatchNorm folded into the convs
+    assert set(r.layers) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    assert all(s.startswith(f"xnnpack-int8-w{bits}") for s in r.layers.values())
+    assert "folded" in r.layers["conv1"] and r.outside_delegate == []
+    # squeezer's weight and input scales for each of the 5 layers; only the logits observed
+    assert (r.squeezer_qparams, r.observed) == (10, 1)
+    assert r.max_abs_error <= 2 * r.atol and r.median_sample_error <= r.atol
+    assert r.median_sample_error <= 1.0 * r.output_step  # about half a step: the logits' rounding
+    assert r.argmax_agreement >= 0.95
+    # int8 storage: about a quarter of the FP32 program, whatever the codes' width
+    assert r.size_bytes < 0.35 * r.float_size_bytes
+    assert set(r.latency) == {ROW, FLOAT_ROW}
+    assert all(v["median_ms"] > 0 and v["batch"] == 1 for v in r.latency.values())
+    assert r.versions["executorch"] and r.versions["torch"] == torch.__version__
+
+
+@needs_executorch
+def test_follows_squeezer_scales_not_a_recalibration(trained_cnn, digits, tmp_path):
+    q = _quantized(trained_cnn, digits, 8)
+    # a coarser input grid on fc1 and a clipped one on conv2: squeezer's outputs move, and a
+    # program calibrated afresh would not follow them
+    q.fc1.input_quantizer.scale *= 4
+    q.conv2.input_quantizer.scale *= 0.5
+    x = digits.x_test[:64]
+    r = export_executorch(q, tmp_path / "m.pte", x, runs=0)
+    assert r.median_sample_error <= r.output_step
+
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(tmp_path / "m.pte")).load_method("forward")
+    got = torch.cat([method.execute([x[i : i + 1]])[0] for i in range(16)])
+    with torch.no_grad():
+        moved = q(x[:16])
+        honest = _quantized(trained_cnn, digits, 8)(x[:16])
+    assert (got - moved).abs().median() < 0.5 * (got - honest).abs().median()
+
+
+@needs_executorch
+def test_weight_only_layers_stay_float(trained_cnn, digits, tmp_path):
+    plan = uniform_plan(trained_cnn, 8, act_bits=8)
+    layers = dict(plan.layers)
+    layers["fc2"] = LayerQuant(bits=4)  # weight-only
+    q = quantize(trained_cnn, Plan(layers), calib=digits.calibration_batches())
+    r = export_executorch(q, tmp_path / "m.pte", digits.x_test[:32], runs=0)
+    assert r.layers["fc2"].startswith("float (weight-only")
+    assert r.layers["fc1"].startswith("xnnpack-int8-w8")
+    assert r.max_abs_error <= 2 * r.atol
+
+
+@needs_executorch
+def test_refuses_what_xnnpack_cannot_run_with_squeezer_parameters(trained_cnn, digits, tmp_path):
+    q = quantize(
+        trained_cnn, uniform_plan(trained_cnn, 8, act_bits=4), calib=digits.calibration_batches()
+    )
+    with pytest.raises(ExportError, match="4-bit activations"):
+        export_executorch(q, tmp_path / "m.pte", digits.x_test[:8], runs=0)
+    layers = dict(uniform_plan(trained_cnn, 8, act_bits=8).layers)
+    layers["fc1"] = LayerQuant(bits=4, granularity="group", group_size=16, act_bits=8)
+    qg = quantize(trained_cnn, Plan(layers), calib=digits.calibration_batches())
+    with pytest.raises(ExportError, match="group-wise"):
+        export_executorch(qg, tmp_path / "m.pte", digits.x_test[:8], runs=0)
+    with pytest.raises(ExportError, match="one input tensor"):
+        export_executorch(q, tmp_path / "m.pte", {"input_ids": digits.x_test[:8]}, runs=0)
+    assert not (tmp_path / "m.pte").exists()
+
+
+@needs_executorch
+def test_run_folder(tmp_path):
+    """What ``squeezer export DIR --format executorch`` does: the run's models and test inputs."""
+    from squeezer.cli import main
+    from squeezer.runfolder import load_compressed
+
+    run = tmp_path / "run"
+    argv = ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=8"]
+    assert main([*argv, "--method", "uniform", "--out", str(run), "--quiet"]) == 0
+    fmodel, qmodel, inputs, _ = load_compressed(run)
+    r = export_executorch(
+        qmodel, run / "model.pte", inputs[:64], samples=16, float_model=fmodel, runs=2, warmup=1
+    )
+    assert (run / "model.pte").stat().st_size == r.size_bytes
+    assert r.samples == 16 and r.max_abs_error <= 2 * r.atol
+    json.dumps(r.to_dict())  # what the caller records in metrics.json
+
+
+def test_missing_executorch_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)
+    assert not executorch_available()
+    with pytest.raises(ExportError, match=r"squeezer\[executorch\]"):
+        export_executorch(torch.nn.Linear(2, 2), tmp_path / "m.pte", torch.zeros(1, 2))
