@@ -179,9 +179,11 @@ def export_executorch(
             shape (batch 1); its first ``samples`` samples are the check, and its samples also
             calibrate the few quantizers squeezer has no scale for.
         verify: run the program and compare with ``qmodel`` sample by sample.
-        atol: max |ExecuTorch − squeezer| allowed. By default, as in ``export_onnx`` with
-            ``requantize``: the typical sample within max(2 output steps, max |squeezer − FP32|),
-            and no sample farther than twice that or twice the quantization's own effect.
+        atol: max |ExecuTorch − squeezer| allowed. By default, as in ``export_onnx``: the
+            typical sample within max(1 output step, 10% of max |squeezer − FP32|), or, when some
+            quantizer has an observed range (one rounding squeezer does not do, as with
+            ``requantize``), max(2 steps, 100%); and no sample farther than twice that or twice
+            the quantization's own effect.
         threads: threads of XNNPACK's process-wide threadpool (default: torch's thread count).
         samples: how many samples to check.
         float_model: the FP32 model; if given, it is lowered too, for the size and latency rows.
