@@ -315,7 +315,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "executorch"], default="onnx",
+                   help="onnx (default) or executorch (.pte, XNNPACK; squeezer[executorch])")  # fmt: skip
     p.add_argument(
         "--exact",
         action="store_true",
@@ -330,25 +331,21 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
 @command("export", "export DIR's compressed model to ONNX (QDQ int8), checked in ONNX Runtime",
          _configure_export)  # fmt: skip
 def cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import export_run
+    from .deploy import FORMATS, export_run
     from .report import fmt_bytes
 
-    rep, m = export_run(args.dir, samples=args.samples, requantize=not args.exact,
-                        atol=args.atol, threads=args.threads)  # fmt: skip
+    rep, m = export_run(args.dir, format=args.format, samples=args.samples,
+                        requantize=not args.exact, atol=args.atol, threads=args.threads)  # fmt: skip
     agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
-    print(
-        f"wrote {args.dir}/model.onnx ({fmt_bytes(rep.size_bytes)}; theoretical "
-        f"{fmt_bytes(rep.theoretical_bytes)}); ONNX Runtime vs squeezer: max |Δ| "
-        f"{rep.max_abs_error:.3g}, median sample {rep.median_sample_error:.3g} (tolerance "
-        f"{rep.atol:.3g}{agree})"
-    )
-    deployed = m["export"].get("test_metric")
-    if deployed is not None:
+    (file, key), runtime = FORMATS[args.format], {"onnx": "ONNX Runtime"}.get(args.format, "ExecuTorch")
+    print(f"wrote {args.dir}/{file} ({fmt_bytes(rep.size_bytes)}; theoretical "
+          f"{fmt_bytes(rep.theoretical_bytes)}); {runtime} vs squeezer: max |Δ| "
+          f"{rep.max_abs_error:.3g}, median sample {rep.median_sample_error:.3g} (tolerance "
+          f"{rep.atol:.3g}{agree})")  # fmt: skip
+    if (deployed := m[key].get("test_metric")) is not None:
         simulated, fp32 = m["after"].get("metric"), m["before"].get("metric")
-        print(
-            f"{m['metric_name']} of the ONNX model on the test split: {deployed:.4g} "
-            f"(squeezer's simulation: {simulated:.4g}; FP32: {fp32:.4g})"
-        )
+        print(f"{m['metric_name']} of the {runtime.split()[0]} model on the test split: {deployed:.4g} "
+              f"(squeezer's simulation: {simulated:.4g}; FP32: {fp32:.4g})")  # fmt: skip
     return 0
 
 

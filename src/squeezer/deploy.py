@@ -26,9 +26,14 @@ def _examples(inputs: Any, n: int) -> Any:
     return torch.cat([inputs] * reps)[:n]
 
 
+#: Export formats: the file each writes and the metrics.json key its record goes under.
+FORMATS = {"onnx": ("model.onnx", "export"), "executorch": ("model.pte", "executorch")}
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
+    format: str = "onnx",
     samples: int = 64,
     requantize: bool = True,
     atol: float | None = None,
@@ -36,18 +41,31 @@ def export_run(
     loaded: tuple | None = None,
 ):
     """Write ``run_dir``/model.onnx, checked in ONNX Runtime against the simulated model on
-    ``samples`` test inputs, and with data run on the whole test split. Both go into metrics.json
-    under ``export``. Returns the :class:`~squeezer.export.ExportReport` and the updated metrics.
+    ``samples`` test inputs, and with data run on the whole test split; both go into
+    metrics.json under ``export``. With ``format="executorch"``: ``model.pte`` lowered through
+    XNNPACK with squeezer's scales, checked in the ExecuTorch runtime at batch 1, recorded under
+    ``executorch`` (the optional extra ``squeezer[executorch]``). Returns the report and the
+    updated metrics.
 
     Example:
         >>> report, metrics = export_run("runs/digits-w8")  # doctest: +SKIP
     """
     from .data import evaluate
+    from .errors import ConfigError
     from .export import OrtModule, export_onnx, ort_session
     from .runfolder import load_compressed, update_metrics
 
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run = Path(run_dir)
-    _, qmodel, inputs, data = loaded if loaded is not None else load_compressed(run)
+    model, qmodel, inputs, data = loaded if loaded is not None else load_compressed(run)
+    if format == "executorch":
+        from .export.executorch import export_executorch
+
+        report = export_executorch(qmodel, run / "model.pte", _examples(inputs, samples),
+                                   float_model=model, atol=atol, threads=threads,
+                                   samples=min(samples, 32))  # fmt: skip
+        return report, update_metrics(run, executorch={**report.to_dict(), "path": "model.pte"})
     report = export_onnx(
         qmodel,
         run / "model.onnx",

@@ -24,7 +24,7 @@ def _deployment(run: Run) -> tuple[str, str] | None:
     m = run.get("metrics") or {}
     ex, lat = m.get("export"), m.get("latency")
     predicted = (((run.get("plan") or {}).get("meta") or {}).get("achieved") or {}).get("latency_ms")
-    if not ex and not lat and predicted is None:
+    if not ex and not lat and predicted is None and not m.get("executorch"):
         return None
     md, body = "", ""
     if predicted is not None:
@@ -68,6 +68,15 @@ def _deployment(run: Run) -> tuple[str, str] | None:
         ]
         emd, ebody = table(["ONNX export", ""], rows)
         md, body = md + emd, body + ebody
+    et = m.get("executorch")
+    if et:
+        rows = [["file", et.get("path")], ["size", fmt_bytes(et.get("size_bytes"))],
+                ["theoretical", fmt_bytes(et.get("theoretical_bytes"))],
+                ["max abs. difference, ExecuTorch vs squeezer", et.get("max_abs_error")],
+                ["argmax agreement", et.get("argmax_agreement")]]  # fmt: skip
+        rows += [[f"{k}, batch 1", _ms(v.get("median_ms"))] for k, v in et.get("latency", {}).items()]
+        tmd, tbody = table(["ExecuTorch (XNNPACK)", ""], rows)
+        md, body = md + "\n" + tmd, body + tbody
     if lat:
         batches = sorted(int(k.split("_")[1]) for k in lat if k.startswith("batch_"))
         names = list(lat[f"batch_{batches[0]}"]) if batches else []
