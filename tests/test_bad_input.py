@@ -79,6 +79,10 @@ def nan_out():
     return NaNOut()
 
 
+def bn_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
+
+
 def not_a_module():
     return 42
 
@@ -261,7 +265,7 @@ def _cases(f):
         "factory returns no module": (model(f"{mod}:not_a_module"), "not a torch.nn.Module"),
         "model factory raises": (model(f"{mod}:raises"), "cannot build"),
         "zero-shot without a shape": (
-            ["compress", f"{mod}:nan_out", "--budget", "bits=8", "--calib", "zeroshot"],
+            ["compress", f"{mod}:bn_net", "--budget", "bits=8", "--calib", "zeroshot"],
             "--input-shape",
         ),  # fmt: skip
         "zero-shot shape that does not fit": (

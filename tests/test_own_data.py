@@ -46,6 +46,10 @@ def generator():
     return ((X[i : i + 64], Y[i : i + 64]) for i in range(0, len(X), 64))
 
 
+def batch_list():
+    return [(X[i : i + 100], Y[i : i + 100]) for i in range(0, len(X), 100)]
+
+
 def pair():
     return TensorDataset(_d.x_train, _d.y_train), TensorDataset(_d.x_test, _d.y_test)
 
@@ -81,7 +85,9 @@ def test_npz_keeps_the_users_test_split(tmp_path):
     assert whole.n_train == 22 and len(whole.x_test) == 8
 
 
-@pytest.mark.parametrize("factory", ["dataset", "loader", "generator", "pair", "splits"])
+@pytest.mark.parametrize(
+    "factory", ["dataset", "loader", "generator", "batch_list", "pair", "splits"]
+)
 def test_factory_data_streams_like_the_built_in_set(factory, on_path, digits):
     ds = load_data(f"{MODULE}:{factory}")
     assert isinstance(ds, StreamDataset) and ds.input_shape == (1, 8, 8)

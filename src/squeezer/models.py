@@ -170,8 +170,10 @@ def check_weights(model: nn.Module, source: str = "the model") -> None:
         ...
         squeezer.errors.UnsupportedModelError: the weights of the model hold NaN or infinity ...
     """
+    from torch.nn.parameter import is_lazy
+
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not is_lazy(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise UnsupportedModelError(
                 f"the weights of {source} hold NaN or infinity ({bad} values in {name}); the "

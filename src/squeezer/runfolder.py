@@ -167,8 +167,11 @@ def load_inputs(spec: RunSpec, run_dir: str | os.PathLike | None = None):
 def _check_input_shape(model: Any, shape: tuple[int, ...] | None) -> None:
     """Distillation (``--calib zeroshot``) needs one input's shape, and the model must run on it."""
     import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
 
     shape = shape or getattr(model, "input_shape", None)
+    if shape is None and not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return  # nothing to distil from: the distillation itself says so, and what to do
     if shape is None:
         raise ConfigError(
             "--calib zeroshot cannot tell the model's input shape; pass --input-shape (one input "

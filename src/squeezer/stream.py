@@ -212,6 +212,8 @@ def _view(source: Any, again: Callable[[], Any]) -> Indexed | Batched:
         source, collate = source.dataset, source.collate_fn
     if isinstance(source, IterableDataset):  # samples, not batches: batch them here
         return Batched(lambda: DataLoader(source, batch_size=64))
+    if isinstance(source, list | tuple):  # a list of batches, not of samples
+        return Batched(lambda: source)
     if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         return Indexed(source, torch.arange(len(source)), collate)
     try:
