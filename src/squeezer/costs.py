@@ -205,15 +205,18 @@ def plan_costs(
         raise ConfigError(f"layers {unknown[:3]} are not quantizable layers of the model")
     cand = sorted({int(b) for b in bits})
     axis = {k: weight_channel_axis(all_layers[k]) for k in names}
-    size = {
-        k: {b: measure.weight_bytes(all_layers[k].weight, replace(tpl[k], bits=b), axis[k])
-            for b in cand}
-        for k in names
-    }  # fmt: skip
+    def layer_bytes(k: str, b: int) -> float:
+        """The layer's weight at ``b`` bits, with its input quantizer's scale and zero point (8
+        bytes) unless it stays in float, as :func:`squeezer.measure.model_bytes` counts them."""
+        spec = replace(tpl[k], bits=b)
+        acts = 8 if b < 16 and spec.act_bits is not None else 0
+        if isinstance(all_layers[k], nn.Embedding):
+            acts = 0
+        return measure.weight_bytes(all_layers[k].weight, spec, axis[k]) + acts
+
+    size = {k: {b: layer_bytes(k, b) for b in cand} for k in names}
     ref_plan = Plan({k: replace(tpl[k], bits=8) for k in names})
-    fixed_bytes = measure.model_bytes(model, ref_plan) - sum(
-        measure.weight_bytes(all_layers[k].weight, ref_plan.layers[k], axis[k]) for k in names
-    )
+    fixed_bytes = measure.model_bytes(model, ref_plan) - sum(layer_bytes(k, 8) for k in names)
     macs = fixed_bops = None
     if example is not None:
         prof = measure.profile_layers(model, example)

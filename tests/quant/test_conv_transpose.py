@@ -176,7 +176,9 @@ def test_bytes_count_one_scale_per_output_channel():
     from squeezer.costs import plan_costs
 
     costs = plan_costs(nn.Sequential(m), (2, 4), example=torch.zeros(1, 8, 5, 5))
-    assert costs.size_bytes["0"][4] == 108 + 3 * 4
+    assert costs.size_bytes["0"][4] == 108 + 3 * 4 + 8  # and its input's scale and zero point
+    planned = Plan({"0": LayerQuant(bits=4, act_bits=8)})
+    assert costs.total("size_bytes", {"0": 4}) == model_bytes(nn.Sequential(m), planned)
     assert costs.macs["0"] == 8 * 3 * 9 * 25
 
 
