@@ -100,12 +100,6 @@ def test_onnx_export_holds_split_pad_concat_for_the_shift(tmp_path):
     assert not ops & {"Loop", "If", "Scan"}  # static slices, no control flow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=sq.UnsupportedModelError,
-    reason="to_integer has no integer step for F.pad / slicing / torch.cat yet (shift, fire "
-    "modules, ShuffleNet units); see the zoo's issue note for the change to integer/cnn.py",
-)
 def test_to_integer_passes_the_shift_through():
     torch.manual_seed(0)
     net = _CSC().eval()

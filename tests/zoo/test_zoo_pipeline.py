@@ -14,9 +14,9 @@ from squeezer.zoo import MODELS, create, list_models, small
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EFFICIENT = [n for n in list_models() if MODELS[n].factory.__module__ != small.__name__]
-# to_integer has no integer step for F.pad, slicing or torch.cat yet: the shift, the fire
-# module's concatenation and ShuffleNet's split/concat stop it (see the issue note)
-NEEDS_CONCAT = {n for n in EFFICIENT if n.startswith(("squeezenet", "shiftresnet", "dirac"))}
+# at random initialisation DiracDeltaNet's activations fade to ~1e-6 by the classifier, whose
+# input scale is then so fine that its bias is >= 2^31 accumulator steps: to_integer refuses
+DEGENERATE = {"diracdeltanet"}
 W8A8 = sq.QuantConfig(sq.LayerQuant(bits=8, act_bits=8))
 # one net of each family runs by default; its deeper and wider siblings only with the slow marker
 QUICK = {"squeezenet1_1", "sqnxt23", "shiftresnet20_e1", "resnet20_cifar", "diracdeltanet",
@@ -73,16 +73,16 @@ def test_w8a8_tracks_the_float_model(name):
     assert [type(m) for m in net.modules()] == [type(m) for m in fresh.modules()]
 
 
-GAP = pytest.mark.xfail(
-    strict=True,  # once to_integer gains the ops, these pass: drop the mark
+TINY = pytest.mark.xfail(
+    strict=True,
     raises=sq.UnsupportedModelError,
-    reason="to_integer has no integer torch.split / F.pad / torch.cat step yet",
+    reason="random init: the classifier's input scale is tiny, its bias >= 2^31 accumulator steps",
 )
 
 
 @pytest.mark.parametrize(
     "name",
-    [p for n in EFFICIENT for p in quick_first([n], [GAP] if n in NEEDS_CONCAT else [])],
+    [p for n in EFFICIENT for p in quick_first([n], [TINY] if n in DEGENERATE else [])],
 )
 def test_to_integer_reproduces_the_fake_quantized_model(name):
     net = small_model(name)

@@ -11,7 +11,10 @@ input quantizer to the last accumulator:
   scale) is a dyadic multiplier ``b / 2^c`` applied with one multiply and one rounding shift;
 * BatchNorm left after a quantized conv is a per-channel change of scale (free: bookkeeping) plus an
   integer bias; ReLU, max-pooling (per-channel positive scales commute with both), average pooling
-  (an integer sum, the 1/n goes into the scale) and residual adds are integer ops.
+  (an integer sum, the 1/n goes into the scale) and residual adds are integer ops;
+* channel splits, zero padding (negative widths crop) and channel concatenation move integers
+  unchanged (an accumulator's 0 is a real 0): each part or input keeps its per-channel scales, so
+  the shift operation (split → pad → cat) and fire or ShuffleNet-style units cost no rounding.
 
 It reproduces the fake-quant simulation it came from: values between quantizers are kept as exact
 integer accumulators at fine scales (the simulation keeps them in float), and rounding is
@@ -45,9 +48,12 @@ from .steps import (
     Dequantize,
     IntAdd,
     IntAffine,
+    IntConcat,
     IntegerModel,
     IntLayer,
     IntMaxPool,
+    IntNarrow,
+    IntPad,
     IntReLU,
     IntReshape,
     IntSumPool,
@@ -83,6 +89,18 @@ def _per_channel(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | 
 
 def _channel_shape(vec: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return vec.reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def _option(node: torch.fx.Node, index: int, names: tuple[str, ...], default=None):
+    """Argument ``index`` of a call, given by position or by one of its keyword ``names``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return next((node.kwargs[n] for n in names if n in node.kwargs), default)
+
+
+def _is_channel_dim(dim, shape: tuple[int, ...]) -> bool:
+    """Whether ``dim`` of a batched tensor (``shape`` without the batch) is the channel dim 1."""
+    return isinstance(dim, int) and dim % (len(shape) + 1) == 1
 
 
 def _dyadic_for(ratio: torch.Tensor, bound: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -141,8 +159,9 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
 
     Every quantized layer must quantize its input (``act_bits``) with per-tensor activations and
     per-channel or per-tensor weights; supported in between: BatchNorm (eval), ReLU, max and
-    average pooling, flatten/reshape, residual adds, Identity and Dropout. ``qmodel`` is not
-    modified.
+    average pooling, flatten/reshape, residual adds, Identity and Dropout, and on accumulators
+    with per-channel scales: ``torch.split`` of the channels (dim 1), ``F.pad`` with constant zeros
+    on the spatial dims and ``torch.cat`` of channels (dim 1). ``qmodel`` is not modified.
 
     Args:
         qmodel: a model from :func:`squeezer.quantize` (BatchNorm folded or not).
@@ -198,8 +217,25 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
                 "integer-only inference needs the first layer to quantize the input"
             )
 
+    def channel_scales(v: _Val, node: torch.fx.Node, what: str) -> torch.Tensor:
+        """The per-channel scale vector of accumulator ``v``, which ``what`` needs."""
+        where = node.target if node.op == "call_module" else node.name
+        if not isinstance(v, _Val):
+            raise UnsupportedModelError(f"{where}: {what} of a non-tensor is not supported")
+        need_acc(v, node)
+        s = _per_channel(v.scale, v.shape)
+        if s is None:
+            raise UnsupportedModelError(f"{where}: {what} needs per-channel scales")
+        return s
+
+    def value_of(a):
+        # a list of nodes (torch.cat's tensors) maps to a list of values
+        if isinstance(a, (list, tuple)) and any(isinstance(b, torch.fx.Node) for b in a):
+            return [value_of(b) for b in a]
+        return vals.get(a) if isinstance(a, torch.fx.Node) else a
+
     for node in gm.graph.nodes:
-        args = [vals.get(a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+        args = [value_of(a) for a in node.args]
         if node.op == "placeholder":
             if vals:
                 raise UnsupportedModelError("to_integer handles models with a single input")
@@ -214,7 +250,6 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
             continue
         if node.op == "get_attr":
             raise UnsupportedModelError(f"{node.target}: tensors read in forward are not supported")
-        shape = shape_of(node)
         x: _Val = args[0] if args else None
         target = node.target
         module = get_module(model, target) if node.op == "call_module" else None
@@ -223,6 +258,32 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
             if module is not None
             else (target if node.op == "call_function" else f"method:{target}")
         )
+        if kind in (torch.split, "method:split"):  # a tuple of parts: before the shape lookup
+            s = channel_scales(x, node, "a split")
+            sizes = _option(node, 1, ("split_size_or_sections", "split_size"))
+            dim = _option(node, 2, ("dim",), 0)
+            if isinstance(sizes, int) and sizes > 0:
+                sizes = [min(sizes, x.shape[0] - c) for c in range(0, x.shape[0], sizes)]
+            if (
+                not _is_channel_dim(dim, x.shape)
+                or not isinstance(sizes, (list, tuple))
+                or not all(isinstance(n, int) and n >= 0 for n in sizes)
+                or sum(sizes) != x.shape[0]
+            ):
+                raise UnsupportedModelError(
+                    f"{node.name}: only splits of the channels (dim=1) into sizes known when "
+                    "tracing are supported, e.g. torch.split(x, [16, 16], dim=1)"
+                )
+            parts, start = [], 0
+            for k, n in enumerate(sizes):
+                part = (n, *x.shape[1:])
+                i = emit(f"{node.name}_{k}", IntNarrow(start, n), (x,))
+                scale = _channel_shape(s[start : start + n], part)
+                parts.append(_Val(i, "acc", part, scale, x.bound))
+                start += n
+            vals[node] = tuple(parts)
+            continue
+        shape = shape_of(node)
 
         if isinstance(module, QuantEmbedding):
             raise UnsupportedModelError("embeddings are not part of integer-only CNN inference")
@@ -287,17 +348,12 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
             need_acc(x, node)
             vals[node] = _Val(emit(node.name, IntReLU(), (x,)), "acc", shape, x.scale, x.bound)
         elif kind in (nn.MaxPool1d, nn.MaxPool2d):
-            need_acc(x, node)
-            if _per_channel(x.scale, x.shape) is None:
-                raise UnsupportedModelError(f"{target}: max-pooling needs per-channel scales")
+            channel_scales(x, node, "max-pooling")
             i = emit(target, IntMaxPool(module), (x,))
             vals[node] = _Val(i, "acc", shape, x.scale, x.bound)
         elif kind in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d):
-            need_acc(x, node)
             dims = 2 if kind in (nn.AdaptiveAvgPool2d, nn.AvgPool2d) else 1
-            s = _per_channel(x.scale, x.shape)
-            if s is None:
-                raise UnsupportedModelError(f"{target}: average pooling needs per-channel scales")
+            s = channel_scales(x, node, "average pooling")
             if kind in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
                 if any(d != 1 for d in shape[1:]):
                     raise UnsupportedModelError(f"{target}: only global adaptive pooling (to 1)")
@@ -331,9 +387,41 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
             terms = [_dyadic_for(v.scale.expand(shape) / s_out, v.bound) for v in (a, b)]
             i = emit(node.name, IntAdd(terms), (a, b))
             vals[node] = _Val(i, "acc", shape, s_out, 2**_SUM_BITS + 2)
+        elif kind is operator.getitem and isinstance(x, tuple) and isinstance(args[1], int):
+            vals[node] = x[args[1]]  # part k of a split
+        elif kind is F.pad:
+            s = channel_scales(x, node, "padding")
+            pad = _option(node, 1, ("pad",))
+            mode = _option(node, 2, ("mode",), "constant")
+            value = _option(node, 3, ("value",))
+            if (
+                mode != "constant"
+                or value not in (None, 0)
+                or not isinstance(pad, (list, tuple))
+                or not all(isinstance(w, int) for w in pad)
+                or len(pad) % 2
+                or len(pad) // 2 >= len(x.shape)
+            ):
+                raise UnsupportedModelError(
+                    f"{node.name}: only zero padding of the spatial dims has an integer form, "
+                    "e.g. F.pad(x, (1, -1, 0, 0)) (mode='constant', value=0; no channel padding)"
+                )
+            i = emit(node.name, IntPad(tuple(pad)), (x,))
+            vals[node] = _Val(i, "acc", shape, _channel_shape(s, shape), x.bound)
+        elif kind in (torch.cat, torch.concat, torch.concatenate):
+            dim = _option(node, 1, ("dim", "axis"), 0)
+            if not isinstance(x, list) or not _is_channel_dim(dim, shape):
+                raise UnsupportedModelError(
+                    f"{node.name}: only concatenation of the channels is supported, "
+                    "e.g. torch.cat([a, b], dim=1)"
+                )
+            s = torch.cat([channel_scales(v, node, "concatenation") for v in x])
+            i = emit(node.name, IntConcat(), tuple(x))
+            vals[node] = _Val(i, "acc", shape, _channel_shape(s, shape), max(v.bound for v in x))
         else:
             raise UnsupportedModelError(
                 f"{node.name} ({getattr(kind, '__name__', kind)}) has no integer implementation; "
-                "supported: quantized conv/linear, BatchNorm, ReLU, max/avg pooling, flatten, add"
+                "supported: quantized conv/linear, BatchNorm, ReLU, max/avg pooling, flatten, add, "
+                "split, pad, cat"
             )
     return IntegerModel(steps, points, steps_out_scale)

@@ -6,7 +6,8 @@ Sec. 3.3).
 Accumulators are int64 throughout; each real rescaling is a dyadic multiplier ``b / 2^c`` applied
 with one multiply and one rounding shift (:mod:`.dyadic`). Per-channel positive scales commute with
 ReLU and max-pooling, so those run on accumulators unchanged; average pooling is an integer window
-sum whose 1/n lives in the scale.
+sum whose 1/n lives in the scale. Channel splits, zero padding and channel concatenation only move
+integers (an accumulator's 0 is a real 0); their per-channel scales are the compiler's bookkeeping.
 """
 
 from __future__ import annotations
@@ -160,6 +161,35 @@ class IntReshape(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(a.shape[0], *self.shape)
+
+
+class IntNarrow(nn.Module):
+    """One part of a channel split: channels ``start`` to ``start + length`` of an accumulator."""
+
+    def __init__(self, start: int, length: int):
+        super().__init__()
+        self.start, self.length = start, length
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a.narrow(1, self.start, self.length)
+
+
+class IntPad(nn.Module):
+    """Zero padding of an accumulator's spatial dims (``F.pad`` widths; negative widths crop)."""
+
+    def __init__(self, pad: tuple[int, ...]):
+        super().__init__()
+        self.pad = tuple(pad)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return F.pad(a, self.pad)
+
+
+class IntConcat(nn.Module):
+    """Accumulators concatenated along the channels (each keeps its own channel scales)."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, 1)
 
 
 class Dequantize(nn.Module):
