@@ -26,6 +26,7 @@ def test_whole_bits_and_errors():
     assert Budget.parse("bits=4.5").whole_bits is None
     assert Budget.parse("bits=4,size=1MB").whole_bits is None
     for bad, msg in (("", "empty"), ("foo=1", "unknown budget key"), ("bits=x", "number"),
-                     ("bits=1,bits=2", "twice"), ("size=2r", "fraction"), ("bits=-1", "positive")):
+                     ("bits=1,bits=2", "twice"), ("size=2r", "fraction"), ("bits=-1", "positive"),
+                     ("bits=inf", "finite"), ("bops=1e400", "finite")):
         with pytest.raises(ConfigError, match=msg):
             Budget.parse(bad)  # fmt: skip

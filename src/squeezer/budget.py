@@ -11,6 +11,7 @@ plan's size plus 0.5 × (all-highest − all-lowest).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -71,8 +72,8 @@ class Budget:
         if not self.limits():
             raise ConfigError(_EMPTY)
         for attr, v in self.limits().items():
-            if not v > 0:
-                raise ConfigError(f"budget {attr} must be positive, got {v}")
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"budget {attr} must be positive and finite, got {v}")
 
     def limits(self) -> dict[str, float]:
         """{attribute: value} of the kinds this budget limits, in :data:`BUDGET_KINDS` order."""

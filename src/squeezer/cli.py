@@ -52,7 +52,8 @@ def _model_args(p: argparse.ArgumentParser, *, data: bool = True, out: bool = Tr
         p.add_argument(
             "--data",
             metavar="DATA",
-            help="digits, mnist1d, sentences, a .npz with x and y, an image folder, or a .txt file",
+            help="digits, mnist1d, sentences, a .npz (x, y[, x_test, y_test]), an image folder, a "
+            ".txt file, or pkg.module:factory (a Dataset, DataLoader or iterable of batches)",
         )
     if out:
         p.add_argument("--out", required=True, metavar="DIR", help="run folder to write")

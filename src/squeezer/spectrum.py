@@ -363,14 +363,10 @@ def analyze_dataset(
     Example:
         >>> spec = analyze_dataset(load_model("zoo:digits_cnn"), load_data("digits"))  # doctest: +SKIP
     """
-    from .data import Batches
-
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"samples={samples} and batch_size={batch_size} must both be positive")
     seed = int(kwargs.get("seed", 0))
-    data = Batches(
-        dataset.x_train, dataset.y_train, batch_size, shuffle=True, seed=seed, limit=samples
-    )
+    data = dataset.analysis_batches(samples, batch_size=batch_size, seed=seed)
     return analyze(model, dataset.task.loss, data, **kwargs)
 
 

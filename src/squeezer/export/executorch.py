@@ -273,8 +273,9 @@ def export_executorch(
             raise ExportError(
                 f"the ExecuTorch runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median "
                 f"over samples {median_err:.3g}, tolerance {tol:.3g} (one output step = "
-                f"{step:.3g}, max |squeezer − FP32| = {quant_err:.3g}); pass atol=... if that is "
-                "expected, or verify=False to write the file and inspect it"
+                f"{step:.3g}, max |squeezer − FP32| = {quant_err:.3g}); raise the tolerance if "
+                "that is expected (--atol on the command line, atol=... in Python; verify=False "
+                "writes the file to inspect it)"
             )
     write_bytes_atomic(path, data)
 

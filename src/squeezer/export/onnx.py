@@ -177,8 +177,9 @@ def export_onnx(
             raise ExportError(
                 f"ONNX Runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median over "
                 f"samples {median_err:.3g}, tolerance {tol:.3g} (one output step = {step:.3g}, "
-                f"max |squeezer − FP32| = {quant_err:.3g}); pass atol=... if that is expected, or "
-                "verify=False to write the file and inspect it"
+                f"max |squeezer − FP32| = {quant_err:.3g}); raise the tolerance if that is expected "
+                "(--atol on the command line, atol=... in Python; verify=False writes the file to "
+                "inspect it)"
             )
     write_bytes_atomic(path, data)
     plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
