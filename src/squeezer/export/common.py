@@ -5,6 +5,9 @@ the check that onnx and onnxruntime are installed and the first line of an excep
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 from ..errors import ExportError
 
 #: Opset of the exported graph.
@@ -24,6 +27,38 @@ COMMUTING_OPS = frozenset(
 ATOL = {False: (1.0, 0.1), True: (2.0, 1.0)}
 #: Block sizes MatMulNBits accepts.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """What every export writes and reports: the file, its size against the plan's theoretical
+    size, and how well its runtime agrees with squeezer's simulation.
+
+    Attributes:
+        path: the written file.
+        size_bytes: its size.
+        theoretical_bytes: Σ params × bits / 8 at the plan's widths plus scales, zero points and the
+            parts kept in float (``squeezer.measure.model_bytes``).
+        max_abs_error: max |runtime − squeezer| over the checked outputs.
+        median_sample_error: the median over samples of each sample's max |Δ|.
+        atol: the tolerance it was checked against.
+        output_step: one 8-bit step of the outputs' range, (max − min) / 255.
+        quant_error: max |squeezer − FP32| over the checked samples: the quantization's own effect.
+        argmax_agreement: share of rows whose argmax agrees (2-D outputs), else None.
+    """
+
+    path: str
+    size_bytes: int
+    theoretical_bytes: float
+    max_abs_error: float | None
+    median_sample_error: float | None
+    atol: float | None
+    output_step: float | None
+    quant_error: float | None
+    argmax_agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _require_onnx() -> None:

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,9 +41,9 @@ from torch import nn
 from ..config import Plan, write_bytes_atomic
 from ..errors import ExportError
 from ..graph import copy_model, get_module, set_module
-from .common import ATOL, _first_line
+from .common import CheckedExport, _first_line
 from .layers import _collect_layers, _float_twin, _Layer
-from .onnx import _compare, _outputs
+from .onnx import CHECK_FIELDS, _outputs, _verify
 
 #: Name of the latency row of the exported program (and of its FP32 twin).
 ROW = "ExecuTorch (squeezer)"
@@ -53,20 +52,13 @@ _KINDS = ("conv", "linear")
 
 
 @dataclass(frozen=True)
-class ExecutorchReport:
-    """What :func:`export_executorch` wrote and how well the ExecuTorch runtime agrees with squeezer.
+class ExecutorchReport(CheckedExport):
+    """What :func:`export_executorch` wrote and how well the ExecuTorch runtime agrees with
+    squeezer: the fields of :class:`~squeezer.export.common.CheckedExport` (the ``.pte``, checked
+    sample by sample at batch 1), and
 
     Attributes:
-        path: the written ``.pte``.
-        size_bytes: its size.
-        theoretical_bytes: ``squeezer.measure.model_bytes`` of the plan (as in the ONNX report).
         float_size_bytes: size of the FP32 model's ``.pte`` lowered the same way (None if not made).
-        max_abs_error: max |ExecuTorch − squeezer| over the checked samples.
-        median_sample_error: median over samples of each sample's max |Δ|.
-        atol: the tolerance it was checked against.
-        output_step: one 8-bit step of squeezer's output range, (max − min) / 255.
-        quant_error: max |squeezer − FP32| over the checked samples.
-        argmax_agreement: share of samples whose argmax agrees (2-D outputs), else None.
         samples: how many samples were checked (each at batch 1).
         layers: {FQN: how the layer was lowered} ("xnnpack-int8-w4" for 4-bit codes in int8, ...).
         squeezer_qparams: how many quantizers carry squeezer's own scales.
@@ -79,16 +71,7 @@ class ExecutorchReport:
         versions: executorch, torchao and torch versions used.
     """
 
-    path: str
-    size_bytes: int
-    theoretical_bytes: float
     float_size_bytes: int | None
-    max_abs_error: float | None
-    median_sample_error: float | None
-    atol: float | None
-    output_step: float | None
-    quant_error: float | None
-    argmax_agreement: float | None
     samples: int
     layers: dict[str, str] = field(default_factory=dict)
     squeezer_qparams: int = 0
@@ -97,9 +80,6 @@ class ExecutorchReport:
     latency: dict[str, dict] = field(default_factory=dict)
     threads: int = 1
     versions: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def executorch_available() -> bool:
@@ -249,7 +229,7 @@ def export_executorch(
 
     runtime = et["Runtime"].get()
     method = runtime.load_program(data).load_method("forward")
-    max_err = median_err = step = agree = tol = quant_err = None
+    checks = dict.fromkeys(CHECK_FIELDS)
     n = min(samples, len(example))
     if verify:
         with torch.no_grad():
@@ -259,24 +239,8 @@ def export_executorch(
         got = [
             torch.cat([r[k] for r in runs_out]).detach().float().numpy() for k in range(len(ref))
         ]
-        rows, step, agree = _compare(ref, got)
-        max_err, median_err = float(rows.max()), float(np.median(rows))
-        quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
-        if atol is None:
-            steps, share = ATOL[n_observed > 0]
-            tol = max(steps * step, share * quant_err)
-            ok = median_err <= tol and max_err <= max(2 * tol, 2 * quant_err)
-        else:
-            tol = float(atol)
-            ok = max_err <= tol
-        if not ok:
-            raise ExportError(
-                f"the ExecuTorch runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median "
-                f"over samples {median_err:.3g}, tolerance {tol:.3g} (one output step = "
-                f"{step:.3g}, max |squeezer − FP32| = {quant_err:.3g}); raise the tolerance if "
-                "that is expected (--atol on the command line, atol=... in Python; verify=False "
-                "writes the file to inspect it)"
-            )
+        checks = _verify("the ExecuTorch runtime", ref, got, fp32, atol, loose=n_observed > 0,
+                         max_slack=2.0)  # fmt: skip
     write_bytes_atomic(path, data)
 
     float_size = None
@@ -301,12 +265,7 @@ def export_executorch(
         size_bytes=len(data),
         theoretical_bytes=model_bytes(_float_twin(qmodel, layers), plan),
         float_size_bytes=float_size,
-        max_abs_error=max_err,
-        median_sample_error=median_err,
-        atol=tol,
-        output_step=step,
-        quant_error=quant_err,
-        argmax_agreement=agree,
+        **checks,
         samples=n if verify else 0,
         layers=status,
         squeezer_qparams=n_fixed,

@@ -12,7 +12,7 @@ import io
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,50 +23,29 @@ from ..config import Plan, write_bytes_atomic
 from ..data import forward
 from ..errors import ExportError, UnsupportedModelError
 from ..graph import copy_model
-from .common import ATOL, OPSET, _first_line, _require_onnx
+from .common import ATOL, OPSET, CheckedExport, _first_line, _require_onnx
 from .layers import _collect_layers, _float_twin, _Layer
 from .rewrite import _rewrite
 from .runtime import ort_feeds, ort_session
 
 
 @dataclass(frozen=True)
-class ExportReport:
-    """What :func:`export_onnx` wrote and how well ONNX Runtime agrees with squeezer.
+class ExportReport(CheckedExport):
+    """What :func:`export_onnx` wrote and how well ONNX Runtime agrees with squeezer: the fields
+    of :class:`~squeezer.export.common.CheckedExport`, and
 
     Attributes:
-        path: the written file.
-        size_bytes: its size.
-        theoretical_bytes: Σ params × bits / 8 at the plan's widths plus scales, zero points and the
-            parts kept in float (``squeezer.measure.model_bytes``).
-        stored_bytes: the same sum with the widths actually stored (8 for QDQ codes, 4 for
+        stored_bytes: the theoretical sum with the widths actually stored (8 for QDQ codes, 4 for
             MatMulNBits), the floor this format can reach.
-        max_abs_error: max |ONNX Runtime − squeezer| over the example's outputs.
-        median_sample_error: the median over samples of each sample's max |Δ|.
-        atol: the tolerance it was checked against (see :func:`export_onnx`).
-        output_step: one 8-bit step of the outputs' range, (max − min) / 255.
-        quant_error: max |squeezer − FP32| over the example: the quantization's own effect.
-        argmax_agreement: share of rows whose argmax agrees (2-D outputs), else None.
         layers: {FQN: how the layer was exported} ("qdq-int8", "matmulnbits-4", "float", ...).
         opset: the default-domain opset of the graph.
         threads: ONNX Runtime's intra-op threads during the check.
     """
 
-    path: str
-    size_bytes: int
-    theoretical_bytes: float
     stored_bytes: float
-    max_abs_error: float | None
-    median_sample_error: float | None
-    atol: float | None
-    output_step: float | None
-    quant_error: float | None
-    argmax_agreement: float | None
     layers: dict[str, str] = field(default_factory=dict)
     opset: int = OPSET
     threads: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,30 +136,14 @@ def export_onnx(
         raise ExportError(f"the rewritten ONNX graph is invalid ({_first_line(exc)})") from exc
     data = proto.SerializeToString()
 
-    max_err = median_err = step = agree = tol = quant_err = None
+    checks = dict.fromkeys(CHECK_FIELDS)
     if verify:
         with torch.no_grad():
             ref = _outputs(forward(qmodel, example))
             fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
         got = ort_session(data, threads=threads).run(None, ort_feeds(example, proto))
-        rows, step, agree = _compare(ref, got)
-        max_err, median_err = float(rows.max()), float(np.median(rows))
-        quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
-        if atol is None:
-            steps, share = ATOL[requantize or (accuracy_level or 0) > 1]
-            tol = max(steps * step, share * quant_err)
-            ok = median_err <= tol and max_err <= max(tol, 2 * quant_err)
-        else:
-            tol = float(atol)
-            ok = max_err <= tol
-        if not ok:
-            raise ExportError(
-                f"ONNX Runtime disagrees with squeezer: max |Δ| = {max_err:.3g}, median over "
-                f"samples {median_err:.3g}, tolerance {tol:.3g} (one output step = {step:.3g}, "
-                f"max |squeezer − FP32| = {quant_err:.3g}); raise the tolerance if that is expected "
-                "(--atol on the command line, atol=... in Python; verify=False writes the file to "
-                "inspect it)"
-            )
+        loose = requantize or (accuracy_level or 0) > 1
+        checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
     write_bytes_atomic(path, data)
     plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
     return ExportReport(
@@ -188,12 +151,7 @@ def export_onnx(
         size_bytes=len(data),
         theoretical_bytes=_plan_bytes(fmodel, plan),
         stored_bytes=_stored_bytes(fmodel, layers),
-        max_abs_error=max_err,
-        median_sample_error=median_err,
-        atol=tol,
-        output_step=step,
-        quant_error=quant_err,
-        argmax_agreement=agree,
+        **checks,
         layers={fqn: layer.status for fqn, layer in layers.items()},
         opset=OPSET,
         threads=threads,
@@ -294,6 +252,38 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------------
 # checking and sizes
+
+
+#: The fields of :class:`~squeezer.export.common.CheckedExport` that :func:`_verify` fills.
+CHECK_FIELDS = ("max_abs_error", "median_sample_error", "atol", "output_step", "quant_error",
+                "argmax_agreement")  # fmt: skip
+
+
+def _verify(runtime: str, ref, got, fp32, atol: float | None, *, loose: bool, max_slack: float):
+    """The check every export runs: the runtime's outputs ``got`` against squeezer's ``ref``.
+    The default tolerance is :data:`~squeezer.export.common.ATOL`'s (``loose`` when the runtime
+    rounds more than squeezer does) on the typical sample, with ``max_slack`` times it (or twice
+    the quantization's own effect) for the worst; ``atol`` bounds the worst sample instead.
+    Returns the :data:`CHECK_FIELDS`; a disagreement is an ExportError saying how to proceed."""
+    rows, step, agree = _compare(ref, got)
+    max_err, median_err = float(rows.max()), float(np.median(rows))
+    quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
+    if atol is None:
+        steps, share = ATOL[loose]
+        tol = max(steps * step, share * quant_err)
+        ok = median_err <= tol and max_err <= max(max_slack * tol, 2 * quant_err)
+    else:
+        tol = float(atol)
+        ok = max_err <= tol
+    if not ok:
+        raise ExportError(
+            f"{runtime} disagrees with squeezer: max |Δ| = {max_err:.3g}, median over samples "
+            f"{median_err:.3g}, tolerance {tol:.3g} (one output step = {step:.3g}, max |squeezer "
+            f"− FP32| = {quant_err:.3g}); raise the tolerance if that is expected (--atol on the "
+            "command line, atol=... in Python; verify=False writes the file to inspect it)"
+        )
+    values = (max_err, median_err, tol, step, quant_err, agree)
+    return dict(zip(CHECK_FIELDS, values, strict=True))
 
 
 def _compare(
