@@ -178,12 +178,19 @@ def test_python_dash_m_and_exit_codes():
     assert r.returncode == 0 and "zoo:digits_cnn" in r.stdout
 
 
-def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
+@pytest.fixture
+def weights(tmp_path, trained_digits_cnn):
+    """The trained digits CNN's weights saved in a file, as a user would give them."""
     from squeezer.models import save_weights
 
-    net, _ = trained_digits_cnn
     w = tmp_path / "w.safetensors"
-    save_weights(net, w)
+    save_weights(trained_digits_cnn[0], w)
+    return w
+
+
+
+def test_hessian_compress_then_replan(tmp_path, capsys, weights):
+    w = weights
     out = tmp_path / "run"
     rc = main(
         ["compress", "zoo:digits_cnn", "--weights", str(w), "--data", "digits", "--budget",
@@ -213,12 +220,9 @@ def test_hessian_compress_then_replan(tmp_path, capsys, trained_digits_cnn):
     assert (out / "plan.json").read_bytes() == before
 
 
-def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
-    from squeezer.models import save_weights
-
+def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn, weights):
     net, info = trained_digits_cnn
-    w = tmp_path / "w.safetensors"
-    save_weights(net, w)
+    w = weights
     out = tmp_path / "zs"
     rc = main(
         ["compress", "zoo:digits_cnn", "--weights", str(w), "--calib", "zeroshot", "--budget",
@@ -259,13 +263,10 @@ def test_zeroshot_compress_needs_no_data(tmp_path, capsys, trained_digits_cnn):
     assert "BatchNorm" in err and "--calib real" in err
 
 
-def test_zeroshot_run_without_data_replans_and_exports(tmp_path, capsys, trained_digits_cnn):
+def test_zeroshot_run_without_data_replans_and_exports(tmp_path, capsys, weights):
     """No data at any step: compress, re-plan and export all use the run's distilled inputs."""
     pytest.importorskip("onnxruntime")
-    from squeezer.models import save_weights
-
-    w = tmp_path / "w.safetensors"
-    save_weights(trained_digits_cnn[0], w)
+    w = weights
     out = tmp_path / "zs"
     args = ["--weights", str(w), "--calib", "zeroshot", "--budget", "bits=4", "--quiet"]
     assert main(["compress", "zoo:digits_cnn", *args, "--out", str(out)]) == 0
