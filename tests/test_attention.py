@@ -14,9 +14,9 @@ from squeezer.cli import main
 from squeezer.graph import float_weights, is_quantizable, quantizable_layers, split_attention
 from squeezer.measure import model_bytes, profile_layers
 from squeezer.models import load_model, save_weights
-from squeezer.ties import residual_ties
 from squeezer.quant.modules import QuantLinear
 from squeezer.quant.storage import packed_state_dict
+from squeezer.ties import residual_ties
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -106,5 +106,5 @@ def test_latency_budget_measures_once_and_trades_float_for_int8(trained_digits_c
     assert r.analysis.costs is a.costs  # the cached table, not a new measurement
     ach = r.plan.meta["achieved"]["latency_ms"]
     assert ach <= mid + 1e-12 and 32 in r.plan.bits().values() and 8 in r.plan.bits().values()
-    for fqn, spec in r.plan.layers.items():
+    for spec in r.plan.layers.values():
         assert spec.act_bits is None if spec.bits == 32 else spec.act_bits == 8

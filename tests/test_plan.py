@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from squeezer import measure
-from squeezer.config import Budget, LayerQuant, Plan
-from squeezer.errors import ConfigError, InfeasibleBudgetError
 from squeezer.budget import BUDGET_KINDS
+from squeezer.config import Budget, LayerQuant, Plan
 from squeezer.costs import Costs, plan_costs
+from squeezer.errors import ConfigError, InfeasibleBudgetError
 from squeezer.layer_timing import layer_latency_table as latency_table
 from squeezer.plan import achieved, pareto_frontier, plan
-from squeezer.ties import residual_ties
 from squeezer.sensitivity import Sensitivity
+from squeezer.ties import residual_ties
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

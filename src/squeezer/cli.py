@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import NoReturn
 
 from ._version import __version__
-from .errors import ConfigError, SqueezerError
+from .errors import ConfigError, SqueezerError, first_line
 from .threads import configure_threads
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal failure: say so, keep the traceback for --debug users
         if os.environ.get("SQUEEZER_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        msg = first_line(exc) if str(exc).strip() else ""
         print(
             f"squeezer: internal error: {type(exc).__name__}: {msg} "
             "(set SQUEEZER_DEBUG=1 for the traceback and please report it)",

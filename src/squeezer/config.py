@@ -15,7 +15,11 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .atomic import write_bytes_atomic, write_text_atomic  # noqa: F401  (old import path)
+from .atomic import (
+    json_default,
+    write_bytes_atomic,  # noqa: F401  (old import path)
+    write_text_atomic,
+)
 from .budget import Budget  # noqa: F401  (old import path)
 from .errors import ConfigError
 from .graph import quantizable_layers, split_attention
@@ -213,7 +217,7 @@ class Plan(JsonFile):
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_json_default)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=json_default)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
@@ -224,11 +228,3 @@ class Plan(JsonFile):
         version = cls._checked_version(d)
         layers = {k: LayerQuant.from_dict(v) for k, v in d["layers"].items()}
         return cls(layers, meta=dict(d.get("meta", {})), version=version)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

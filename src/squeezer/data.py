@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -316,7 +316,7 @@ def check_fits(model: nn.Module, data: Any) -> dict[str, int]:
         with torch.no_grad():
             out = forward(model.eval(), example)
     except Exception as exc:  # the user's forward may raise anything
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 160)
         raise DataError(
             f"the data ({data.name}, inputs of shape {shape}) does not fit the model: {first}"
         ) from None

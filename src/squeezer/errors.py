@@ -29,3 +29,15 @@ class DataError(SqueezerError):
 
 class ExportError(SqueezerError):
     """An export failed, or the exported file disagrees with squeezer's own outputs."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type name:
+    what a one-line error quotes from an underlying library.
+
+    Example:
+        >>> first_line(ValueError("bad shape\\nmore detail"))
+        'bad shape'
+    """
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

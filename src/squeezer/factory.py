@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import DataError, UnsupportedModelError
+from .errors import DataError, UnsupportedModelError, first_line
 
 
 def resolve_factory(spec: str, what: str = "model") -> Any:
@@ -32,7 +32,7 @@ def resolve_factory(spec: str, what: str = "model") -> Any:
     except Exception as exc:  # ImportError, or the module's own code failing on import
         raise error(
             f"cannot import {mod_name!r} for {what} {spec!r} ({type(exc).__name__}: "
-            f"{_first_line(exc)}); is it on PYTHONPATH?"
+            f"{first_line(exc, 160)}); is it on PYTHONPATH?"
         ) from None
     factory = module
     for part in attr.split("."):
@@ -42,9 +42,5 @@ def resolve_factory(spec: str, what: str = "model") -> Any:
     try:
         return factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     except Exception as exc:
-        raise error(f"calling {spec} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise error(f"calling {spec} failed: {type(exc).__name__}: {first_line(exc, 160)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__

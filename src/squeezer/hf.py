@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, first_line
 
 #: ``model_type`` values of the encoder families :func:`load_hf` accepts.
 BERT_FAMILY: frozenset[str] = frozenset(
@@ -185,7 +185,7 @@ def load_hf(
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(
-            f"{spec!r}: config.json is not a Hugging Face model config ({_first_line(exc)}); "
+            f"{spec!r}: config.json is not a Hugging Face model config ({first_line(exc)}); "
             "re-save the folder with save_pretrained"
         ) from exc
     model_type = getattr(config, "model_type", None)
@@ -209,7 +209,7 @@ def load_hf(
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(
-            f"{spec!r} could not be loaded ({_first_line(exc)}); the folder needs config.json, "
+            f"{spec!r} could not be loaded ({first_line(exc)}); the folder needs config.json, "
             "the weights and the tokenizer files, as written by save_pretrained"
         ) from exc
     finally:
@@ -220,7 +220,3 @@ def load_hf(
         model.pooler = None
     return LoadedHF(SentenceEncoder(model.float()).eval(), tokenizer)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -189,7 +189,7 @@ def save_weights(
     """Write a state dict to ``path`` as safetensors, atomically."""
     from safetensors.torch import save
 
-    from .config import write_bytes_atomic
+    from .atomic import write_bytes_atomic
 
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in sd.items()}

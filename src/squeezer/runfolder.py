@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .atomic import json_default, write_json
+from .atomic import write_json
 from .budget import Budget
 from .config import Plan
 from .costs import Costs
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 MANIFEST = "manifest.json"
 DISTILLED_FILE = "distilled.safetensors"
@@ -181,7 +181,7 @@ def _check_input_shape(model: Any, shape: tuple[int, ...] | None) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, *shape))
     except Exception as exc:  # the user's forward may raise anything
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 160)
         raise ConfigError(
             f"the model does not run on inputs of shape {tuple(shape)}: {first}; give the shape "
             "of one input with --input-shape"
@@ -497,7 +497,7 @@ def update_metrics(path: str | os.PathLike, **entries: Any) -> dict[str, Any]:
 
 __all__ = [
     "DISTILLED_FILE", "MANIFEST", "MODEL_FILE", "RunSpec", "SavedRun", "Stage",
-    "check_output_dir", "is_run_folder", "json_default", "load_compressed", "load_inputs",
+    "check_output_dir", "is_run_folder", "load_compressed", "load_inputs",
     "read_metrics", "read_run", "require_run_folder", "update_metrics", "write_compress_run",
     "write_json",
 ]  # fmt: skip

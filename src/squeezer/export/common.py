@@ -71,7 +71,3 @@ def _require_onnx() -> None:
             "pip install 'squeezer[onnx]'"
         ) from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Plan, write_bytes_atomic
-from ..errors import ExportError
+from ..atomic import write_bytes_atomic
+from ..config import Plan
+from ..errors import ExportError, first_line
 from ..graph import copy_model, get_module, set_module
-from .common import CheckedExport, _first_line
+from .common import CheckedExport
 from .layers import _collect_layers, _float_twin, _Layer
 from .onnx import CHECK_FIELDS, _outputs, _verify
 
@@ -103,7 +104,7 @@ def _imports():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
         raise ExportError(
-            f"ExecuTorch export needs executorch and torchao ({_first_line(exc)}); "
+            f"ExecuTorch export needs executorch and torchao ({first_line(exc)}); "
             "pip install 'squeezer[executorch]'"
         ) from None
     return {
@@ -225,7 +226,7 @@ def export_executorch(
     except ExportError:
         raise
     except Exception as exc:  # the torch.export / PT2E / lowering stack raises many kinds
-        raise ExportError(f"ExecuTorch lowering failed ({_first_line(exc)})") from exc
+        raise ExportError(f"ExecuTorch lowering failed ({first_line(exc)})") from exc
 
     runtime = et["Runtime"].get()
     method = runtime.load_program(data).load_method("forward")

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Plan, write_bytes_atomic
+from ..atomic import write_bytes_atomic
+from ..config import Plan
 from ..data import forward
-from ..errors import ExportError, UnsupportedModelError
+from ..errors import ExportError, UnsupportedModelError, first_line
 from ..graph import copy_model
-from .common import ATOL, OPSET, CheckedExport, _first_line, _require_onnx
+from .common import ATOL, OPSET, CheckedExport, _require_onnx
 from .layers import _collect_layers, _float_twin, _Layer
 from .rewrite import _rewrite
 from .runtime import ort_feeds, ort_session
@@ -133,7 +134,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug in the rewriter
-        raise ExportError(f"the rewritten ONNX graph is invalid ({_first_line(exc)})") from exc
+        raise ExportError(f"the rewritten ONNX graph is invalid ({first_line(exc)})") from exc
     data = proto.SerializeToString()
 
     checks = dict.fromkeys(CHECK_FIELDS)
@@ -234,7 +235,7 @@ def _torch_export(model: nn.Module, example: Any, *, keep_batchnorm: bool = True
             )
     except Exception as exc:
         raise UnsupportedModelError(
-            f"torch.onnx cannot export this model ({type(exc).__name__}: {_first_line(exc)})"
+            f"torch.onnx cannot export this model ({type(exc).__name__}: {first_line(exc)})"
         ) from exc
     return onnx.load_from_string(buf.getvalue())
 

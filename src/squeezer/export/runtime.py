@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..data import forward
-from ..errors import ExportError
-from .common import _first_line
+from ..errors import ExportError, first_line
 from .layers import _Act
 
 
@@ -39,7 +38,7 @@ def ort_session(model: str | os.PathLike | bytes, *, threads: int | None = None)
     try:
         return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(f"ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+        raise ExportError(f"ONNX Runtime cannot load the model ({first_line(exc)})") from exc
 
 
 class OrtModule(nn.Module):
