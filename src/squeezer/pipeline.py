@@ -35,7 +35,7 @@ from .calibration import CALIBRATION_SOURCES, Calibration, register_calibration,
 from .config import Plan
 from .costs import Costs, plan_costs
 from .data import Dataset, evaluate, forward, mean_loss
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .graph import float_weights, quantizable_layers, split_attention
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
 from .plan import FrontierPoint, pareto_frontier, plan
@@ -493,31 +493,38 @@ def _evaluate(
     profiles: dict,
 ) -> Evaluation:
     """Metric (None without data), size, average bits and BOPs of one (quantized) model."""
+    metric, extra = (None, {}) if data is None else test_metrics(qmodel, data)
     return Evaluation(
         name=name,
-        metric=None if data is None else evaluate(qmodel, data.test_batches(), data.task),
+        metric=metric,
         size_bytes=model_bytes(model, plan),
         avg_bits=average_bits(model, plan) if plan else 32.0,
         bops=sum(bops(profiles, plan).values()),
-        extra={} if data is None else whole_set_metrics(qmodel, data),
+        extra=extra,
     )
 
 
 @torch.no_grad()
-def whole_set_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
-    """Metrics that need every test output at once, for tasks that define ``metrics``."""
+def test_metrics(model: nn.Module, data: Dataset) -> tuple[float, dict[str, float]]:
+    """The task's metric on the test split and, for tasks that define ``metrics``, the metrics
+    that need every test output at once (Spearman, top-10 for embeddings), from one pass. The
+    metric is summed batch by batch exactly as :func:`squeezer.data.evaluate` sums it."""
     task_metrics = getattr(data.task, "metrics", None)
     if task_metrics is None:
-        return {}
+        return evaluate(model, data.test_batches(), data.task), {}
     was_training = model.training
     model.eval()
     try:
         pairs = [(forward(model, x), y) for x, y in data.test_batches()]
     finally:
         model.train(was_training)
+    sums = [data.task.metric_sums(o, y) for o, y in pairs]
+    if not sums:
+        raise DataError("no evaluation data: the test split is empty")
+    metric = sum(t for t, _ in sums) / sum(c for _, c in sums)
     outs = torch.cat([o for o, _ in pairs])
     targets = torch.cat([y for _, y in pairs])
-    return {k: float(v) for k, v in task_metrics(outs, targets).items()}
+    return metric, {k: float(v) for k, v in task_metrics(outs, targets).items()}
 
 
 @torch.no_grad()
