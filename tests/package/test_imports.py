@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
      "zoo",
      "ties"),  # fmt: skip
     ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
-     "qbert", "integer", "export", "calibration", "train"),  # fmt: skip
+     "qbert", "integer", "export", "calibration", "train", "prune"),  # fmt: skip
     ("pipeline",),
     ("report", "runfolder", "deploy", "runs"),
     ("cli", "__init__", "__main__"),
