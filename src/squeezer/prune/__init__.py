@@ -21,10 +21,12 @@ from torch import nn
 from ..data import Dataset
 from ..errors import ConfigError
 from .base import TARGETS, Pruned, PruneHandler, PruneSpec
+from .structured import prune_structured
 from .unstructured import prune_nm, prune_unstructured
 
 #: Pruners by name (the ``--prune`` choices).
 PRUNERS: dict[str, PruneHandler] = {
+    "structured": prune_structured,
     "unstructured": prune_unstructured,
     "nm": prune_nm,
 }
