@@ -21,6 +21,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import ConfigError
 from .base import TARGETS, Pruned, PruneHandler, PruneSpec
+from .heads import prune_heads
 from .structured import prune_structured
 from .unstructured import prune_nm, prune_unstructured
 
@@ -29,6 +30,7 @@ PRUNERS: dict[str, PruneHandler] = {
     "structured": prune_structured,
     "unstructured": prune_unstructured,
     "nm": prune_nm,
+    "heads": prune_heads,
 }
 
 
