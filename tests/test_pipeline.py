@@ -108,3 +108,27 @@ def test_latency_budget_measures_once_and_trades_float_for_int8(trained_digits_c
     assert ach <= mid + 1e-12 and 32 in r.plan.bits().values() and 8 in r.plan.bits().values()
     for spec in r.plan.layers.values():
         assert spec.act_bits is None if spec.bits == 32 else spec.act_bits == 8
+
+
+def test_latency_table_on_the_exported_model(trained_digits_cnn, digits):
+    """The ONNX Runtime table is measured on the exported int8 model and its one-layer-in-float
+    variants: every planned layer has a row, ≤ 8 bits cost nothing beyond the int8 graph (the
+    fixed part), and a plan with one layer in float is predicted at that variant's measurement."""
+    from squeezer.pipeline import LatencyOptions
+
+    net, _ = trained_digits_cnn
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = compress(net, digits, "bits=8", hessian_samples=64)
+    r = replan(net, digits, first.analysis, Budget.parse("latency=1000ms"),
+               latency=LatencyOptions(runs=3))  # fmt: skip
+    costs = r.analysis.costs
+    rec = costs.meta["latency"]
+    assert rec["method"] == "in-context" and rec["backend"] == "onnxruntime"
+    layers = list(r.analysis.sensitivity.layers)
+    assert set(costs.latency_ms) == set(layers) and set(rec["variants_ms"]) == set(layers)
+    assert costs.fixed("latency_ms") == rec["int8_ms"] > 0 and rec["whole_fp32_ms"] > 0
+    assert costs.total("latency_ms", dict.fromkeys(layers, 8)) == rec["int8_ms"]
+    one = {**dict.fromkeys(layers, 4), layers[1]: 32}
+    assert abs(costs.total("latency_ms", one) - rec["variants_ms"][layers[1]]) < 1e-9
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model untouched

@@ -1,8 +1,12 @@
 """Per-layer latency tables for latency budgets, timed on this machine (HAWQ-V3's per-layer lookup
 table: measured, not estimated from MACs).
 
-Each layer runs alone on the input it sees when the model runs an example; every timing goes
-through :func:`squeezer.measure.time_calls`, the one timing function of the package.
+Two ways to measure. :func:`context_latency_costs` (what ``compress``/``plan`` use on ONNX Runtime)
+times the exported model itself: all layers int8, and once more with each layer in float, so a
+layer's cost includes the quantize/dequantize boundaries and fusions its choice brings to the
+deployed graph. :func:`layer_latency_table` times each layer alone on the input it sees (no
+calibration needed; cheaper, blind to the boundaries). Every timing goes through
+:func:`squeezer.measure.time_calls`, the one timing function of the package.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch import nn
 from . import measure
 from .data import forward
 from .errors import ConfigError
-from .graph import quantizable_layers, split_attention
+from .graph import copy_model, quantizable_layers, set_module, split_attention
+from .progress import progress as progress_bar
 
 
 def layer_latency_table(
@@ -193,3 +198,79 @@ def latency_costs(
 def float_sum(table: dict[str, dict[int, float]]) -> float:
     """The summed latency of every layer of a table at its float (largest) width."""
     return sum(row[max(row)] for row in table.values())
+
+
+def context_latency_costs(
+    model: nn.Module,
+    qmodel: nn.Module,
+    example: Any,
+    bits: Sequence[int],
+    layers: Sequence[str],
+    *,
+    groups: Sequence[Sequence[str]] = (),
+    threads: int = 1,
+    runs: int = 50,
+    requantize: bool = True,
+    progress: bool = False,
+) -> tuple[dict[str, dict[int, float]], float, dict[str, float]]:
+    """A latency table measured on the exported model in ONNX Runtime: what each layer adds when
+    it runs in float instead of int8, in the graph the user deploys.
+
+    ``qmodel`` is ``model`` quantized with every one of ``layers`` at ≤ 8 bits (the int8 graph). It is
+    exported (as ``squeezer export`` does, with ``requantize``) and timed; then, for each layer (or
+    each group of tied layers, which a plan moves together), a copy with that layer back in float
+    is exported and timed, all sessions in the same interleaved rounds. A layer's float cost is
+    its variant's latency less the int8 graph's (negative where float is faster: a first conv whose
+    input quantize costs more than its int8 kernel saves), its cost at ≤ 8 bits 0, and the
+    int8 graph's latency is the fixed part: so the all-int8 plan is predicted at exactly the
+    measured int8 graph, and a plan with one layer in float at exactly that variant. Layers set
+    to float together are predicted as the sum of their single costs (each counts its own
+    boundaries, so adjacent float layers are predicted a little slow: on the safe side).
+
+    Returns:
+        ``(table, fixed_ms, record)``; ``record`` holds the int8 graph's latency, every variant's
+        and the whole float model's (``whole_fp32_ms``), for the report's predicted-vs-measured.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .export import export_float_onnx, export_onnx, ort_feeds, ort_session
+
+    model = split_attention(model).eval()
+    floats = quantizable_layers(model)
+    missing = [k for k in layers if k not in floats]
+    if missing:
+        raise ConfigError(f"the model has no layers {missing[:3]} to time")
+    units = [[k for k in g if k in layers] for g in groups]
+    units = [u for u in units if u]
+    tied = {k for g in units for k in g}
+    units += [[k] for k in layers if k not in tied]
+    sessions: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        todo = [("int8", [])] + [(",".join(u), u) for u in units]
+        with progress_bar(len(todo) + 1, "latency table (exports)", enabled=progress) as bar:
+            for name, unit in todo:
+                variant = copy_model(qmodel)
+                for k in unit:
+                    set_module(variant, k, copy.deepcopy(floats[k]))
+                path = Path(tmp) / f"v{len(sessions)}.onnx"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    export_onnx(variant.eval(), path, example, verify=False,
+                                requantize=requantize, threads=threads)  # fmt: skip
+                sessions[name] = ort_session(path, threads=threads)
+                bar.update(1)
+            sessions["fp32"] = ort_session(export_float_onnx(model, example), threads=threads)
+            bar.update(1)
+        feeds = ort_feeds(example, sessions["fp32"])
+        calls = {n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()}
+        times = {n: v.median_ms for n, v in measure.time_calls(calls, runs=runs).items()}
+    base = times["int8"]
+    table: dict[str, dict[int, float]] = {}
+    for unit in units:
+        extra = (times[",".join(unit)] - base) / len(unit)
+        for k in unit:
+            table[k] = {int(b): (extra if b >= 16 else 0.0) for b in bits}
+    record = {"method": "in-context", "int8_ms": base, "whole_fp32_ms": times["fp32"],
+              "variants_ms": {n: v for n, v in times.items() if n not in ("int8", "fp32")}}  # fmt: skip
+    return table, base, record

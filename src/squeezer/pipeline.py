@@ -229,23 +229,36 @@ class LatencyOptions:
 
 
 def with_latency(
-    model: nn.Module, analysis: Analysis, example: Any, options: LatencyOptions
+    model: nn.Module, analysis: Analysis, calibration: Calibration, options: LatencyOptions
 ) -> Analysis:
     """The analysis with a measured latency table in its costs (HAWQ-V3's per-layer lookup table)
     and float (32 bits, Ω = 0) as one more choice for every layer: on runtimes without sub-byte
     kernels every width ≤ 8 costs the same, so what a latency budget trades is which layers run in
-    int8 and which stay in float. Measured once; the run folder keeps it (costs.json)."""
-    from .layer_timing import float_sum, latency_costs
+    int8 and which stay in float. On ONNX Runtime the table is measured on the exported int8 model
+    and its one-layer-in-float variants (:func:`~squeezer.layer_timing.context_latency_costs`);
+    the proxy backend times layers alone in PyTorch. Measured once; the run folder keeps it."""
+    from .layer_timing import context_latency_costs, float_sum, latency_costs
 
     model = split_attention(model)
     sens = analysis.sensitivity.with_float_width(32)
-    table, fixed, whole = latency_costs(model, example, sens.bits, backend=options.backend,
-                                        threads=options.threads, runs=options.runs)  # fmt: skip
+    example = calibration.example
+    if options.backend == "onnxruntime":
+        int8 = plan(sens, Budget(bits=8), costs=analysis.costs, ties=analysis.ties,
+                    template=analysis.template, pin=dict.fromkeys(sens.layers, 8))  # fmt: skip
+        qmodel = quantize(model, int8, calib=calibration.batches)
+        table, fixed, record = context_latency_costs(
+            model, qmodel, example, sens.bits, sens.layers, groups=analysis.ties,
+            threads=options.threads, runs=options.runs,
+        )  # fmt: skip
+    else:
+        table, fixed, whole = latency_costs(model, example, sens.bits, backend=options.backend,
+                                            threads=options.threads, runs=options.runs)  # fmt: skip
+        record = {"method": "isolated", "whole_fp32_ms": whole, "layers_fp32_ms": float_sum(table)}
     tpl = analysis.template if analysis.template is not None else analysis.costs.template
     costs = plan_costs(model, sens.bits, example=example, template=tpl, latency=table,
                        fixed_latency_ms=fixed)  # fmt: skip
     record = {"backend": options.backend, "threads": options.threads, "runs": options.runs,
-              "whole_fp32_ms": whole, "layers_fp32_ms": float_sum(table)}
+              **record}  # fmt: skip
     costs = replace(costs, meta={**costs.meta, "latency": record})  # fmt: skip
     frontier = pareto_frontier(sens, costs, ties=analysis.ties)
     return replace(analysis, sensitivity=sens, costs=costs, frontier=frontier)
@@ -419,8 +432,7 @@ def compress(
             seed=seed, progress=progress,
         )  # fmt: skip
         if _needs_latency(analysis, budget, latency or LatencyOptions()):
-            analysis = with_latency(model, analysis, calibration.example,
-                                    latency or LatencyOptions())  # fmt: skip
+            analysis = with_latency(model, analysis, calibration, latency or LatencyOptions())
         timings["analyze"] = time.perf_counter() - t
         t = time.perf_counter()
         chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
@@ -453,7 +465,7 @@ def replan(
     t = time.perf_counter()
     calibration = source(calib)(model, data, act_bits=act_bits, seed=seed, saved=calib_inputs)
     if _needs_latency(analysis, budget, latency or LatencyOptions()):
-        analysis = with_latency(model, analysis, calibration.example, latency or LatencyOptions())
+        analysis = with_latency(model, analysis, calibration, latency or LatencyOptions())
     tpl = template_for(model, analysis.template_name)
     chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
     t_plan = time.perf_counter() - t

@@ -36,8 +36,15 @@ def _deployment(run: Run) -> tuple[str, str] | None:
             ["measured, the exported model in ONNX Runtime (batch 1; squeezer bench)",
              "–" if measured is None else f"{measured:.4g} ms"],
             ["float model, whole (measured with the table)", _ms(rec.get("whole_fp32_ms"))],
-            ["float model, sum of its layers' times", _ms(rec.get("layers_fp32_ms"))],
         ]  # fmt: skip
+        if rec.get("method") == "in-context":  # the int8 graph + each layer's cost in float
+            table_ms = ((run.get("costs") or {}).get("costs") or {}).get("latency_ms") or {}
+            all_float = rec["int8_ms"] + sum(r[max(r, key=int)] for r in table_ms.values())
+            rows += [["int8 model, whole (measured with the table)", _ms(rec.get("int8_ms"))],
+                     ["float model, predicted by the table (int8 + each layer's float cost)",
+                      _ms(all_float)]]  # fmt: skip
+        else:
+            rows.append(["float model, sum of its layers' times", _ms(rec.get("layers_fp32_ms"))])
         md, body = table(["latency of the plan", ""], rows)
         md += "\n"
     if ex:
