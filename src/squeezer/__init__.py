@@ -10,9 +10,9 @@ Example:
     >>> qmodel = sq.quantize(model, sq.QuantConfig(sq.LayerQuant(bits=8)))
 """
 
-# Modules that fill registries on import: the text data sets, Q-BERT's layer template, ZeroQ's
-# "kl" sensitivity (imported below for distill_data).
-from . import qbert, text  # noqa: F401
+# Modules that fill registries on import: the photo and text data sets, Q-BERT's layer template,
+# ZeroQ's "kl" sensitivity (imported below for distill_data).
+from . import images, qbert, text  # noqa: F401
 from ._version import __version__
 from .budget import Budget
 from .config import LayerQuant, Plan, QuantConfig

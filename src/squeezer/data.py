@@ -342,13 +342,20 @@ def check_fits(model: nn.Module, data: Any) -> dict[str, int]:
 # Data sets. A registry maps built-in names to loaders; other specs are files or folders.
 
 DATASETS: dict[str, Callable[..., Dataset]] = {}
+#: Built-in data sets labelled by the model itself (``photos``): their loaders take ``model=``.
+LABELLED_BY_MODEL: set[str] = set()
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
-    """Decorator: make a loader available as ``--data NAME``."""
+def register_dataset(
+    name: str, *, labels_from_model: bool = False
+) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: make a loader available as ``--data NAME``; ``labels_from_model``: its loader
+    labels the data with the FP32 model's predictions (``load_data`` passes ``model`` on)."""
 
     def deco(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
         DATASETS[name] = fn
+        if labels_from_model:
+            LABELLED_BY_MODEL.add(name)
         return fn
 
     return deco
@@ -369,6 +376,8 @@ def load_data(spec: str, *, seed: int = 0, **kwargs: Any) -> Dataset:
     """
     spec = str(spec)
     if spec in DATASETS:
+        if spec not in LABELLED_BY_MODEL and "tokenizer" not in kwargs:
+            kwargs.pop("model", None)  # only data labelled by the model (or text) takes it
         return DATASETS[spec](seed=seed, **kwargs)
     path = Path(spec)
     if path.suffix == ".npz":

@@ -57,6 +57,8 @@ class RunSpec:
         input_shape: one input's shape, for zero-shot runs of models that do not declare it.
         latency_backend: where a latency budget's per-layer table is measured.
         replanned: the plan was re-planned (``squeezer plan``) or given (``squeezer quantize``).
+        preprocessing: how inputs are prepared for a pretrained zoo model's weights (crop size,
+            mean, std; from its registry entry), None otherwise.
 
     Example:
         >>> s = RunSpec("compress", "zoo:digits_cnn", data="digits", budget=Budget(bits=4))
@@ -80,6 +82,7 @@ class RunSpec:
     input_shape: tuple[int, ...] | None = None
     latency_backend: str = "onnxruntime"
     replanned: bool = False
+    preprocessing: dict[str, Any] | None = None
 
     def manifest(self, **extra: Any) -> dict[str, Any]:
         """The ``manifest.json`` document: the spec's fields, flat, beside the tool's provenance
@@ -159,7 +162,8 @@ def load_inputs(spec: RunSpec, run_dir: str | os.PathLike | None = None):
             _check_input_shape(model, spec.input_shape)
         if not spec.data:
             return model, None
-        data = load_data(spec.data, seed=spec.seed)
+        # data labelled by the model itself (photos) takes the FP32 model; others ignore it
+        data = load_data(spec.data, seed=spec.seed, model=model)
     check_fits(model, data)
     return model, data
 

@@ -33,7 +33,12 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 
 
 def model_args(p: argparse.ArgumentParser, *, data: bool = True, out: bool = True) -> None:
-    p.add_argument("model", metavar="MODEL", help="zoo:NAME, module:factory, hf:minilm or hf:DIR")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="zoo:NAME, zoo:NAME:imagenet (pretrained, e.g. zoo:efficientnet_lite0:imagenet), "
+        "module:factory, hf:minilm or hf:DIR",
+    )
     p.add_argument("--weights", metavar="FILE", help=".safetensors or torch state-dict file")
     p.add_argument(
         "--trust-pickle",
@@ -44,7 +49,8 @@ def model_args(p: argparse.ArgumentParser, *, data: bool = True, out: bool = Tru
         p.add_argument(
             "--data",
             metavar="DATA",
-            help="digits, mnist1d, sentences, a .npz (x, y[, x_test, y_test]), an image folder, a "
+            help="digits, mnist1d, sentences, photos (real photographs; labels = the FP32 "
+            "model's predictions), a .npz (x, y[, x_test, y_test]), an image folder, a "
             ".txt file, or pkg.module:factory (a Dataset, DataLoader or iterable of batches)",
         )
     if out:
@@ -64,9 +70,11 @@ def spec_of(args: argparse.Namespace, command: str, **fields):
     from pathlib import Path
 
     from ..runfolder import RunSpec
+    from ..zoo import preprocessing_of
 
     weights = str(Path(args.weights).resolve()) if getattr(args, "weights", None) else None
     fields.setdefault("weights", weights)
+    fields.setdefault("preprocessing", preprocessing_of(args.model))  # zoo:NAME:TAG's weights
     return RunSpec(
         command=command,
         model=args.model,
