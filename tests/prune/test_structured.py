@@ -159,3 +159,16 @@ def test_bad_requests():
 
 def test_registry_lists_pruners():
     assert {"structured", "unstructured", "nm"} <= set(PRUNERS)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_widths_rounded(round_to):
+    model = _randomize_bn(create("mnist1d_resnet"))
+    spec = PruneSpec("structured", 0.5, round_to=round_to, options={"input_shape": [1, 40]})
+    p = prune(model, spec)
+    widths = [m.out_channels for m in p.model.modules() if isinstance(m, nn.Conv1d)]
+    assert p.stats["macs_after"] <= 0.5 * p.stats["macs_before"]
+    if round_to == 8:
+        assert all(w % 8 == 0 for w in widths), widths
+    else:
+        assert any(w % 8 for w in widths), widths

@@ -35,6 +35,9 @@ class PruneSpec:
             ``"hessian"`` (½·Tr(H)/n·‖ΔW‖², needs data).
         scope: ``"global"`` (one threshold across layers) or ``"layer"`` (the same ratio in each).
         n, m: the N:M pattern (keep ``n`` of every ``m`` consecutive weights) for ``method="nm"``.
+        round_to: structured pruning keeps a multiple of this many channels in each group (8 suits
+            ONNX Runtime's blocked convolution kernels, which odd widths fall out of, so that half
+            the MACs can run slower than all of them); 1 rounds nothing.
         skip: layer FQNs left whole (the classifier is kept by default by structured pruning).
         seed: every random draw (Hessian probes, LEAP's batches) is seeded from it.
         options: method-specific settings (plain JSON values).
@@ -51,6 +54,7 @@ class PruneSpec:
     scope: str = "global"
     n: int = 2
     m: int = 4
+    round_to: int = 8
     skip: tuple[str, ...] = ()
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +73,8 @@ class PruneSpec:
             raise ConfigError(f"prune importance {self.importance!r} is not one of l1, l2, hessian")
         if self.scope not in ("global", "layer"):
             raise ConfigError(f"prune scope {self.scope!r} is not one of global, layer")
+        if not (isinstance(self.round_to, int) and self.round_to >= 1):
+            raise ConfigError(f"round_to must be a positive whole number, got {self.round_to!r}")
         if not (0 < self.n <= self.m):
             raise ConfigError(f"N:M pattern needs 0 < N <= M, got {self.n}:{self.m}")
 

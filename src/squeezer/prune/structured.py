@@ -99,14 +99,21 @@ class _Counter:
         return total
 
 
-def _order(scores: dict[int, float], graph: DependencyGraph, scope: str) -> list[int]:
-    """Channels in the order they are removed; each group's best channel is never listed."""
+def _groups(scores: dict[int, float], graph: DependencyGraph) -> list[list[int]]:
+    """Channels that share the same layers (one conv's filters, a residual stream), each group
+    sorted from least to most important."""
     groups: dict[frozenset, list[int]] = {}
     for e, uses in graph.channels().items():
         groups.setdefault(frozenset(uses), []).append(e)
+    return [sorted(m, key=lambda e: (scores[e], e)) for m in groups.values()]
+
+
+def _order(scores: dict[int, float], groups: list[list[int]], scope: str) -> list[int]:
+    """Channels in the order they are removed; each group's best channel is never listed.
+    ``"global"``: by score over the group's mean score; ``"layer"``: by rank within the group
+    (every group loses the same fraction)."""
     keyed: list[tuple[float, int]] = []
-    for members in groups.values():
-        members.sort(key=lambda e: (scores[e], e))
+    for members in groups:
         mean = sum(scores[e] for e in members) / len(members) or 1.0
         for rank, e in enumerate(members[:-1]):
             key = (rank + 1) / len(members) if scope == "layer" else scores[e] / mean
@@ -114,27 +121,56 @@ def _order(scores: dict[int, float], graph: DependencyGraph, scope: str) -> list
     return [e for _, e in sorted(keyed)]
 
 
+def _rounded(kept: int, n: int, step: int) -> int:
+    """``kept`` moved to the nearest multiple of ``step`` (at least ``step``; a whole group
+    stays whole; a group no larger than ``step`` is not pruned)."""
+    if step <= 1 or kept == n:
+        return kept
+    if n <= step:
+        return n
+    return min(n, max(step, int(kept / step + 0.5) * step))
+
+
+def _removal(order: list[int], k: int, groups: list[list[int]], step: int) -> set[int]:
+    """The first ``k`` channels of ``order``, each group's count then rounded to ``step``."""
+    first = set(order[:k])
+    out: set[int] = set()
+    for members in groups:
+        gone = sum(e in first for e in members)
+        if gone:
+            n = len(members)
+            out.update(members[: n - _rounded(n - gone, n, step)])
+    return out
+
+
 def select(
     graph: DependencyGraph, counter: _Counter, scores: dict[int, float], spec: PruneSpec
 ) -> set[int]:
-    """The fewest lowest-scored channels whose removal brings the target down by ``spec.ratio``."""
+    """The fewest lowest-scored channels whose removal brings the target down by ``spec.ratio``
+    (each group keeping a multiple of ``spec.round_to`` channels)."""
     what = "macs" if spec.target == "macs" else "params"
     goal = (1.0 - spec.ratio) * counter.total(set(), what)
-    order = _order(scores, graph, spec.scope)
+    groups = _groups(scores, graph)
+    order = _order(scores, groups, spec.scope)
+
+    def cost(k: int) -> float:
+        return counter.total(_removal(order, k, groups, spec.round_to), what)
+
     lo, hi = 0, len(order)
-    if counter.total(set(order), what) > goal + 1e-9:
-        reach = 1 - counter.total(set(order), what) / counter.total(set(), what)
+    if cost(hi) > goal + 1e-9:
+        reach = 1 - cost(hi) / counter.total(set(), what)
         raise ConfigError(
             f"structured pruning can remove at most {reach:.0%} of the {what} of this model "
-            f"(pinned channels and one channel per group stay); ask for --prune-{what} below that"
+            f"(pinned channels and {spec.round_to} channel(s) per group stay); ask for less, or "
+            "a smaller round_to"
         )
-    while lo < hi:  # smallest k with cost(first k removed) <= goal (cost falls as k grows)
+    while lo < hi:  # smallest k with cost(k) <= goal (cost falls as k grows)
         mid = (lo + hi) // 2
-        if counter.total(set(order[:mid]), what) <= goal + 1e-9:
+        if cost(mid) <= goal + 1e-9:
             hi = mid
         else:
             lo = mid + 1
-    return set(order[:lo])
+    return _removal(order, lo, groups, spec.round_to)
 
 
 def shrink(model: nn.Module, graph: DependencyGraph, removed: set[int]) -> tuple[nn.Module, dict]:
