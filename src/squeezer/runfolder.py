@@ -59,6 +59,9 @@ class RunSpec:
         replanned: the plan was re-planned (``squeezer plan``) or given (``squeezer quantize``).
         preprocessing: how inputs are prepared for a pretrained zoo model's weights (crop size,
             mean, std; from its registry entry), None otherwise.
+        prune: the pruning request (a :class:`squeezer.prune.PruneSpec` as a dict), None for
+            runs without pruning; the pruned architecture is in the folder's ``prune.json``.
+        prune_finetune: epochs of fine-tuning (distilled from the unpruned model) after pruning.
 
     Example:
         >>> s = RunSpec("compress", "zoo:digits_cnn", data="digits", budget=Budget(bits=4))
@@ -83,6 +86,8 @@ class RunSpec:
     latency_backend: str = "onnxruntime"
     replanned: bool = False
     preprocessing: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+    prune_finetune: int = 0
 
     def manifest(self, **extra: Any) -> dict[str, Any]:
         """The ``manifest.json`` document: the spec's fields, flat, beside the tool's provenance
@@ -479,7 +484,12 @@ def load_compressed(path: str | os.PathLike):
     run = read_run(d)
     model, data = run.load()
     inputs = torch.cat(run.calib_inputs) if data is None else data.x_test
-    qmodel = load_quantized(model, run.plan, read_state_dict(run.dir / MODEL_FILE))
+    base = model
+    if run.spec.prune:  # the quantized weights fit the pruned architecture
+        from .prune.stage import skeleton
+
+        base = skeleton(model, run.dir)
+    qmodel = load_quantized(base, run.plan, read_state_dict(run.dir / MODEL_FILE))
     return model.eval(), qmodel.eval(), inputs, data
 
 

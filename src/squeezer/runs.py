@@ -44,14 +44,32 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
     check_output_dir(out)
     model, data = load_inputs(spec)
     with Stage(out) as stage:
+        pruned = _prune(model, data, spec, progress)
         result = compress(
-            model, data, spec.budget, method=spec.method or "hessian", calib=spec.calib,
+            model if pruned is None else pruned.model, data, spec.budget,
+            method=spec.method or "hessian", calib=spec.calib,
             act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
             progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
             latency=_latency(spec),
         )  # fmt: skip
+        if pruned:
+            from .prune.stage import write_stage
+
+            write_stage(stage, pruned)
+            result = replace(result, extras={**result.extras, "prune": pruned.summary()})
         write_compress_run(stage, spec, result, data)
     return result, data
+
+
+def _prune(model, data, spec: RunSpec, progress: bool):
+    """The pruning stage before quantization (None when the run prunes nothing)."""
+    if not spec.prune:
+        return None
+    from .prune import PruneSpec
+    from .prune.stage import prune_stage
+
+    return prune_stage(model, data, PruneSpec.from_dict(spec.prune), seed=spec.seed,
+                       finetune_epochs=spec.prune_finetune, progress=progress)  # fmt: skip
 
 
 def replan_run(
@@ -70,6 +88,10 @@ def replan_run(
     if budget is None and run.plan is None:
         raise ConfigError(f"{run.dir} has no plan.json; run 'squeezer compress' or 'squeezer plan'")
     model, data = run.load()
+    if run.spec.prune:  # re-planned on the pruned float model the run saved
+        from .prune.stage import load_pruned
+
+        model = load_pruned(model, run.dir)
     s = replace(run.spec, latency_backend=latency_backend or run.spec.latency_backend)
     common = {"calib": s.calib, "calib_inputs": run.calib_inputs, "act_bits": s.act_bits,
               "seed": s.seed}  # fmt: skip
@@ -79,6 +101,10 @@ def replan_run(
         else:
             template = run.analysis.template_name if run.analysis else None
             result = apply_plan(model, data, run.plan, template=template, **common)
+        if run.spec.prune:
+            from .prune.stage import read_record
+
+            result = replace(result, extras={**result.extras, "prune": read_record(run.dir)})
         write_compress_run(stage, replace(run.redo(budget), latency_backend=s.latency_backend),
                            result, data)  # fmt: skip
     return result, data

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 
 from .args import command, latency_arg, model_args, parse_shape, print_summary, spec_of
+from .prune import prune_args, prune_of
 
 
 def _configure_compress(p: argparse.ArgumentParser) -> None:
@@ -50,6 +51,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, default=8,
                    help="activation bits (0 keeps activations in float; default 8)")  # fmt: skip
     latency_arg(p)
+    prune_args(p)
 
 
 @command("compress", "quantize a model to meet a budget, evaluate it, write a run folder",
@@ -62,6 +64,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args, "compress", budget=Budget.parse(args.budget), method=args.method, calib=args.calib,
         act_bits=args.act_bits or None, hessian_samples=args.hessian_samples,
         input_shape=parse_shape(args.input_shape), latency_backend=args.latency_backend,
+        **prune_of(args),
     )  # fmt: skip
     if args.calib == "zeroshot":  # the data is for evaluation only
         spec = replace(spec, data=args.eval_data or args.data)
