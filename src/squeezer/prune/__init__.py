@@ -22,6 +22,7 @@ from ..data import Dataset
 from ..errors import ConfigError
 from .base import TARGETS, Pruned, PruneHandler, PruneSpec
 from .heads import prune_heads
+from .leap import prune_leap
 from .structured import prune_structured
 from .unstructured import prune_nm, prune_unstructured
 
@@ -30,6 +31,7 @@ PRUNERS: dict[str, PruneHandler] = {
     "structured": prune_structured,
     "unstructured": prune_unstructured,
     "nm": prune_nm,
+    "leap": prune_leap,
     "heads": prune_heads,
 }
 

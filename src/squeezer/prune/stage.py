@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..measure import model_bytes, profile_layers
 from . import prune
 from .base import Pruned, PruneSpec
+from .unstructured import hold_zeros, release_zeros
 
 #: The run-folder files of a pruned run.
 PRUNE_FILE = "prune.json"
@@ -80,11 +81,13 @@ def prune_stage(
         from ..train.finetune import finetune
 
         t = time.perf_counter()
+        zeros = not pruned.architecture  # zeros folded into the weights must stay zero
         r = finetune(
-            out, data, teacher=model, epochs=finetune_epochs, lr=lr, seed=seed, freeze_bn=False,
+            hold_zeros(out) if zeros else out, data, teacher=model, epochs=finetune_epochs, lr=lr,
+            seed=seed, freeze_bn=False,
             progress=progress,
         )  # fmt: skip
-        out = r.model
+        out = release_zeros(r.model) if zeros else r.model
         record["seconds"]["finetune"] = time.perf_counter() - t
         record["finetune"] = {"epochs": finetune_epochs, "lr": lr, "distill": True,
                               "best_epoch": r.best_epoch,

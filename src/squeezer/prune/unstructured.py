@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..data import Dataset
 from ..errors import ConfigError
@@ -157,6 +158,35 @@ def prune_nm(model: nn.Module, spec: PruneSpec, data: Dataset | None = None) -> 
     ratios, stats = fold_stats(model, masks)
     stats["pattern"] = f"{spec.n}:{spec.m}"
     return Pruned(apply_masks(model, masks), spec, ratios, {}, stats)
+
+
+class _FixedZeros(nn.Module):
+    """The parametrization ``w ↦ w·mask``: the pruned weights stay zero while the rest train."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def hold_zeros(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose prunable layers keep their zero weights zero under training
+    (for fine-tuning after unstructured pruning); :func:`release_zeros` folds it back."""
+    out = copy_model(model)
+    for m in prunable_weights(out).values():
+        mask = (m.weight.detach() != 0).to(m.weight.dtype)
+        parametrize.register_parametrization(m, "weight", _FixedZeros(mask))
+    return out
+
+
+def release_zeros(model: nn.Module) -> nn.Module:
+    """``model`` (from :func:`hold_zeros`, trained) with the masks folded into plain weights."""
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
 
 
 def _weights_target(spec: PruneSpec) -> None:
