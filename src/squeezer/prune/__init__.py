@@ -24,6 +24,7 @@ from .base import TARGETS, Pruned, PruneHandler, PruneSpec
 from .heads import prune_heads
 from .leap import prune_leap
 from .structured import prune_structured
+from .tokens import prune_tokens
 from .unstructured import prune_nm, prune_unstructured
 
 #: Pruners by name (the ``--prune`` choices).
@@ -33,6 +34,7 @@ PRUNERS: dict[str, PruneHandler] = {
     "nm": prune_nm,
     "leap": prune_leap,
     "heads": prune_heads,
+    "tokens": prune_tokens,
 }
 
 

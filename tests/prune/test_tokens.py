@@ -1,0 +1,121 @@
+"""Learned Token Pruning (squeezer.prune.tokens), against oracles: threshold 0 is the unpruned
+encoder; tokens really dropped ("hard") equal the same decisions masked in place ("mask"); the
+soft mask at a tiny temperature is the hard one; the calibrated thresholds meet their schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from squeezer.errors import ConfigError
+from squeezer.graph import copy_model
+from squeezer.prune import PRUNERS, PruneSpec, prune
+from squeezer.prune.tokens import (
+    TokenPruned,
+    calibrate_thresholds,
+    kept_fractions,
+    kept_schedule,
+)
+
+pytest.importorskip("transformers")
+from tests.tiny_bert import tiny_encoder, token_data  # noqa: E402
+
+
+def test_threshold_zero_is_the_unpruned_encoder():
+    enc, x = tiny_encoder(), token_data(6, seed=1)
+    with torch.no_grad():
+        ref = enc(**x)
+        for mode in ("hard", "mask"):
+            got = TokenPruned(copy_model(enc), torch.zeros(2), mode=mode)(**x)
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dropped_tokens_equal_masked_tokens():
+    enc, x = tiny_encoder(), token_data(8, seed=2)
+    th = torch.tensor([0.9, 1.1])
+    hard = TokenPruned(copy_model(enc), th, mode="hard")
+    mask = TokenPruned(copy_model(enc), th, mode="mask")
+    with torch.no_grad():
+        a, b = hard(**x), mask(**x)
+        ref = enc(**x)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert float((a - ref).abs().max()) > 1e-3  # tokens did go
+    assert float(hard.kept[-1]) < 0.9
+
+
+def test_later_blocks_run_on_shorter_sequences():
+    enc = tiny_encoder()
+    x = {"input_ids": torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(3)),
+         "attention_mask": torch.ones(4, 12, dtype=torch.long)}  # fmt: skip
+    net = TokenPruned(copy_model(enc), torch.tensor([1.0, 1.0]))
+    widths = []
+    hook = net.encoder.model.encoder.layer[1].attention.register_forward_pre_hook(
+        lambda m, args: widths.append(args[0].shape[1])
+    )
+    try:
+        with torch.no_grad():
+            net(**x)
+    finally:
+        hook.remove()
+    assert widths and widths[0] < 12
+
+
+def test_soft_mask_tends_to_the_hard_mask():
+    enc, x = tiny_encoder(), token_data(6, seed=4)
+    th = torch.tensor([0.8, 1.0])
+    soft = TokenPruned(copy_model(enc), th, mode="soft", temperature=1e-5)
+    with torch.no_grad():
+        hard = TokenPruned(copy_model(enc), th, mode="mask")(**x)
+        torch.testing.assert_close(soft(**x), hard, atol=1e-4, rtol=1e-4)
+    soft.temperature = 0.1
+    soft.thresholds.requires_grad_(True)
+    soft(**x).sum().backward()
+    assert soft.thresholds.grad is not None and float(soft.thresholds.grad.abs().sum()) > 0
+
+
+def test_calibrated_thresholds_meet_the_schedule():
+    enc = tiny_encoder()
+    batches = [token_data(16, seed=s) for s in (5, 6)]
+    net = TokenPruned(copy_model(enc), torch.zeros(2))
+    kept = kept_schedule(0.3, 2)
+    calibrate_thresholds(net, batches, kept)
+    got = kept_fractions(net, batches)
+    assert got == pytest.approx(kept, abs=0.04)
+    assert net.mode == "hard" and net.record is None
+
+
+def _data(enc):
+    from squeezer.text import EmbeddingTask, TokenDataset, embed
+
+    x, xt = token_data(64, seed=7), token_data(16, seed=8)
+    return TokenDataset("tiny", x, embed(enc, x), xt, embed(enc, xt), EmbeddingTask(), {})
+
+
+def test_registry_pruner_trains_thresholds_and_leaves_the_model():
+    assert "tokens" in PRUNERS
+    enc = tiny_encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    p = prune(enc, PruneSpec("tokens", ratio=0.3, options={"steps": 8, "samples": 64}), _data(enc))
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for m in enc.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+    assert isinstance(p.model, TokenPruned) and p.model.mode == "hard"
+    assert 0.15 < 1 - p.stats["kept_fraction"] < 0.45
+    assert not p.model.thresholds.requires_grad
+    # the thresholds reload with the weights
+    again = TokenPruned(copy_model(enc), torch.zeros(2))
+    again.load_state_dict(p.model.state_dict())
+    x = token_data(4, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x), p.model(**x), atol=0, rtol=0)
+
+
+def test_bad_input():
+    enc = tiny_encoder()
+    with pytest.raises(ConfigError, match="needs|data"):
+        prune(enc, PruneSpec("tokens", ratio=0.3), None)
+    with pytest.raises(ConfigError, match="thresholds"):
+        TokenPruned(copy_model(enc), torch.zeros(3))
+    with pytest.raises(ConfigError, match="too high"):
+        kept_schedule(0.9, 6)
