@@ -49,7 +49,7 @@ def test_later_blocks_run_on_shorter_sequences():
          "attention_mask": torch.ones(4, 12, dtype=torch.long)}  # fmt: skip
     net = TokenPruned(copy_model(enc), torch.tensor([1.0, 1.0]))
     widths = []
-    hook = net.encoder.model.encoder.layer[1].attention.register_forward_pre_hook(
+    hook = net.model.encoder.layer[1].attention.register_forward_pre_hook(
         lambda m, args: widths.append(args[0].shape[1])
     )
     try:
@@ -119,3 +119,13 @@ def test_bad_input():
         TokenPruned(copy_model(enc), torch.zeros(3))
     with pytest.raises(ConfigError, match="too high"):
         kept_schedule(0.9, 6)
+
+
+def test_export_is_refused():
+    pytest.importorskip("onnx")
+    from squeezer.errors import ExportError, UnsupportedModelError
+    from squeezer.export import export_float_onnx
+
+    net = TokenPruned(copy_model(tiny_encoder()), torch.zeros(2))
+    with pytest.raises((ExportError, UnsupportedModelError), match="PyTorch only"):
+        export_float_onnx(net, token_data(2, seed=0))

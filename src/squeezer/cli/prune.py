@@ -17,7 +17,8 @@ def prune_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prune", metavar="METHOD",
                    help="structured (channels), heads (attention heads + FFN neurons of "
-                   "encoders), unstructured (magnitude zeros), nm (N:M zeros), leap (learned "
+                   "encoders), tokens (learned token pruning of encoders, PyTorch only), "
+                   "unstructured (magnitude zeros), nm (N:M zeros), leap (learned "
                    "thresholds); zeros give no speed-up on dense runtimes")  # fmt: skip
     g.add_argument("--prune-ratio", type=float, default=0.5, metavar="R",
                    help="fraction removed of the --prune-target (default 0.5)")  # fmt: skip
@@ -61,7 +62,8 @@ def prune_of(args: argparse.Namespace) -> dict[str, Any]:
         n, m = (int(v) for v in args.prune_nm.split(":"))
     except ValueError:
         raise ConfigError(f"--prune-nm takes N:M such as 2:4, got {args.prune_nm!r}") from None
-    target = args.prune_target or ("macs" if args.prune in ("structured", "heads") else "weights")
+    macs_first = ("structured", "heads", "tokens")
+    target = args.prune_target or ("macs" if args.prune in macs_first else "weights")
     spec = PruneSpec(args.prune, args.prune_ratio, target=target, importance=args.prune_importance,
                      scope=args.prune_scope, n=n, m=m, seed=args.seed)  # fmt: skip
     return {"prune": spec.to_dict(), "prune_finetune": args.prune_finetune}

@@ -118,7 +118,14 @@ def skeleton(model: nn.Module, run_dir: str | Path) -> nn.Module:
     architecture: the skeleton is the model itself."""
     from .structured import rebuild
 
-    arch = read_record(run_dir).get("architecture", {})
+    rec = read_record(run_dir)
+    arch, method = rec.get("architecture", {}), rec.get("spec", {}).get("method")
+    if method in ("heads", "tokens"):  # encoder pruners rebuild their own modules
+        from .heads import rebuild as rebuild_heads
+        from .tokens import TokenPruned
+
+        net = rebuild_heads(model, arch) if arch else model
+        return TokenPruned(net, [0.0] * len(net.model.encoder.layer)) if method == "tokens" else net
     if not arch:
         return model
     return rebuild(model, arch)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..data import Dataset, forward
 from ..encoders import bert_of
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..graph import copy_model
 from ..hf import mean_pool
 from .base import Pruned, PruneSpec
@@ -59,7 +59,7 @@ class TokenPruned(nn.Module):
 
     Args:
         encoder: a :class:`squeezer.hf.SentenceEncoder` (or a BERT-style model) with eager
-            attention; it becomes a sub-module (pass a copy to keep yours).
+            attention; its BERT becomes ``.model`` (pass a copy to keep yours).
         thresholds: one per encoder block; 0 keeps every token.
         mode: ``"hard"``, ``"mask"`` or ``"soft"``.
         temperature: of the soft mask.
@@ -79,8 +79,10 @@ class TokenPruned(nn.Module):
         temperature: float = 0.05,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
-        n = len(bert_of(encoder).encoder.layer)
+        # The BERT itself is ``.model``, as in a SentenceEncoder: same FQNs, so every part of
+        # squeezer that finds an encoder's layers (roles, templates, quantization) finds them here.
+        self.model = bert_of(encoder)
+        n = len(self.model.encoder.layer)
         th = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
         if th.numel() != n or not bool(torch.isfinite(th).all()):
             raise ConfigError(
@@ -97,7 +99,12 @@ class TokenPruned(nn.Module):
     ) -> torch.Tensor:
         if self.mode not in MODES:
             raise ConfigError(f"TokenPruned mode {self.mode!r} is not one of {', '.join(MODES)}")
-        bert = bert_of(self.encoder)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            raise ExportError(
+                "a token-pruned encoder is PyTorch only: how many tokens it keeps depends on the "
+                "input, which an exported graph would freeze; export the unpruned or head-pruned model"
+            )
+        bert = self.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = bert.embeddings(input_ids=input_ids)
@@ -288,8 +295,7 @@ def prune_tokens(model: nn.Module, spec: PruneSpec, data: Dataset | None) -> Pru
                                 lr=float(o.get("lr", 1e-2)), weights_lr=float(o.get("weights_lr", 0.0)),
                                 penalty=float(o.get("penalty", 10.0)), seed=spec.seed)  # fmt: skip
     fractions = kept_fractions(net, calib)
-    prefix = next(n for n, m in net.named_modules() if m is bert_of(net.encoder))
-    ratios = {f"{prefix}.encoder.layer.{i}": 1 - f for i, f in enumerate(fractions)}
+    ratios = {f"model.encoder.layer.{i}": 1 - f for i, f in enumerate(fractions)}
     mean_kept = sum(fractions) / max(len(fractions), 1)
     stats = {"kept_fraction": mean_kept, "macs_removed_approx": 1 - mean_kept,
              "threshold_seconds": float(info["seconds"]),
