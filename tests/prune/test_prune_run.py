@@ -47,6 +47,15 @@ def test_structured_prune_run_reloads_and_replans(tmp_path, capsys, weights, tra
     _, q4, _, _ = load_compressed(out)
     assert q4.conv1.weight.shape[0] == conv1
     assert json.loads((out / "metrics.json").read_text())["prune"]["architecture"]
+    # the pruned, quantized model exports, runs in ONNX Runtime, is timed and reported
+    assert main(["export", str(out), "--threads", "1"]) == 0, capsys.readouterr().err
+    rc = main(["bench", str(out), "--batch", "1", "32", "--runs", "5", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["export"]["test_metric"] == pytest.approx(m["after"]["metric"], abs=2)
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Pruning" in md and "conv1" in md and "latency, batch 32" in md
 
 
 def test_unstructured_prune_run(tmp_path, capsys, weights):

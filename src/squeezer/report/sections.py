@@ -229,6 +229,43 @@ def _mixed(run: Run) -> tuple[str, str] | None:
     return md, body
 
 
+@section("Pruning", 25)
+def _pruning(run: Run) -> tuple[str, str] | None:
+    """What pruning removed (prune.json): totals, the metric along the way, per-layer ratios and
+    the pruned architecture; measured latency of the dense and the deployed model if benched."""
+    rec = run.get("prune")
+    if not rec:
+        return None
+    spec, st = rec.get("spec", {}), rec.get("stats", {})
+    rows = [["method", f"{spec.get('method')} ({spec.get('importance')}, {spec.get('scope')})"],
+            ["asked", f"remove {spec.get('ratio')} of the {spec.get('target')}"]]  # fmt: skip
+    for key in ("macs", "params", "weights"):
+        if st.get(f"{key}_before") is not None:
+            rows.append([key, f"{fmt_num(st[f'{key}_before'])} → {fmt_num(st[f'{key}_after'])}"])
+    if st.get("weight_bytes_stored") is not None:
+        rows.append(["weight bytes (dense → stored, sparse only where smaller)",
+                     f"{fmt_bytes(st['weight_bytes_dense'])} → "
+                     f"{fmt_bytes(st['weight_bytes_stored'])}"])  # fmt: skip
+    steps = [("dense", rec.get("dense")), ("pruned", rec.get("pruned")),
+             ("fine-tuned", rec.get("finetune"))]  # fmt: skip
+    metric = " → ".join(f"{fmt_num(v['metric'])} ({k})" for k, v in steps if v)
+    if metric:
+        rows.append(["metric", metric])
+    lat = ((run.get("metrics") or {}).get("latency") or {}).get("batch_32") or {}
+    if "ORT FP32" in lat and "ONNX (squeezer)" in lat:
+        a, b = lat["ORT FP32"]["median_ms"], lat["ONNX (squeezer)"]["median_ms"]
+        rows.append(["latency, batch 32 (ORT: dense FP32 → deployed)",
+                     f"{a:.4g} ms → {b:.4g} ms ({a / b:.2f}×)"])  # fmt: skip
+    md, body = table(["", ""], rows)
+    arch = rec.get("architecture") or {}
+    layers = [[k, f"{100 * r:.1f}%", json.dumps(arch.get(k, {}))]
+              for k, r in (rec.get("ratios") or {}).items()]  # fmt: skip
+    if layers:
+        m2, b2 = table(["layer", "weights removed", "new shape (changed arguments)"], layers)
+        md, body = md + "\n" + m2, body + b2
+    return md, body
+
+
 @section("Run", 90)
 def _manifest(run: Run) -> tuple[str, str] | None:
     man = run.get("manifest")

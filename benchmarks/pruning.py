@@ -1,0 +1,227 @@
+"""Pruning benchmarks (issue 13): structured channel pruning at 50% of the MACs against
+Torch-Pruning (DepGraph) on the zoo's BN ResNets, and LEAP against magnitude pruning.
+
+    pip install torch-pruning==1.6.1      # the peer (it pulls nothing else here; check with --dry-run)
+    python benchmarks/pruning.py structured [--models digits_resnet_deep,mnist1d_resnet]
+        [--dense-epochs 40] [--finetune 20] [--seed 0] [--threads 1] [--json FILE]
+    python benchmarks/pruning.py leap [--ratios 0.5,0.7,0.9] [--finetune 10] [--json FILE]
+
+Every variant is pruned from the same trained dense net to at most 50% of its MACs (squeezer's
+own MAC count, :func:`squeezer.measure.profile_layers`, for both tools), then fine-tuned by the
+one trainer, :func:`squeezer.train.finetune.finetune`, with knowledge distillation from the dense
+net, for the same epochs, learning rate and seed. Channel widths are rounded to multiples of 8 in
+both tools (``round_to=8``). Latency: ONNX Runtime (FP32 export of each model), batch 32, one
+thread, median of the timed calls taken round-robin over the variants in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DATA_OF = {"digits_resnet_deep": "digits", "mnist1d_resnet": "mnist1d", "digits_resnet": "digits",
+           "digits_cnn": "digits", "mnist1d_cnn": "mnist1d"}  # fmt: skip
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> float:
+    from squeezer.measure import profile_layers
+
+    return float(sum(v.macs for v in profile_layers(model, example[:1]).values()))
+
+
+def _accuracy(model: nn.Module, data) -> float:
+    from squeezer.data import evaluate
+
+    return evaluate(model.eval(), data.test_batches(), data.task)
+
+
+def _dense(name: str, data, epochs: int, seed: int, cache: Path) -> nn.Module:
+    """The dense net, trained once per (model, epochs, seed) and cached."""
+    from squeezer.models import load_weights, save_weights
+    from squeezer.train import fit
+    from squeezer.zoo import create
+
+    path = cache / f"{name}-e{epochs}-s{seed}.safetensors"
+    model = create(name)
+    if path.is_file():
+        load_weights(model, path)
+        return model.eval()
+    model, _ = fit(model, data, epochs=epochs, seed=seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path)
+    return model.eval()
+
+
+def _recover(model: nn.Module, teacher: nn.Module, data, args) -> tuple[nn.Module, float]:
+    from squeezer.train.finetune import finetune
+
+    if args.finetune == 0:
+        return model, 0.0
+    t = time.perf_counter()
+    r = finetune(
+        model, data, teacher=teacher, epochs=args.finetune, lr=args.lr, seed=args.seed,
+        freeze_bn=False, progress=False,
+    )  # fmt: skip
+    return r.model, time.perf_counter() - t
+
+
+def torch_pruning(dense: nn.Module, example: torch.Tensor, ratio: float, head: str) -> nn.Module:
+    """Torch-Pruning's DepGraph with group L1 magnitude, global ranking and round_to=8, its
+    pruning ratio bisected until the MACs are at most ``1 - ratio`` of the dense net's."""
+    import torch_pruning as tp
+
+    goal = (1 - ratio) * _macs(dense, example)
+
+    def pruned(r: float) -> nn.Module:
+        m = copy.deepcopy(dense).eval()
+        pruner = tp.pruner.MetaPruner(
+            m, example[:2], importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=r, global_pruning=True, round_to=8,
+            ignored_layers=[m.get_submodule(head)],
+        )  # fmt: skip
+        pruner.step()
+        return m
+
+    lo, hi = 0.0, 0.95
+    best = pruned(hi)
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        m = pruned(mid)
+        if _macs(m, example) <= goal:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best
+
+
+def bench_structured(args: argparse.Namespace) -> dict:
+    from squeezer.data import load_data
+    from squeezer.export import export_float_onnx, latency_table, ort_session
+    from squeezer.prune import PruneSpec, prune
+
+    rows = []
+    for name in args.models.split(","):
+        data = load_data(DATA_OF[name], seed=args.seed)
+        torch.manual_seed(args.seed)
+        dense = _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
+        example = data.example(32)
+        head = [k for k, m in dense.named_modules() if isinstance(m, nn.Linear)][-1]
+        variants: dict[str, nn.Module] = {"dense": dense}
+        info: dict[str, dict] = {"dense": {"accuracy": _accuracy(dense, data)}}
+        for importance in args.importance.split(","):
+            t = time.perf_counter()
+            spec = PruneSpec("structured", args.ratio, importance=importance, seed=args.seed)
+            p = prune(dense, spec, data)
+            key = f"squeezer ({importance})"
+            info[key] = {"prune_s": time.perf_counter() - t, "acc_pruned": _accuracy(p.model, data)}
+            variants[key] = p.model
+        t = time.perf_counter()
+        variants["Torch-Pruning"] = torch_pruning(dense, example, args.ratio, head)
+        info["Torch-Pruning"] = {
+            "prune_s": time.perf_counter() - t,
+            "acc_pruned": _accuracy(variants["Torch-Pruning"], data),
+        }
+        for key in list(variants)[1:]:
+            variants[key], secs = _recover(variants[key], dense, data, args)
+            info[key].update(accuracy=_accuracy(variants[key], data), finetune_s=secs)
+        sessions = {
+            k: ort_session(export_float_onnx(m, example), threads=args.threads)
+            for k, m in variants.items()
+        }
+        table = latency_table(sessions, {32: example}, threads=args.threads, runs=args.runs)
+        base = table["batch_32"]["dense"]["median_ms"]
+        dense_macs = _macs(dense, example)
+        for key, m in variants.items():
+            lat = table["batch_32"][key]["median_ms"]
+            row = {
+                "model": name, "data": data.name, "variant": key, **info[key],
+                "macs_ratio": _macs(m, example) / dense_macs,
+                "params": sum(p.numel() for p in m.parameters()),
+                "ort_b32_ms": lat, "speedup": base / lat,
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {
+        "ratio": args.ratio, "dense_epochs": args.dense_epochs, "finetune_epochs": args.finetune,
+        "lr": args.lr, "seed": args.seed, "threads": args.threads, "rows": rows,
+    }  # fmt: skip
+
+
+def bench_leap(args: argparse.Namespace) -> dict:
+    """LEAP (thresholds learned over ``--finetune`` epochs) against global magnitude pruning
+    followed by the same number of fine-tuning epochs (zeros held), at each ratio."""
+    from squeezer.data import load_data
+    from squeezer.prune import PruneSpec, prune
+    from squeezer.prune.stage import prune_stage
+
+    rows = []
+    for name in args.models.split(","):
+        data = load_data(DATA_OF[name], seed=args.seed)
+        torch.manual_seed(args.seed)
+        dense = _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
+        acc = _accuracy(dense, data)
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            t = time.perf_counter()
+            opts = {"epochs": args.finetune, "lr": args.lr}
+            leap = prune(dense, PruneSpec("leap", ratio, target="weights", seed=args.seed,
+                                          options=opts), data)  # fmt: skip
+            t_leap = time.perf_counter() - t
+            t = time.perf_counter()
+            mag = prune_stage(dense, data, PruneSpec("unstructured", ratio, target="weights"),
+                              finetune_epochs=args.finetune, lr=args.lr, seed=args.seed)  # fmt: skip
+            row = {
+                "model": name, "data": data.name, "ratio": ratio, "dense": acc,
+                "leap": _accuracy(leap.model, data), "leap_ratio": leap.stats["sparsity"],
+                "leap_learned_ratio": leap.stats["learned_ratio"],
+                "leap_threshold_factor": leap.stats["threshold_factor"], "leap_s": t_leap,
+                "magnitude": _accuracy(mag.model, data),
+                "magnitude_no_ft": mag.record["pruned"]["metric"],
+                "magnitude_s": time.perf_counter() - t,
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {"finetune_epochs": args.finetune, "lr": args.lr, "seed": args.seed, "rows": rows,
+            "dense_epochs": args.dense_epochs}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("structured")
+    s.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
+    s.add_argument("--importance", default="l1,hessian")
+    s.add_argument("--ratio", type=float, default=0.5, help="fraction of the MACs removed")
+    s.add_argument("--dense-epochs", type=int, default=40)
+    le = sub.add_parser("leap")
+    le.add_argument("--models", default="digits_cnn,mnist1d_cnn")
+    le.add_argument("--ratios", default="0.5,0.7,0.9")
+    le.add_argument("--dense-epochs", type=int, default=30)
+    for p in (s, le):
+        p.add_argument("--finetune", type=int, default=20, help="fine-tuning epochs (KD)")
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--runs", type=int, default=50)
+        p.add_argument(
+            "--cache", default="runs/bench-pruning", help="where the trained dense nets are kept"
+        )
+        p.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = {"structured": bench_structured, "leap": bench_leap}[args.what](args)
+    if args.json:
+        from squeezer.atomic import write_json
+
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
