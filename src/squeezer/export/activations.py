@@ -165,6 +165,7 @@ def _planner(
     for n in nodes:
         for i, x in enumerate(n.input):
             consumers.setdefault(x, []).append((n, i))
+    capable = _int8_nodes(nodes, inits, act_of, outputs) if calib is not None else set()
     memo: dict[str, _Wanted] = {}
 
     def wanted(t: str) -> _Wanted:
@@ -187,7 +188,7 @@ def _planner(
                     soft.add(act)
                 else:
                     other = True
-            elif calib is not None and t in calib and _int8_capable(c, inits):
+            elif calib is not None and t in calib and c.output[0] in capable:
                 soft.add(calib[t])
             else:
                 other = True
@@ -204,21 +205,60 @@ def _planner(
     return consumers, wanted
 
 
-def _int8_inputs(graph: _Graph, nodes: list) -> list[str]:
+def _int8_inputs(graph: _Graph, nodes: list, act_of: Mapping[int, _Act]) -> list[str]:
     """Tensors read by int8-capable ops (requantize mode calibrates their ranges)."""
     outputs = graph.outputs
+    capable = _int8_nodes(nodes, graph.inits, act_of, outputs)
     names = []
     for n in nodes:
-        if _int8_capable(n, graph.inits):
+        if n.output[0] in capable:
             for x in n.input:
                 if x and x not in graph.inits and x not in outputs and x not in names:
                     names.append(x)
     return names
 
 
-def _int8_capable(node, inits: Mapping[str, Any]) -> bool:
-    """Ops ONNX Runtime runs on int8 tensors in a QDQ graph: a residual Add of two computed
-    tensors, pooling, Concat."""
-    if node.op_type == "Add":
-        return all(x and x not in inits for x in node.input)
-    return node.op_type in ("GlobalAveragePool", "AveragePool", "Concat")
+def _int8_nodes(
+    nodes: list, inits: Mapping[str, Any], act_of: Mapping[int, _Act], outputs: set[str]
+) -> set[str]:
+    """The first outputs of the ops ONNX Runtime runs on int8 tensors in a QDQ graph and whose
+    int8 result is used: pooling always; a residual Add (of two computed tensors) or a Concat only
+    when every reader of its result, through commuting ops, is a quantized layer or another such
+    op. An Add that feeds a LayerNorm or a softmax (a transformer's residual sums, embedding sums,
+    attention masks) runs in float whatever its input codes, so requantizing it would add a
+    rounding and gain nothing (it put BERT-family exports 1-3 output steps from squeezer)."""
+    readers: dict[str, list[tuple[Any, int]]] = {}
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            readers.setdefault(x, []).append((n, i))
+    pools = {n.output[0] for n in nodes if n.op_type in ("GlobalAveragePool", "AveragePool")}
+    maybe = {
+        n.output[0]: n
+        for n in nodes
+        if n.op_type == "Concat"
+        or (n.op_type == "Add" and all(x and x not in inits for x in n.input))
+    }
+
+    def used_in_int8(t: str, capable: set[str], seen: set[str]) -> bool:
+        if t in outputs or t not in readers or t in seen:
+            return t in seen
+        seen.add(t)
+        for c, i in readers[t]:
+            if i == 0 and id(c) in act_of or c.output[0] in capable:
+                continue
+            outs = [o for o in c.output if o]
+            if c.op_type in COMMUTING_OPS and i == 0 and len(outs) == 1:
+                if used_in_int8(outs[0], capable, seen):
+                    continue
+            return False
+        return True
+
+    capable = pools | set(maybe)
+    changed = True
+    while changed:  # the largest set consistent with the rule (chains of residual Adds stay)
+        changed = False
+        for t in list(maybe):
+            if t in capable and not used_in_int8(t, capable, set()):
+                capable.discard(t)
+                changed = True
+    return capable

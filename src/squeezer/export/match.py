@@ -43,6 +43,7 @@ class _WeightIndex:
 
     def __init__(self, layers: Mapping[str, _Layer]):
         self.index: dict[tuple, list[tuple[_Layer, str]]] = {}
+        self.taken: set[int] = set()
         for layer in layers.values():
             views = {"rows": layer.weight}
             if layer.kind == "linear":
@@ -70,11 +71,19 @@ class _WeightIndex:
             if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
                 return None
             want = "rows" if _attr(node, "transB", 0) else "cols"
-        for layer, layout in self.index.get(_digest(arr), []):
-            if (
-                _KIND_OF_OP[op] == layer.kind
-                and layout == want
-                and np.array_equal(arr, _weight_view(layer, layout))
-            ):
+        hits = [
+            (layer, layout)
+            for layer, layout in self.index.get(_digest(arr), [])
+            if _KIND_OF_OP[op] == layer.kind
+            and layout == want
+            and np.array_equal(arr, _weight_view(layer, layout))
+        ]
+        # Equal weights in two layers (the clones of nn.TransformerEncoder before training, say)
+        # are one initializer read by two nodes: in graph order, each node takes the first such
+        # layer no node has taken yet, so each keeps its own activation quantizer. A layer run
+        # several times (ALBERT's shared blocks) is every one of its nodes' layer.
+        for layer, layout in hits:
+            if id(layer) not in self.taken:
+                self.taken.add(id(layer))
                 return layer, layout
-        return None
+        return hits[0] if hits else None

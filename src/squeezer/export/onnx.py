@@ -142,9 +142,13 @@ def export_onnx(
         with torch.no_grad():
             ref = _outputs(forward(qmodel, example))
             fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
-        got = ort_session(data, threads=threads).run(None, ort_feeds(example, proto))
+        got, one = _run_two_batches(ort_session(data, threads=threads), example, proto)
         loose = requantize or (accuracy_level or 0) > 1
         checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
+        # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
+        first = [r[:1] for r in ref], [f[:1] for f in fp32]
+        _verify("ONNX Runtime at batch 1", first[0], one, first[1], atol, loose=loose,
+                max_slack=1.0, step=checks["output_step"])  # fmt: skip
     write_bytes_atomic(path, data)
     plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
     return ExportReport(
@@ -176,9 +180,12 @@ def export_float_onnx(model: nn.Module, example: Any) -> bytes:
 
 
 def _head(example: Any, n: int = 2) -> Any:
-    """The first ``n`` samples of a tensor or a dict of tensors (tracing needs no more)."""
+    """The first ``n`` samples of a tensor or a dict of tensors (tracing needs no more), the
+    samples repeated if there are fewer."""
     if isinstance(example, Mapping):
-        return {k: v[:n] for k, v in example.items()}
+        return {k: _head(v, n) for k, v in example.items()}
+    if isinstance(example, torch.Tensor) and 0 < len(example) < n:
+        example = example.repeat(-(-n // len(example)), *(1,) * (example.dim() - 1))
     return example[:n]
 
 
@@ -189,9 +196,22 @@ def _torch_export(model: nn.Module, example: Any, *, keep_batchnorm: bool = True
     weight initializers keep their values and the rewriter folds BatchNorm into the integer
     weights' scales itself; otherwise the exporter folds it into the float weights.
     """
+    from .batch import BATCHES, _unfreeze_batch
+
+    small, frozen = _trace(model, _head(example, BATCHES[0]), keep_batchnorm)
+    if not frozen:
+        return small
+    # A Python int taken from a tensor was traced as a constant: trace at another batch size and
+    # compute what differs from the input's batch size (see squeezer.export.batch).
+    large, _ = _trace(model, _head(example, BATCHES[1]), keep_batchnorm)
+    return _unfreeze_batch(small, large, small.graph.input[0].name)
+
+
+def _trace(model: nn.Module, example: Any, keep_batchnorm: bool):
+    """(the ModelProto of one TorchScript trace at ``example``'s batch size, whether the tracer
+    warned that a Python value taken from a tensor may freeze part of the graph)."""
     import onnx
 
-    example = _head(example)
     if isinstance(example, Mapping):
         params = list(inspect.signature(model.forward).parameters)
         names = [p for p in params if p in example]
@@ -214,8 +234,8 @@ def _torch_export(model: nn.Module, example: Any, *, keep_batchnorm: bool = True
     dynamic.update({n: {0: "batch"} for n in out_names})
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.onnx.export(
                 model,
                 args,
@@ -237,7 +257,8 @@ def _torch_export(model: nn.Module, example: Any, *, keep_batchnorm: bool = True
         raise UnsupportedModelError(
             f"torch.onnx cannot export this model ({type(exc).__name__}: {first_line(exc)})"
         ) from exc
-    return onnx.load_from_string(buf.getvalue())
+    frozen = any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+    return onnx.load_from_string(buf.getvalue()), frozen
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -260,13 +281,34 @@ CHECK_FIELDS = ("max_abs_error", "median_sample_error", "atol", "output_step", "
                 "argmax_agreement")  # fmt: skip
 
 
-def _verify(runtime: str, ref, got, fp32, atol: float | None, *, loose: bool, max_slack: float):
+def _run_two_batches(session, example: Any, proto) -> tuple[list, list]:
+    """ONNX Runtime's outputs on the whole ``example`` and on its first sample alone; a graph
+    it cannot run is an ExportError (a batch size frozen into the graph, an unsupported op)."""
+    runs = []
+    for x in (example, _head(example, 1)):
+        try:
+            runs.append(session.run(None, ort_feeds(x, proto)))
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            n = len(next(iter(x.values())) if isinstance(x, Mapping) else x)
+            raise ExportError(
+                f"ONNX Runtime cannot run the exported graph on a batch of {n} "
+                f"({first_line(exc, 160)}); the model's forward may fix a size that should follow "
+                "the input (take sizes from x.shape, not len(x) or int(...))"
+            ) from None
+    return runs[0], runs[1]
+
+
+def _verify(
+    runtime: str, ref, got, fp32, atol: float | None, *, loose: bool, max_slack: float,
+    step: float | None = None,
+):  # fmt: skip
     """The check every export runs: the runtime's outputs ``got`` against squeezer's ``ref``.
     The default tolerance is :data:`~squeezer.export.common.ATOL`'s (``loose`` when the runtime
     rounds more than squeezer does) on the typical sample, with ``max_slack`` times it (or twice
     the quantization's own effect) for the worst; ``atol`` bounds the worst sample instead.
     Returns the :data:`CHECK_FIELDS`; a disagreement is an ExportError saying how to proceed."""
-    rows, step, agree = _compare(ref, got)
+    rows, own_step, agree = _compare(ref, got)
+    step = own_step if step is None else step  # a subset is judged by the whole set's step
     max_err, median_err = float(rows.max()), float(np.median(rows))
     quant_err = max(float((r - f).abs().max()) for r, f in zip(ref, fp32, strict=True))
     if atol is None:

@@ -60,7 +60,7 @@ def _rewrite(
     quantizers = _ActQuantizers(graph)
     calib = None
     if requantize:
-        names = _int8_inputs(graph, nodes)
+        names = _int8_inputs(graph, nodes, act_of)
         exact = graph.build(_place_act_quantizers(graph, nodes, act_of, quantizers), names)
         calib = _observe_ranges(exact, names, example, threads)
     placed = _place_act_quantizers(graph, nodes, act_of, quantizers, calib)
