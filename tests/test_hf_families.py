@@ -97,6 +97,19 @@ def test_cli_mixed_plan_bench(family, folders, work, capsys):
     assert "batch_4" in json.loads((run / "metrics.json").read_text())["latency"]
 
 
+def test_vit_folder_loads_as_an_image_classifier(work):
+    """Oracle: transformers' own logits; no tokenizer; the input shape from the config."""
+    folder = fam.build_vit(work / "vit")
+    model, tokenizer = load_hf(f"hf:{folder}")
+    assert tokenizer is None and model.input_shape == (3, 16, 16)
+    raw = transformers.AutoModelForImageClassification.from_pretrained(
+        str(folder), attn_implementation="eager"
+    ).eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), raw(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
 def test_cli_vit_folder_with_images(work, capsys):
     run = work / "run-vit"
     folder = fam.build_vit(work / "vit")
