@@ -1,11 +1,13 @@
 """Learned Token Pruning (LTP; Kim et al., arXiv:2107.00910) for BERT-style sentence encoders, with
 the pruned tokens really dropped, so later layers run on shorter sequences.
 
-In every encoder block, after its attention, each token ``j`` gets an importance score: the
-attention it receives, averaged over heads and summed over the live query tokens,
-``s_j = (1/H)·Σ_h Σ_i p_h(i, j)``. The scores of a sequence's live tokens sum to their count, so
-their mean is 1 whatever the length (LTP's score, times the length: one threshold then suits short
-and long texts alike). A token whose score is below the block's learned threshold ``θ_l`` leaves
+In every encoder block, after its attention, each token ``j`` gets LTP's importance score: the
+attention it receives, averaged over heads and over the ``N`` live query tokens,
+``s_j = (1/(H·N))·Σ_h Σ_i p_h(i, j)``. A sequence's scores sum to 1, so a fixed threshold prunes
+long sequences more than short ones, as LTP intends (normalising by the length instead, to make
+the mean score 1, was tried and fails: the [CLS] attention sink takes most of the attention of a
+short sentence, so its content tokens score far lower than a long text's). A token whose score is
+below the block's learned threshold ``θ_l`` leaves
 the sequence before the block's FFN and takes no part in later blocks; the sentence embedding is
 the mean over the tokens that stay to the end. At least one token (the highest scored) stays.
 
@@ -76,7 +78,7 @@ class TokenPruned(nn.Module):
         thresholds: torch.Tensor | list[float],
         *,
         mode: str = "hard",
-        temperature: float = 0.05,
+        temperature: float = 1e-3,
     ) -> None:
         super().__init__()
         # The BERT itself is ``.model``, as in a SentenceEncoder: same FQNs, so every part of
@@ -91,7 +93,7 @@ class TokenPruned(nn.Module):
         self.thresholds = nn.Parameter(th, requires_grad=False)
         self.mode = mode
         self.temperature = float(temperature)
-        self.kept: list[torch.Tensor] = []  # per block, the live fraction of the input tokens
+        self.kept: list[torch.Tensor] = []  # per block, the live fraction of the batch's tokens
         self.record: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (scores, live)
 
     def forward(
@@ -109,7 +111,7 @@ class TokenPruned(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         h = bert.embeddings(input_ids=input_ids)
         live = attention_mask.to(h.dtype)
-        n0 = live.sum(1).clamp(min=1)
+        n0 = live.sum().clamp(min=1)
         self.kept = []
         for i, layer in enumerate(bert.encoder.layer):
             # log m on the attention scores (−∞ as the dtype's min, NaN-free gradients at m = 0).
@@ -121,11 +123,12 @@ class TokenPruned(nn.Module):
                     "token pruning needs the attention probabilities: load the encoder with "
                     "attn_implementation='eager' (load_hf's default)"
                 )
-            s = (probs * live[:, None, :, None]).sum(dim=(1, 2)) / probs.shape[1]
+            n_live = live.sum(1, keepdim=True).clamp(min=1e-6)
+            s = (probs * live[:, None, :, None]).sum(dim=(1, 2)) / (probs.shape[1] * n_live)
             if self.record is not None:
                 self.record.append((s.detach(), live.detach()))
             live, att = self._prune(s, live, att, self.thresholds[i])
-            self.kept.append((live.sum(1) / n0).mean())
+            self.kept.append(live.sum() / n0.sum())
             h = layer.feed_forward_chunk(att)
         return mean_pool(h, live)
 
@@ -165,7 +168,7 @@ def kept_schedule(ratio: float, blocks: int) -> list[float]:
 @torch.no_grad()
 def calibrate_thresholds(model: TokenPruned, batches: list, kept: list[float]) -> torch.Tensor:
     """Block by block, the threshold at which the live tokens of ``batches`` fall to ``kept[l]`` of
-    the input tokens (a quantile of the block's scores, given the thresholds before it)."""
+    the input tokens, given the thresholds before it (bisection on the recorded scores)."""
     mode, model.mode = model.mode, "mask"
     th = model.thresholds
     th.zero_()
@@ -175,11 +178,18 @@ def calibrate_thresholds(model: TokenPruned, batches: list, kept: list[float]) -
             for x in batches:
                 forward(model, x)
             blocks = len(kept)
-            scores = torch.cat([r[0][r[1] > 0] for r in model.record[i::blocks]])
+            recs = model.record[i::blocks]
             total = sum(float(r[1].sum()) for r in model.record[0::blocks])  # input tokens
-            n_keep = max(1, round(k * total))  # keep the n_keep best of the live tokens
-            if n_keep < scores.numel():
-                th[i] = torch.sort(scores, descending=True).values[n_keep - 1]
+
+            def alive(theta: float, recs=recs) -> float:  # one token per sequence always stays
+                return sum(float(((sc >= theta) & (lv > 0)).sum(1).clamp(min=1).sum())
+                           for sc, lv in recs)  # fmt: skip
+
+            lo, hi = 0.0, max(float(sc.max()) for sc, _ in recs)
+            for _ in range(40):  # bisection: alive() falls as theta rises
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if alive(mid) > k * total else (lo, mid)
+            th[i] = hi if abs(alive(hi) - k * total) <= abs(alive(lo) - k * total) else lo
     finally:
         model.record = None
         model.mode = mode
@@ -192,7 +202,7 @@ def train_thresholds(
     target_kept: float,
     *,
     steps: int = 50,
-    lr: float = 1e-2,
+    lr: float = 5e-4,
     weights_lr: float = 0.0,
     penalty: float = 10.0,
     batch_size: int = 32,
@@ -250,16 +260,19 @@ def train_thresholds(
 
 @torch.no_grad()
 def kept_fractions(model: TokenPruned, batches: Any) -> list[float]:
-    """Per block, the fraction of input tokens still alive after it, over ``batches``."""
+    """Per block, the fraction of all input tokens of ``batches`` still alive after it."""
     mode, model.mode = model.mode, "mask"
     sums, n = None, 0
     try:
         for b in batches:
             x = b[0] if isinstance(b, tuple | list) else b
             forward(model, x)
-            k = torch.stack(model.kept).double() * int(x["input_ids"].shape[0])
+            tokens = (
+                int(x["attention_mask"].sum()) if "attention_mask" in x else x["input_ids"].numel()
+            )
+            k = torch.stack(model.kept).double() * tokens
             sums = k if sums is None else sums + k
-            n += int(x["input_ids"].shape[0])
+            n += tokens
     finally:
         model.mode = mode
     return [] if sums is None else (sums / n).tolist()
@@ -270,8 +283,8 @@ def prune_tokens(model: nn.Module, spec: PruneSpec, data: Dataset | None) -> Pru
     remove ``spec.ratio`` of the token positions over the blocks on ``data`` (≈ that fraction of
     the encoder's MACs).
 
-    Options: ``steps`` (50) of soft threshold training, ``lr`` (1e-2), ``weights_lr`` (0: the
-    thresholds alone), ``penalty`` (10), ``temperature`` (0.05), ``samples`` (128) to calibrate on.
+    Options: ``steps`` (50) of soft threshold training, ``lr`` (5e-4), ``weights_lr`` (0: the
+    thresholds alone), ``penalty`` (10), ``temperature`` (1e-3), ``samples`` (128) to calibrate on.
 
     Example:
         >>> p = prune_tokens(enc, PruneSpec("tokens", ratio=0.4), data)  # doctest: +SKIP
@@ -284,7 +297,7 @@ def prune_tokens(model: nn.Module, spec: PruneSpec, data: Dataset | None) -> Pru
         )
     o = spec.options
     net = TokenPruned(copy_model(model).eval(), torch.zeros(len(bert_of(model).encoder.layer)),
-                      temperature=float(o.get("temperature", 0.05)))  # fmt: skip
+                      temperature=float(o.get("temperature", 1e-3)))  # fmt: skip
     kept = kept_schedule(spec.ratio, len(net.thresholds))
     calib = [x for x, _ in data.calibration_batches(int(o.get("samples", 128)), seed=spec.seed)]
     calibrate_thresholds(net, calib, kept)
@@ -292,7 +305,7 @@ def prune_tokens(model: nn.Module, spec: PruneSpec, data: Dataset | None) -> Pru
     info: dict[str, Any] = {"seconds": 0.0}
     if steps > 0:
         info = train_thresholds(net, data, 1 - spec.ratio, steps=steps,
-                                lr=float(o.get("lr", 1e-2)), weights_lr=float(o.get("weights_lr", 0.0)),
+                                lr=float(o.get("lr", 5e-4)), weights_lr=float(o.get("weights_lr", 0.0)),
                                 penalty=float(o.get("penalty", 10.0)), seed=spec.seed)  # fmt: skip
     fractions = kept_fractions(net, calib)
     ratios = {f"model.encoder.layer.{i}": 1 - f for i, f in enumerate(fractions)}
