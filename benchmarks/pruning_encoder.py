@@ -1,0 +1,238 @@
+"""Pruning benchmark, the encoder half of issue #13: all-MiniLM-L6-v2, structured head + FFN-neuron
+pruning (``squeezer.prune.heads``) and Learned Token Pruning (``squeezer.prune.tokens``), each
+recovered by distillation on the ``sentences`` corpus with squeezer's one trainer
+(``squeezer.train.finetune``).
+
+For each point of the curve: the cosine to the FP32 embeddings on the held-out test sentences (and
+on 128-token passages), and the batch-32, 128-token latency of PyTorch and ONNX Runtime FP32,
+timed round-robin in one run with the unpruned model (so load changes hit all alike; the machine
+is shared, quote the ratios).
+
+Head pruning is gradual: each stage re-scores the current (fine-tuned) model with the Hessian gate
+scores, removes heads and neurons up to the next MACs target, and fine-tunes again.
+
+Usage:
+    python benchmarks/pruning_encoder.py --out bench-prune-enc          # the full run
+    python benchmarks/pruning_encoder.py --quick --out /tmp/x           # a minute: does it run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from squeezer.data import load_data
+from squeezer.export import export_float_onnx, latency_table, ort_session
+from squeezer.hf import load_hf
+from squeezer.measure import param_count
+from squeezer.prune import PruneSpec, prune
+from squeezer.prune.heads import encoder_blocks, encoder_macs
+from squeezer.prune.tokens import TokenPruned
+from squeezer.text import embed_batches, mean_cosine, tokenize
+from squeezer.train.finetune import finetune
+
+SEQ = 128
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def passages(tokenizer: Any, sentences: list[str], n: int) -> dict[str, torch.Tensor]:
+    """``n`` texts of at least SEQ tokens, each made of consecutive sentences, cut at SEQ tokens:
+    real 128-token inputs with no padding (token pruning must not get its speed from padding)."""
+    texts, cur = [], []
+    for s in sentences:
+        cur.append(s)
+        if len(tokenizer(" ".join(cur))["input_ids"]) >= SEQ:
+            texts.append(" ".join(cur))
+            cur = []
+            if len(texts) == n:
+                break
+    x = tokenize(tokenizer, texts, SEQ)
+    assert bool((x["attention_mask"] == 1).all()), "a passage is shorter than SEQ tokens"
+    return x
+
+
+def fidelity(model, data, pas, pas_ref) -> dict[str, float]:
+    return {
+        "cosine": mean_cosine(data.y_test, embed_batches(model, data.x_test)),
+        "cosine_passages": mean_cosine(pas_ref, embed_batches(model, pas)),
+    }
+
+
+def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
+    """Gradual head + neuron pruning: one point per MACs target (fraction of encoder MACs removed)."""
+    rows, model, done, macs0 = [], fp32, 0.0, encoder_macs(fp32)
+    for target in stages:
+        ratio = 1 - (1 - target) / (1 - done)  # of the current model's MACs
+        spec = PruneSpec(
+            "heads",
+            ratio=ratio,
+            importance=args.importance,
+            options={"samples": args.samples, "probes": 4, "min_heads": 1, "min_neurons": 32},
+        )
+        t0 = time.perf_counter()
+        p = prune(model, spec, data)
+        score_s = time.perf_counter() - t0
+        oneshot = fidelity(p.model, data, pas, pas_ref)
+        log(
+            f"heads {target:.2f}: one-shot cosine {oneshot['cosine']:.4f} ({score_s:.0f} s scoring)"
+        )
+        r = finetune(p.model, data, epochs=args.epochs, lr=args.lr, batch_size=32,
+                     steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
+        model = r.model
+        fid = fidelity(model, data, pas, pas_ref)
+        log(f"heads {target:.2f}: cosine {fid['cosine']:.4f} after {r.seconds:.0f} s fine-tuning")
+        done = 1 - encoder_macs(model) / macs0
+        rows.append({
+            "method": "heads+ffn", "target": target, "macs_removed": done,
+            "heads": [b.heads for b in encoder_blocks(model)],
+            "neurons": [b.neurons for b in encoder_blocks(model)],
+            "params": param_count(model), "oneshot": oneshot, **fid,
+            "finetune_s": r.seconds, "score_s": score_s, "epochs": args.epochs,
+            "history": [dict(h) for h in r.history], "model": model,
+        })  # fmt: skip
+    return rows
+
+
+def passage_data(fp32, tok, data, n_train: int, n_test: int):
+    """A data set of 128-token passages (train passages from the training sentences, test from
+    the test sentences), targets the FP32 embeddings: what token pruning is trained and judged on."""
+    from squeezer.text import EmbeddingTask, TokenDataset
+
+    xtr = passages(tok, list(data.meta["train_text"]), n_train)
+    xte = passages(tok, list(data.meta["test_text"]), n_test)
+    ytr, yte = embed_batches(fp32, xtr), embed_batches(fp32, xte)
+    meta = {"n_train": len(ytr), "n_test": len(yte)}
+    return TokenDataset("passages", xtr, ytr, xte, yte, EmbeddingTask(), meta)
+
+
+def token_curve(fp32, data, pdata, ratios, args) -> list[dict[str, Any]]:
+    """LTP at each ratio (fraction of token positions removed over the blocks): thresholds
+    calibrated and soft-trained, then the weights recovered on the hard model."""
+    from squeezer.prune.tokens import kept_fractions
+
+    rows = []
+    for ratio in ratios:
+        spec = PruneSpec("tokens", ratio=ratio,
+                         options={"steps": args.ltp_steps, "samples": 128, "lr": 1e-2})  # fmt: skip
+        t0 = time.perf_counter()
+        p = prune(fp32, spec, pdata)
+        thr_s = time.perf_counter() - t0
+        oneshot = mean_cosine(pdata.y_test, embed_batches(p.model, pdata.x_test))
+        log(f"tokens {ratio:.2f}: cosine {oneshot:.4f} after {thr_s:.0f} s threshold training")
+        r = finetune(p.model, pdata, epochs=args.epochs, lr=args.lr, batch_size=32,
+                     steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
+        model = r.model
+        fid = {"cosine_passages": mean_cosine(pdata.y_test, embed_batches(model, pdata.x_test)),
+               "cosine": mean_cosine(data.y_test, embed_batches(model, data.x_test))}  # fmt: skip
+        kept = kept_fractions(model, pdata.test_batches(32))
+        log(f"tokens {ratio:.2f}: passages cosine {fid['cosine_passages']:.4f} after "
+            f"{r.seconds:.0f} s fine-tuning; kept {[round(k, 2) for k in kept]}")  # fmt: skip
+        rows.append({
+            "method": "tokens", "target": ratio, "macs_removed": 1 - sum(kept) / len(kept),
+            "kept": kept, "thresholds": [float(t) for t in model.thresholds],
+            "oneshot": {"cosine_passages": oneshot}, **fid, "threshold_s": thr_s,
+            "finetune_s": r.seconds, "epochs": args.epochs,
+            "history": [dict(h) for h in r.history], "model": model,
+        })  # fmt: skip
+    return rows
+
+
+def latencies(variants: dict[str, torch.nn.Module], example: dict, runs: int) -> dict[str, Any]:
+    """Batch-32 median latency of every variant in PyTorch and ONNX Runtime FP32, in one run."""
+    timed: dict[str, Any] = {}
+    for name, m in variants.items():
+        timed[f"pt:{name}"] = m.eval()
+        if not isinstance(m, TokenPruned):  # token pruning is PyTorch only
+            timed[f"ort:{name}"] = ort_session(export_float_onnx(m, example), threads=2)
+    t = latency_table(timed, {32: example}, threads=2, warmup=2, runs=runs)["batch_32"]
+    return {k: v["median_ms"] for k, v in t.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
+    ap.add_argument("--stages", default="0.25,0.4,0.5,0.6")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--importance", default="hessian")
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--methods", default="heads,tokens")
+    ap.add_argument("--ratios", default="0.3,0.45,0.55", help="token-pruning ratios")
+    ap.add_argument("--ltp-steps", type=int, default=15, help="soft threshold-training steps")
+    ap.add_argument("--passages", type=int, default=1024, help="training passages for LTP")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.steps, args.samples, args.runs, args.n_train = 3, 32, 2, 256
+        args.stages, args.ratios, args.ltp_steps = "0.3", "0.4", 2
+
+    fp32, tok = load_hf("hf:minilm")
+    t0 = time.perf_counter()
+    data = load_data("sentences", model=fp32, tokenizer=tok, max_len=SEQ,
+                     n_train=args.n_train, n_test=512)  # fmt: skip
+    log(f"data: {data.n_train} train / 512 test sentences ({time.perf_counter() - t0:.0f} s)")
+    pas = passages(tok, list(data.meta["test_text"]) + list(data.meta["train_text"]), 128)
+    pas_ref = embed_batches(fp32, pas)
+
+    rows = []
+    if "heads" in args.methods:
+        rows += head_curve(
+            fp32, data, pas, pas_ref, [float(s) for s in args.stages.split(",")], args
+        )
+    if "tokens" in args.methods:
+        n_tr, n_te = (64, 32) if args.quick else (args.passages, 128)
+        pdata = passage_data(fp32, tok, data, n_tr, n_te)
+        log(f"passages: {pdata.n_train} train / {n_te} test")
+        pas = (
+            pdata.x_test
+        )  # time on held-out passages: what a token-pruned model keeps depends on them
+        rows += token_curve(fp32, data, pdata, [float(s) for s in args.ratios.split(",")], args)
+
+    example = {k: v[:32] for k, v in pas.items()}
+    names = [f"{r['method']}{r['target']:.2f}" for r in rows]
+    variants = {"fp32": fp32, **{n: r.pop("model") for n, r in zip(names, rows, strict=True)}}
+    log("timing ...")
+    lat = latencies(variants, example, args.runs)
+    for name, r in zip(names, rows, strict=True):
+        r["pt_ms"], r["ort_ms"] = lat[f"pt:{name}"], lat.get(f"ort:{name}", float("nan"))
+        r["pt_speedup"] = lat["pt:fp32"] / r["pt_ms"]
+        r["ort_speedup"] = lat["ort:fp32"] / r["ort_ms"]
+    result = {
+        "machine": {"platform": platform.platform(), "threads": 2, "torch": torch.__version__,
+                    "note": "2 cores shared with other jobs: compare the ratios"},
+        "args": vars(args), "fp32_ms": {"pt": lat["pt:fp32"], "ort": lat["ort:fp32"]},
+        "macs_fp32": encoder_macs(fp32), "params_fp32": param_count(fp32), "rows": rows,
+    }  # fmt: skip
+    (out / "pruning_encoder.json").write_text(json.dumps(result, indent=1))
+    print("| method | MACs removed | heads | FFN | cosine (one-shot) | cosine passages | "
+          "PT ms (×) | ORT ms (×) | fine-tune s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| FP32 | 0 | 72 | 9216 | 1 | 1 | {lat['pt:fp32']:.0f} | {lat['ort:fp32']:.0f} | — |")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['macs_removed']:.2f} | {sum(r.get('heads', [72]))} | "
+            f"{sum(r.get('neurons', [9216]))} | {r['cosine']:.4f} "
+            f"({next(iter(r['oneshot'].values())):.3f}) | {r['cosine_passages']:.4f} | "
+            f"{r['pt_ms']:.0f} ({r['pt_speedup']:.2f}×) | {r['ort_ms']:.0f} "
+            f"({r['ort_speedup']:.2f}×) | {r['finetune_s']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
