@@ -16,7 +16,7 @@ metric after compression (cosine to FP32 for encoders, top-1 for images), the av
 after re-planning, ONNX Runtime's max |Δ| from squeezer's simulation in output steps (one step =
 the output range / 255) and the exported model's latency against PyTorch FP32 at batch 8.
 
-Run:  python benchmarks/families.py                  (about 8 minutes on 2 loaded cores)
+Run:  python benchmarks/families.py                  (about 25 minutes on 2 cores shared with other jobs)
       python benchmarks/families.py --only bert vit  (a subset)
 """
 

@@ -292,7 +292,7 @@ def _cases(f):
         ),  # fmt: skip
         "hf without config": (hf("hf_noconfig"), "no config.json"),
         "hf config garbage": (hf("hf_badconfig"), "not a Hugging Face model config"),
-        "hf decoder model": (hf("hf_gpt2"), "BERT-family"),
+        "hf decoder model": (hf("hf_gpt2"), "without token embeddings and a list of attention"),
         "hf weights only a pickle": (hf("hf_pickle"), "pass --trust-pickle"),
         # budgets
         "budget key": (budget("speed=3"), "unknown budget key"),
