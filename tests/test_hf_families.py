@@ -21,6 +21,7 @@ import hf_families as fam  # noqa: E402  (needs transformers)
 from squeezer.cli import main  # noqa: E402
 from squeezer.encoders import BLOCK_ROLES, blocks, encoder_of, layer_roles  # noqa: E402
 from squeezer.errors import ExportError, UnsupportedModelError  # noqa: E402
+from squeezer.graph import float_weights  # noqa: E402
 from squeezer.hf import load_hf, mean_pool  # noqa: E402
 from squeezer.text import tokenize  # noqa: E402
 
@@ -56,6 +57,10 @@ def test_family_loads_by_structure_and_matches_transformers(family, folders):
     for b in sorted({v for v in blk.values() if v.startswith("layer.")}):
         assert sorted(roles[k] for k, v in blk.items() if v == b) == sorted(BLOCK_ROLES)
     assert "word_embeddings" in roles.values()
+    # DeBERTa reads its relative-position table as .weight: a float weight, not a planned layer
+    rel = "model.encoder.rel_embeddings"
+    assert (rel in float_weights(model)) == family.startswith("deberta")
+    assert rel not in roles
 
 
 def _export_steps(run) -> tuple[float, dict]:

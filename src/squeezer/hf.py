@@ -275,4 +275,40 @@ def load_hf(
         return LoadedHF(ImageClassifier(model.float()).eval(), None)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
-    return LoadedHF(SentenceEncoder(model.float()).eval(), tokenizer)
+    encoder = SentenceEncoder(model.float()).eval()
+    return LoadedHF(_tables_read_as_weights(encoder), tokenizer)
+
+
+class WeightTable(nn.Module):
+    """A table the model reads as ``.weight`` and never looks up (DeBERTa's relative-position
+    embeddings): kept as a plain parameter, so squeezer counts it as a float weight instead of
+    planning a width that no forward pass would apply."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        raise RuntimeError("this table is read as .weight; it has no lookup")
+
+
+@torch.no_grad()
+def _tables_read_as_weights(encoder: SentenceEncoder) -> SentenceEncoder:
+    """``encoder`` with every ``nn.Embedding`` that a forward pass never calls made a
+    :class:`WeightTable` (found with hooks on one short input; the model is squeezer's own copy,
+    just loaded)."""
+    called: set[int] = set()
+    tables = {n: m for n, m in encoder.named_modules() if type(m) is nn.Embedding}
+    hooks = [m.register_forward_hook(lambda m, i, o: called.add(id(m))) for m in tables.values()]
+    try:
+        encoder(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+    except Exception:  # noqa: BLE001 - the model's own forward; the data check reports failures
+        return encoder
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in tables.items():
+        if id(m) not in called:
+            parent, _, leaf = name.rpartition(".")
+            setattr(encoder.get_submodule(parent), leaf, WeightTable(m.weight))
+    return encoder
