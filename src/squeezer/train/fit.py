@@ -3,15 +3,13 @@ schedule) for the built-in nets."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..data import Dataset, evaluate, forward
 from ..graph import copy_model
 from ..progress import progress
-from .optim import make_optimizer
+from .optim import cosine_schedule, make_optimizer
 
 
 def fit(
@@ -44,9 +42,7 @@ def fit(
     opt = make_optimizer(optimizer, net, lr=lr, weight_decay=weight_decay)
     batches = data.train_batches(batch_size, shuffle=True, seed=seed)
     steps = epochs * len(batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
+    sched = cosine_schedule(opt, steps)
     loss = torch.tensor(0.0)
     with progress(total=epochs, desc="train", unit="epoch", enabled=show_progress) as bar:
         for _ in range(epochs):

@@ -282,6 +282,22 @@ class LAMB(torch.optim.Optimizer):
         return loss
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate decayed from its start to 0 over ``steps`` steps along half a cosine
+    (then held at 0), as training and fine-tuning use it.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        >>> sched = cosine_schedule(opt, 2); opt.step(); sched.step(); opt.param_groups[0]["lr"]
+        0.5
+    """
+    import math
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
+
+
 #: Names accepted by :func:`make_optimizer` (and ``fit(optimizer=...)``) with their default lr.
 OPTIMIZERS: dict[str, float] = {"adamw": 3e-3, "lamb": 1e-2, "lars": 1.0, "sgd": 0.1}
 

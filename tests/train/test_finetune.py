@@ -1,0 +1,262 @@
+"""The fine-tuning trainer: gradients through the fake quantizers, the caller's models untouched,
+seeded runs, distillation, LSQ, early stopping, and resume after an interruption to the very
+weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from squeezer.data import Classification, Dataset, evaluate
+from squeezer.errors import ConfigError
+from squeezer.quant.apply import load_quantized, quantize
+from squeezer.quant.modules import ActQuantizer, QuantMixin, WeightQuantizer
+from squeezer.quant.storage import packed_state_dict
+from squeezer.templates import uniform_plan
+from squeezer.train import finetune as finetune_module
+from squeezer.train.distill import kd_loss, make_loss
+from squeezer.train.finetune import FinetuneResult, finetune
+from squeezer.train.lsq import fix_scales, learn_scales, learnable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def w3a4(trained_digits_cnn, digits):
+    net, _ = trained_digits_cnn
+    plan = uniform_plan(net, 3, act_bits=4)
+    return net.eval(), plan, quantize(net, plan, calib=digits.calibration_batches())
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradients_reach_the_weights_through_both_quantizers(w3a4, digits):
+    _, _, q = w3a4
+    x, y = next(iter(digits.train_batches(32)))
+    q = finetune_module.copy_model(q)
+    nn.functional.cross_entropy(q(x), y).backward()
+    layers = [m for m in q.modules() if isinstance(m, QuantMixin)]
+    assert layers and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+                          for m in layers)  # fmt: skip
+    # ... and through an activation quantizer to the layer before it (the STE inside the range)
+    first = layers[0]
+    assert first.input_quantizer is not None
+    xi = x.clone().requires_grad_(True)
+    first.input_quantizer(xi).sum().backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+
+
+def test_lsq_scales_get_gradients_and_fold_back_into_buffers(w3a4, digits):
+    _, _, q = w3a4
+    q = finetune_module.copy_model(q)
+    keys = set(q.state_dict())
+    params = learn_scales(q)
+    assert learnable(q) and len(params) == sum(
+        isinstance(m, WeightQuantizer | ActQuantizer) for m in q.modules()
+    )
+    x, y = next(iter(digits.train_batches(32)))
+    nn.functional.cross_entropy(q(x), y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in params)
+    with torch.no_grad():
+        before = q(x)
+    fix_scales(q)
+    assert not learnable(q) and set(q.state_dict()) == keys
+    assert all(type(m) in (WeightQuantizer, ActQuantizer) for m in q.modules()
+               if isinstance(m, WeightQuantizer | ActQuantizer))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), before)
+
+
+def test_the_callers_models_are_untouched_and_the_result_is_new(w3a4, digits):
+    net, _, q = w3a4
+    q_before, net_before = _state(q), _state(net)
+    q.train()
+    r = finetune(q, digits, teacher=net, epochs=1, steps_per_epoch=3, lsq=True, progress=False)
+    assert isinstance(r, FinetuneResult) and r.model is not q
+    assert _same(_state(q), q_before) and _same(_state(net), net_before)
+    assert q.training and not net.training  # modes as the caller left them
+    assert not r.model.training
+    assert not any(p is pq for p in r.model.parameters() for pq in q.parameters())
+    assert not _same(_state(r.model), q_before)  # it did train
+    assert set(r.model.state_dict()) == set(q_before)  # a plain quantized model again
+
+
+def test_same_seed_same_weights_other_seed_other_weights(w3a4, digits):
+    net, _, q = w3a4
+    kw = dict(teacher=net, epochs=2, steps_per_epoch=4, progress=False, restore_best=False)
+    a, b = finetune(q, digits, seed=3, **kw), finetune(q, digits, seed=3, **kw)
+    c = finetune(q, digits, seed=4, **kw)
+    assert _same(_state(a.model), _state(b.model))
+    assert a.history == tuple({**h, "seconds": a.history[i]["seconds"]}
+                              for i, h in enumerate(b.history))  # fmt: skip
+    assert not _same(_state(a.model), _state(c.model))
+
+
+def test_qat_with_distillation_recovers_accuracy(w3a4, digits):
+    net, plan, q = w3a4
+    fp32 = evaluate(net, digits.test_batches(), digits.task)
+    # 2-bit weights lose several points after post-training quantization on this net
+    q2 = quantize(net, uniform_plan(net, 2, act_bits=4), calib=digits.calibration_batches())
+    ptq = evaluate(q2, digits.test_batches(), digits.task)
+    r = finetune(q2, digits, teacher=net, epochs=3, lr=1e-3, lsq=True, progress=False)
+    qat = evaluate(r.model, digits.test_batches(), digits.task)
+    assert fp32 - ptq > 2.0
+    assert qat > ptq + 0.5 * (fp32 - ptq), (fp32, ptq, qat)
+    # history: epoch 0 is the model as given, then one row per epoch
+    assert [h["epoch"] for h in r.history] == [0, 1, 2, 3]
+    assert r.history[0]["train_loss"] is None and all(h["train_loss"] > 0 for h in r.history[1:])
+    # the stored form (packed codes + scales) rebuilds the fine-tuned model exactly
+    back = load_quantized(net, uniform_plan(net, 2, act_bits=4), packed_state_dict(r.model))
+    x = digits.x_test[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), r.model(x))
+
+
+def test_weight_scales_track_the_weights_or_stay_frozen(w3a4, digits):
+    net, _, q = w3a4
+    kw = dict(teacher=net, epochs=1, steps_per_epoch=5, lr=1e-2, progress=False,
+              restore_best=False)  # fmt: skip
+    scales = {n: b for n, b in _state(q).items() if n.endswith("weight_quantizer.scale")}
+    frozen = _state(finetune(q, digits, weight_scales="frozen", **kw).model)
+    assert all(torch.equal(frozen[n], s) for n, s in scales.items())
+    tracked = finetune(q, digits, **kw).model
+    for m in tracked.modules():  # each scale is its final weight's min-max scale
+        if isinstance(m, QuantMixin):
+            ref = WeightQuantizer(m.spec, m.weight_quantizer.channel_axis)
+            ref.calibrate(m.weight)
+            torch.testing.assert_close(m.weight_quantizer.scale, ref.scale)
+    assert not all(torch.equal(_state(tracked)[n], s) for n, s in scales.items())
+
+
+def test_early_stop_and_best_epoch(w3a4, digits):
+    net, _, q = w3a4
+    # a learning rate far too large: the held-out metric gets worse, training stops after
+    # `patience` epochs, and the weights of epoch 0 (the model as given) come back
+    r = finetune(q, digits, teacher=net, epochs=6, lr=5.0, optimizer="sgd", patience=1,
+                 steps_per_epoch=3, progress=False)  # fmt: skip
+    assert r.stopped_early and len(r.history) < 7
+    assert r.best_epoch == 0
+    x = digits.x_test[:32]
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), q.eval()(x))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_weights(w3a4, digits, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    net, _, q = w3a4
+    kw = dict(teacher=net, epochs=4, steps_per_epoch=4, lr=1e-3, lsq=True, progress=False)
+    full = finetune(q, digits, **kw)
+
+    ckpt = tmp_path / "ft.ckpt"
+    save = finetune_module._save_checkpoint
+    calls = []
+
+    def killed_after_two(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupted  # the process dies right after epoch 2's checkpoint
+
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", killed_after_two)
+    with pytest.raises(_Interrupted):
+        finetune(q, digits, checkpoint=ckpt, **kw)
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", save)
+    assert ckpt.is_file() and not list(tmp_path.glob(".*.tmp"))  # written atomically
+    resumed = finetune(q, digits, checkpoint=ckpt, resume=True, **kw)
+    assert _same(_state(resumed.model), _state(full.model))
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full.history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+
+    # a finished checkpoint resumes to the same result without training
+    again = finetune(q, digits, checkpoint=ckpt, resume=True, **kw)
+    assert _same(_state(again.model), _state(full.model))
+    # other settings: refused, with the setting named
+    with pytest.raises(ConfigError, match="lr="):
+        finetune(q, digits, checkpoint=ckpt, resume=True, **{**kw, "lr": 2e-3})
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read the checkpoint"):
+        finetune(q, digits, checkpoint=tmp_path / "junk.ckpt", resume=True, **kw)
+
+
+def test_a_float_model_fine_tunes_too_and_bad_settings_are_refused(digits):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                        nn.Linear(32, 10))  # fmt: skip
+    r = finetune(net, digits, distill=False, epochs=2, lr=3e-3, progress=False)
+    assert r.history[-1]["val_metric"] > r.history[0]["val_metric"]
+    assert torch.equal(r.model[2].running_mean, net[2].running_mean)  # BatchNorm frozen
+    r2 = finetune(net, digits, distill=False, epochs=1, lr=3e-3, freeze_bn=False, progress=False)
+    assert not torch.equal(r2.model[2].running_mean, net[2].running_mean)
+    with pytest.raises(ConfigError, match="teacher"):
+        finetune(net, digits, epochs=1, progress=False)  # distillation without a teacher
+    for bad in ({"epochs": 0}, {"val_fraction": 1.0}, {"lr": -1.0}, {"optimizer": "adam"},
+                {"weight_scales": "learn"}, {"patience": 0}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            finetune(net, digits, distill=False, progress=False, **bad)
+    with pytest.raises(ConfigError, match="alpha"):
+        finetune(net, digits, teacher=net, alpha=1.5, progress=False)
+
+
+def test_distillation_losses():
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    # the teacher agrees with the student: only the cross-entropy share is left
+    ce = nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(kd_loss(s, s, y, alpha=0.95, temperature=6.0), 0.05 * ce)
+    assert float(kd_loss(s, -s, y, alpha=1.0, temperature=6.0)) > 0
+    emb = make_loss(_EmbeddingLike(), distill=True)
+    e = torch.randn(4, 8)
+    assert float(emb(e, e, None)) == pytest.approx(0.0, abs=1e-6)
+    assert float(emb(e, -e, None)) == pytest.approx(2.0)
+    labels_only = make_loss(Classification(), distill=False)
+    torch.testing.assert_close(labels_only(s, y, None), ce)
+
+
+class _EmbeddingLike(Classification):
+    targets_from_model = True
+
+
+def test_an_encoder_distils_on_its_fp32_embeddings_without_labels():
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from tiny_bert import tiny_encoder, token_data
+
+    from squeezer.qbert import qbert_plan
+    from squeezer.text import EmbeddingTask, TokenDataset, embed
+
+    enc = tiny_encoder(0)
+    x_tr, x_te = token_data(96, 1), token_data(32, 2)
+    data = TokenDataset("tiny", x_tr, embed(enc, x_tr), x_te, embed(enc, x_te), EmbeddingTask())
+    plan = qbert_plan(enc, 3, group_size=None)
+    q = quantize(enc, plan, calib=data.calibration_batches(64))
+    before = evaluate(q, data.test_batches(), data.task)
+    r = finetune(q, data, epochs=3, lr=1e-3, batch_size=16, progress=False)
+    after = evaluate(r.model, data.test_batches(), data.task)
+    assert after > before, (before, after)
+    assert r.metric_name == "cosine"
+
+
+def test_a_streamed_data_set_holds_out_batches():
+    from torch.utils.data import TensorDataset
+
+    from squeezer.stream import stream_data
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    data = stream_data("toy", TensorDataset(x, y), Classification())
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    r = finetune(net, data, distill=False, epochs=3, lr=1e-2, batch_size=16, progress=False)
+    assert r.history[-1]["val_metric"] > r.history[0]["val_metric"]
+    assert isinstance(data, Dataset) is False
