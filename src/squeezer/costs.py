@@ -41,6 +41,9 @@ class Costs:
             :func:`squeezer.plan.plan` gives every layer this setting with its chosen bits.
         templates: {FQN: LayerQuant} when layers are quantized differently (a per-layer template
             such as Q-BERT's); it takes precedence over ``template``.
+        latency_edges: ``(a, b, ms)`` triples: the latency a plan adds when exactly one of layers
+            ``a`` and ``b`` (neighbours in the graph) runs in float, i.e. the quantize/dequantize
+            boundary between them (see :func:`squeezer.layer_timing.context_latency_costs`).
 
     Example:
         >>> c = Costs(params={"fc": 100}, size_bytes={"fc": {4: 58.0, 8: 108.0}}, fixed_bytes=10)
@@ -59,6 +62,7 @@ class Costs:
     template: LayerQuant | None = None
     templates: Mapping[str, LayerQuant] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    latency_edges: tuple[tuple[str, str, float], ...] = ()
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -101,7 +105,11 @@ class Costs:
 
     def total(self, key: str, bits: Mapping[str, int]) -> float:
         """Value of budget kind ``key`` for a full assignment {FQN: bits} of the planned layers."""
-        return self.fixed(key) + sum(self.cost(key, k, b) for k, b in bits.items())
+        total = self.fixed(key) + sum(self.cost(key, k, b) for k, b in bits.items())
+        if key == "latency_ms":  # a boundary between a float and an integer neighbour
+            total += sum(ms for a, b, ms in self.latency_edges
+                         if a in bits and b in bits and (bits[a] >= 16) != (bits[b] >= 16))  # fmt: skip
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         def table(t: Mapping[str, Mapping[int, float]] | None) -> dict | None:
@@ -123,6 +131,7 @@ class Costs:
             if self.templates is None
             else {k: v.to_dict() for k, v in self.templates.items()},
             "meta": json.loads(json.dumps(dict(self.meta), default=str)),
+            "latency_edges": [[a, b, float(ms)] for a, b, ms in self.latency_edges],
         }
 
     def to_json(self) -> str:
@@ -149,6 +158,7 @@ class Costs:
             if d.get("templates") is None
             else {k: LayerQuant.from_dict(v) for k, v in d["templates"].items()},
             meta=dict(d.get("meta", {})),
+            latency_edges=tuple((a, b, float(ms)) for a, b, ms in d.get("latency_edges") or ()),
         )
 
     @classmethod

@@ -60,24 +60,10 @@ def layer_latency_table(
     model = split_attention(model)  # the layers quantize() sees
     all_layers = quantizable_layers(model)
     names = list(all_layers) if layers is None else list(layers)
-    inputs: dict[str, torch.Tensor] = {}
-
-    def grab(fqn: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            inputs.setdefault(fqn, args[0].detach().clone())
-
-        return hook
-
-    handles = [all_layers[k].register_forward_pre_hook(grab(k)) for k in names]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    inputs = {
+        k: x
+        for k, (_, x) in _first_calls(model, example, {k: all_layers[k] for k in names}).items()
+    }
     out: dict[str, dict[int, float]] = {}
     for fqn in names:
         if fqn not in inputs:
@@ -86,7 +72,9 @@ def layer_latency_table(
         layer, x = all_layers[fqn], inputs[fqn]
         if backend == "proxy":
             with torch.no_grad():
-                t32 = measure.time_calls({"f32": lambda m=layer, x=x: m(x)}, runs=runs)["f32"].median_ms
+                t32 = measure.time_calls({"f32": lambda m=layer, x=x: m(x)}, runs=runs)[
+                    "f32"
+                ].median_ms
             out[fqn] = {int(b): t32 * min(int(b), 32) / 32 for b in bits}
         else:
             t32, t8 = _ort_layer_times(layer, x, runs=runs, threads=threads)
@@ -212,24 +200,26 @@ def context_latency_costs(
     runs: int = 50,
     requantize: bool = True,
     progress: bool = False,
-) -> tuple[dict[str, dict[int, float]], float, dict[str, float]]:
+) -> tuple[dict[str, dict[int, float]], float, tuple[tuple[str, str, float], ...], dict[str, Any]]:
     """A latency table measured on the exported model in ONNX Runtime: what each layer adds when
-    it runs in float instead of int8, in the graph the user deploys.
+    it runs in float instead of int8, and what the boundary between a float and an int8 neighbour
+    costs, in the graph the user deploys.
 
-    ``qmodel`` is ``model`` quantized with every one of ``layers`` at ≤ 8 bits (the int8 graph). It is
-    exported (as ``squeezer export`` does, with ``requantize``) and timed; then, for each layer (or
-    each group of tied layers, which a plan moves together), a copy with that layer back in float
-    is exported and timed, all sessions in the same interleaved rounds. A layer's float cost is
-    its variant's latency less the int8 graph's (negative where float is faster: a first conv whose
-    input quantize costs more than its int8 kernel saves), its cost at ≤ 8 bits 0, and the
-    int8 graph's latency is the fixed part: so the all-int8 plan is predicted at exactly the
-    measured int8 graph, and a plan with one layer in float at exactly that variant. Layers set
-    to float together are predicted as the sum of their single costs (each counts its own
-    boundaries, so adjacent float layers are predicted a little slow: on the safe side).
+    ``qmodel`` is ``model`` quantized with every one of ``layers`` at ≤ 8 bits (the int8 graph).
+    It is exported (as ``squeezer export`` does, with ``requantize``) and timed; so is a copy with
+    each unit in float (a unit: a layer, or a group of tied layers, which a plan moves together),
+    and one with each pair of units that run one after the other in float, all sessions in the
+    same interleaved rounds. The model behind the table: latency = int8 graph + Σ c_u over the
+    units in float + Σ b_e over neighbouring pairs with exactly one in float. With Δ_u a single
+    variant's extra time and P_uv a pair's, b_uv = (Δ_u + Δ_v − P_uv) / 2 (never below 0) and
+    c_u = Δ_u − Σ b over u's pairs (negative where float is faster: a first conv whose input
+    quantize costs more than its int8 kernel saves). So the all-int8 plan, every single and every
+    neighbouring pair are predicted at exactly what was measured.
 
     Returns:
-        ``(table, fixed_ms, record)``; ``record`` holds the int8 graph's latency, every variant's
-        and the whole float model's (``whole_fp32_ms``), for the report's predicted-vs-measured.
+        ``(table, fixed_ms, edges, record)``: ``table[layer][bits]`` (0 at ≤ 8 bits), the int8
+        graph's latency, the ``(layer, layer, ms)`` boundaries (:attr:`Costs.latency_edges`), and
+        every measurement with the whole float model's (``whole_fp32_ms``) for the report.
     """
     import tempfile
     from pathlib import Path
@@ -245,9 +235,13 @@ def context_latency_costs(
     units = [u for u in units if u]
     tied = {k for g in units for k in g}
     units += [[k] for k in layers if k not in tied]
+    order = {k: pos for k, (pos, _) in _first_calls(model, example, floats).items()}
+    units.sort(key=lambda u: min(order.get(k, len(order)) for k in u))
+    pairs = list(zip(units, units[1:], strict=False))
+    todo = [("int8", [])] + [(",".join(u), u) for u in units]
+    todo += [(",".join(u) + "+" + ",".join(v), u + v) for u, v in pairs]
     sessions: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        todo = [("int8", [])] + [(",".join(u), u) for u in units]
         with progress_bar(len(todo) + 1, "latency table (exports)", enabled=progress) as bar:
             for name, unit in todo:
                 variant = copy_model(qmodel)
@@ -266,11 +260,45 @@ def context_latency_costs(
         calls = {n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()}
         times = {n: v.median_ms for n, v in measure.time_calls(calls, runs=runs).items()}
     base = times["int8"]
+    single = {",".join(u): times[",".join(u)] - base for u in units}
+    edges, unit_edges = [], {",".join(u): 0.0 for u in units}
+    for u, v in pairs:
+        nu, nv = ",".join(u), ",".join(v)
+        b = max(0.0, (single[nu] + single[nv] - (times[nu + "+" + nv] - base)) / 2)
+        edges.append((u[0], v[0], b))
+        unit_edges[nu] += b
+        unit_edges[nv] += b
     table: dict[str, dict[int, float]] = {}
-    for unit in units:
-        extra = (times[",".join(unit)] - base) / len(unit)
-        for k in unit:
-            table[k] = {int(b): (extra if b >= 16 else 0.0) for b in bits}
+    for u in units:
+        c = (single[",".join(u)] - unit_edges[",".join(u)]) / len(u)
+        for k in u:
+            table[k] = {int(b): (c if b >= 16 else 0.0) for b in bits}
     record = {"method": "in-context", "int8_ms": base, "whole_fp32_ms": times["fp32"],
               "variants_ms": {n: v for n, v in times.items() if n not in ("int8", "fp32")}}  # fmt: skip
-    return table, base, record
+    return table, base, tuple(edges), record
+
+
+def _first_calls(
+    model: nn.Module, example: Any, layers: dict[str, nn.Module]
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """{layer: (the position of its first call, its first input)} when ``model`` runs
+    ``example`` in eval mode (restored afterwards)."""
+    seen: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def grab(fqn: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:  # None: the input passes unchanged
+            seen.setdefault(fqn, (len(seen), args[0].detach().clone()))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(grab(k)) for k, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen

@@ -246,7 +246,7 @@ def with_latency(
         int8 = plan(sens, Budget(bits=8), costs=analysis.costs, ties=analysis.ties,
                     template=analysis.template, pin=dict.fromkeys(sens.layers, 8))  # fmt: skip
         qmodel = quantize(model, int8, calib=calibration.batches)
-        table, fixed, record = context_latency_costs(
+        table, fixed, edges, record = context_latency_costs(
             model, qmodel, example, sens.bits, sens.layers, groups=analysis.ties,
             threads=options.threads, runs=options.runs,
         )  # fmt: skip
@@ -254,12 +254,13 @@ def with_latency(
         table, fixed, whole = latency_costs(model, example, sens.bits, backend=options.backend,
                                             threads=options.threads, runs=options.runs)  # fmt: skip
         record = {"method": "isolated", "whole_fp32_ms": whole, "layers_fp32_ms": float_sum(table)}
+        edges = ()
     tpl = analysis.template if analysis.template is not None else analysis.costs.template
     costs = plan_costs(model, sens.bits, example=example, template=tpl, latency=table,
                        fixed_latency_ms=fixed)  # fmt: skip
     record = {"backend": options.backend, "threads": options.threads, "runs": options.runs,
               **record}  # fmt: skip
-    costs = replace(costs, meta={**costs.meta, "latency": record})  # fmt: skip
+    costs = replace(costs, latency_edges=edges, meta={**costs.meta, "latency": record})
     frontier = pareto_frontier(sens, costs, ties=analysis.ties)
     return replace(analysis, sensitivity=sens, costs=costs, frontier=frontier)
 

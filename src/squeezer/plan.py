@@ -47,13 +47,16 @@ Template = LayerQuant | Plan
 
 @dataclass
 class _Program:
-    """One-hot ILP over (layer, bit) choices; rows are (indices, values, lower, upper)."""
+    """One-hot ILP over (layer, bit) choices; rows are (indices, values, lower, upper). Each edge
+    adds a continuous column t ≥ |float(i) − float(j)|: 1 when exactly one of the two layers runs
+    in float, which is what a latency table's boundary costs are charged on."""
 
     layers: list[str]
     choices: list[tuple[int, ...]]  # candidate bits per layer
     objective: np.ndarray
     rows: list[tuple[list[int], list[float], float, float]] = field(default_factory=list)
     upper: np.ndarray | None = None
+    edges: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.offset = np.cumsum([0] + [len(c) for c in self.choices])
@@ -64,10 +67,22 @@ class _Program:
 
     @property
     def n(self) -> int:
-        return int(self.offset[-1])
+        return int(self.offset[-1]) + len(self.edges)
 
     def var(self, i: int, bits: int) -> int:
         return int(self.offset[i]) + self.choices[i].index(bits)
+
+    def add_edge(self, i: int, j: int) -> None:
+        """The column t of edge (i, j), with t ≥ f_i − f_j and t ≥ f_j − f_i (f: in float)."""
+        t = self.n
+        self.edges.append((i, j))
+        self.upper = np.append(self.upper, 1.0)
+        self.objective = np.append(self.objective, 0.0)
+        fi = [self.var(i, b) for b in self.choices[i] if b >= 16]
+        fj = [self.var(j, b) for b in self.choices[j] if b >= 16]
+        for sign in (1.0, -1.0):
+            vals = [1.0] + [-sign] * len(fi) + [sign] * len(fj)
+            self.rows.append(([t, *fi, *fj], vals, 0.0, math.inf))
 
     def limit(self, coef: np.ndarray, cap: float) -> None:
         """Σ coef·x ≤ cap, scaled so the row's largest coefficient is 1 (HiGHS tolerances are
@@ -80,7 +95,8 @@ class _Program:
         """The optimal 0/1 vector, or None if infeasible (HiGHS, proven optimal)."""
         obj = self.objective if objective is None else objective
         scale = float(np.abs(obj).max()) or 1.0
-        prog = Program(cost=obj / scale, integer=[True] * self.n, upper=self.upper)
+        integer = [True] * int(self.offset[-1]) + [False] * len(self.edges)
+        prog = Program(cost=obj / scale, integer=integer, upper=self.upper)
         for idx, val, lo, hi in self.rows:
             prog.add_row(idx, val, lower=lo, upper=hi)
         sol = prog.solve()
@@ -152,13 +168,19 @@ def _build(
                     row_idx.append(prog.var(j, b))
                     row_val.append(-1.0)
                 prog.rows.append((row_idx, row_val, 0.0, 0.0))
+    for a, b, _ms in costs.latency_edges:
+        if a in sens.omega and b in sens.omega:
+            prog.add_edge(layers.index(a), layers.index(b))
     return prog
 
 
 def _coef(prog: _Program, costs: Costs, key: str) -> np.ndarray:
-    return np.array(
-        [costs.cost(key, k, b) for k, c in zip(prog.layers, prog.choices, strict=True) for b in c]
-    )
+    per_choice = [costs.cost(key, k, b) for k, c in zip(prog.layers, prog.choices, strict=True)
+                  for b in c]  # fmt: skip
+    edge_ms = {(a, b): ms for a, b, ms in costs.latency_edges}
+    edges = [edge_ms[prog.layers[i], prog.layers[j]] if key == "latency_ms" else 0.0
+             for i, j in prog.edges]  # fmt: skip
+    return np.array(per_choice + edges)
 
 
 def _extremes(
