@@ -4,6 +4,8 @@ weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -14,10 +16,12 @@ from squeezer.quant.apply import load_quantized, quantize
 from squeezer.quant.modules import ActQuantizer, QuantMixin, WeightQuantizer
 from squeezer.quant.storage import packed_state_dict
 from squeezer.templates import uniform_plan
-from squeezer.train import finetune as finetune_module
 from squeezer.train.distill import kd_loss, make_loss
 from squeezer.train.finetune import FinetuneResult, finetune
 from squeezer.train.lsq import fix_scales, learn_scales, learnable
+
+# The package exports the function under the module's name (as it does fit): the module itself.
+finetune_module = importlib.import_module("squeezer.train.finetune")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

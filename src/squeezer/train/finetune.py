@@ -122,6 +122,7 @@ def finetune(
     temperature: float = 6.0,
     embedding_loss: str = "cosine",
     lsq: bool = False,
+    scale_lr: float = 10.0,
     weight_scales: str = "track",
     freeze_bn: bool = True,
     dropout: bool = False,
@@ -152,6 +153,7 @@ def finetune(
         temperature: softmax temperature of the distillation term.
         embedding_loss: ``"cosine"`` (1 − cos) or ``"mse"`` for an embedding task.
         lsq: learn the quantizers' step sizes (weights and activations).
+        scale_lr: the learned (log) step sizes' learning rate as a multiple of ``lr``, no decay.
         weight_scales: ``"track"`` (re-calibrate weight scales every step) or ``"frozen"``.
         freeze_bn: keep BatchNorm statistics fixed (eval mode).
         dropout: dropout on while training (off by default).
@@ -183,14 +185,13 @@ def finetune(
     torch.manual_seed(seed)
     net = copy_model(model)
     _check_calibrated(net)
-    if lsq:
-        learn_scales(net)
+    scales = [p for _, p in learn_scales(net)] if lsq else []
     teach = _frozen_copy(teacher) if teacher is not None and needs_teacher(task, distill) else None
     loss_fn = make_loss(task, distill=distill, alpha=alpha, temperature=temperature,
                         embedding_loss=embedding_loss)  # fmt: skip
     train_epoch, val = _split(data, val_fraction, seed, batch_size)
     n_steps = _steps(train_epoch(0), steps_per_epoch)
-    opt = make_optimizer(optimizer, net, lr=opts["lr"], weight_decay=weight_decay)
+    opt = _optimizer(net, scales, opts)
     sched = cosine_schedule(opt, epochs * n_steps)
     quantized = [m for m in net.modules() if isinstance(m, QuantMixin)]
     track = weight_scales == "track" and not lsq
@@ -281,6 +282,7 @@ def _options(**kw: Any) -> dict[str, Any]:
          "at least 1"),
         ("lr", kw["lr"] is None or kw["lr"] > 0, "positive"),
         ("weight_decay", kw["weight_decay"] >= 0, "0 or more"),
+        ("scale_lr", kw["scale_lr"] > 0, "positive"),
     ]  # fmt: skip
     for name, ok, want in checks:
         if not ok:
@@ -288,6 +290,20 @@ def _options(**kw: Any) -> dict[str, Any]:
     if kw["lr"] is None:
         kw["lr"] = FINETUNE_LR[kw["optimizer"]]
     return {k: (float(v) if isinstance(v, float) else v) for k, v in kw.items()}
+
+
+def _optimizer(net: nn.Module, scales: list[nn.Parameter], opts: dict) -> torch.optim.Optimizer:
+    """The named optimizer over the model's parameters, and the learned log step sizes (if any)
+    in a group of their own: ``scale_lr`` times the learning rate, no decay, no trust ratio."""
+    for p in scales:
+        p.requires_grad_(False)
+    opt = make_optimizer(opts["optimizer"], net, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    for p in scales:
+        p.requires_grad_(True)
+    if scales:
+        lr = opts["lr"] * opts["scale_lr"]
+        opt.add_param_group({"params": scales, "lr": lr, "weight_decay": 0.0, "adapt": False})
+    return opt
 
 
 def _check_calibrated(net: nn.Module) -> None:

@@ -319,7 +319,8 @@ def make_optimizer(
         raise ConfigError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     lr = OPTIMIZERS[name] if lr is None else lr
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     groups = param_groups(model, weight_decay=weight_decay)
     if name == "lamb":
         return LAMB(groups, lr=lr)
