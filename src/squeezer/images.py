@@ -202,6 +202,17 @@ def photo_crops(names: list[str], per_photo: int, size: int, *, seed: int = CROP
     return torch.cat(xs), torch.tensor(src)
 
 
+class PhotoDataset(Dataset):
+    """The photo crops: 224 × 224 and larger, so batches of 32 (a batch of 256 would hold
+    gigabytes of feature maps in an EfficientNet's expanded layers)."""
+
+    def test_batches(self, batch_size: int = 32):
+        return super().test_batches(batch_size)
+
+    def calibration_batches(self, samples: int = 512, *, seed: int = 1234, batch_size: int = 32):
+        return super().calibration_batches(samples, seed=seed, batch_size=batch_size)
+
+
 class Agreement(Classification):
     """Classification whose labels are a reference model's own top-1 predictions: the metric is
     the top-1 agreement with that model, in percent."""
@@ -280,7 +291,7 @@ def photo_dataset(
         "photo_of_train": src_tr,
         "photo_of_test": src_te,
     }  # fmt: skip
-    return Dataset(name, x_tr, y_tr, x_te, y_te, Agreement(), meta)
+    return PhotoDataset(name, x_tr, y_tr, x_te, y_te, Agreement(), meta)
 
 
 def _register(size: int) -> None:

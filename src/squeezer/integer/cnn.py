@@ -11,7 +11,9 @@ input quantizer to the last accumulator:
   scale) is a dyadic multiplier ``b / 2^c`` applied with one multiply and one rounding shift;
 * BatchNorm left after a quantized conv is a per-channel change of scale (free: bookkeeping) plus an
   integer bias; ReLU, max-pooling (per-channel positive scales commute with both), average pooling
-  (an integer sum, the 1/n goes into the scale) and residual adds are integer ops;
+  (an integer sum, the 1/n goes into the scale) and residual adds are integer ops; ReLU6 clamps at
+  ``round(6 / scale)`` accumulator steps per channel (off by at most half a step, far finer than
+  the next layer's codes);
 * channel splits, zero padding (negative widths crop) and channel concatenation move integers
   unchanged (an accumulator's 0 is a real 0): each part or input keeps its per-channel scales, so
   the shift operation (split → pad → cat) and fire or ShuffleNet-style units cost no rounding.
@@ -48,6 +50,7 @@ from .steps import (
     Dequantize,
     IntAdd,
     IntAffine,
+    IntClamp,
     IntConcat,
     IntegerModel,
     IntLayer,
@@ -158,10 +161,11 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
     """Compile a fake-quantized CNN into an integer-only :class:`IntegerModel`.
 
     Every quantized layer must quantize its input (``act_bits``) with per-tensor activations and
-    per-channel or per-tensor weights; supported in between: BatchNorm (eval), ReLU, max and
+    per-channel or per-tensor weights; supported in between: BatchNorm (eval), ReLU, ReLU6, max and
     average pooling, flatten/reshape, residual adds, Identity and Dropout, and on accumulators
     with per-channel scales: ``torch.split`` of the channels (dim 1), ``F.pad`` with constant zeros
-    on the spatial dims and ``torch.cat`` of channels (dim 1). ``qmodel`` is not modified.
+    on the spatial dims (of the float input too) and ``torch.cat`` of channels (dim 1). ``qmodel``
+    is not modified.
 
     Args:
         qmodel: a model from :func:`squeezer.quantize` (BatchNorm folded or not).
@@ -347,6 +351,11 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
         elif kind in (nn.ReLU, F.relu, torch.relu, "method:relu"):
             need_acc(x, node)
             vals[node] = _Val(emit(node.name, IntReLU(), (x,)), "acc", shape, x.scale, x.bound)
+        elif kind in (nn.ReLU6, F.relu6):
+            need_acc(x, node)
+            top = torch.round(6.0 / x.scale).to(torch.int64)  # 6 in accumulator steps
+            i = emit(node.target if module is not None else node.name, IntClamp(top), (x,))
+            vals[node] = _Val(i, "acc", shape, x.scale, min(x.bound, int(top.max())))
         elif kind in (nn.MaxPool1d, nn.MaxPool2d):
             channel_scales(x, node, "max-pooling")
             i = emit(target, IntMaxPool(module), (x,))
@@ -390,7 +399,10 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
         elif kind is operator.getitem and isinstance(x, tuple) and isinstance(args[1], int):
             vals[node] = x[args[1]]  # part k of a split
         elif kind is F.pad:
-            s = channel_scales(x, node, "padding")
+            # the model input is padded in float (exact) before its quantizer; accumulators by
+            # integers (an accumulator's 0 is a real 0)
+            on_input = isinstance(x, _Val) and x.kind == "float"
+            s = None if on_input else channel_scales(x, node, "padding")
             pad = _option(node, 1, ("pad",))
             mode = _option(node, 2, ("mode",), "constant")
             value = _option(node, 3, ("value",))
@@ -407,7 +419,10 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
                     "e.g. F.pad(x, (1, -1, 0, 0)) (mode='constant', value=0; no channel padding)"
                 )
             i = emit(node.name, IntPad(tuple(pad)), (x,))
-            vals[node] = _Val(i, "acc", shape, _channel_shape(s, shape), x.bound)
+            if on_input:
+                vals[node] = _Val(i, "float", shape)
+            else:
+                vals[node] = _Val(i, "acc", shape, _channel_shape(s, shape), x.bound)
         elif kind in (torch.cat, torch.concat, torch.concatenate):
             dim = _option(node, 1, ("dim", "axis"), 0)
             if not isinstance(x, list) or not _is_channel_dim(dim, shape):
@@ -421,7 +436,7 @@ def to_integer(qmodel: nn.Module, example: torch.Tensor | None = None) -> Intege
         else:
             raise UnsupportedModelError(
                 f"{node.name} ({getattr(kind, '__name__', kind)}) has no integer implementation; "
-                "supported: quantized conv/linear, BatchNorm, ReLU, max/avg pooling, flatten, add, "
-                "split, pad, cat"
+                "supported: quantized conv/linear, BatchNorm, ReLU, ReLU6, max/avg pooling, "
+                "flatten, add, split, pad, cat"
             )
     return IntegerModel(steps, points, steps_out_scale)

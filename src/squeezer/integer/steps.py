@@ -122,6 +122,17 @@ class IntReLU(nn.Module):
         return a.clamp(min=0)
 
 
+class IntClamp(nn.Module):
+    """ReLU6 on an accumulator: clamp to [0, top], ``top`` = 6 in accumulator steps per channel."""
+
+    def __init__(self, top: torch.Tensor):
+        super().__init__()
+        self.register_buffer("top", top)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(a.clamp(min=0), self.top)
+
+
 class IntMaxPool(nn.Module):
     """Max pooling of an accumulator (per-channel positive scales commute with max)."""
 
@@ -175,7 +186,8 @@ class IntNarrow(nn.Module):
 
 
 class IntPad(nn.Module):
-    """Zero padding of an accumulator's spatial dims (``F.pad`` widths; negative widths crop)."""
+    """Zero padding of an accumulator's spatial dims (``F.pad`` widths; negative widths crop), or
+    of the float model input before its quantizer."""
 
     def __init__(self, pad: tuple[int, ...]):
         super().__init__()
