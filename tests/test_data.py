@@ -8,11 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from squeezer.data import DATASETS, Batches, batch_size, check_fits, load_data
+from squeezer.data import (
+    DATASETS,
+    LABELLED_BY_MODEL,
+    Batches,
+    batch_size,
+    check_fits,
+    load_data,
+)
 from squeezer.errors import DataError
 
-#: Data sets that need an hf: encoder and its tokenizer (tested in test_hf.py and test_text.py).
-NEEDS_ENCODER = {"sentences", "text"}
+#: Data sets that need an hf: encoder and its tokenizer (tested in test_hf.py and test_text.py),
+#: or the model whose predictions label them (photos: tests/zoo/test_efficientnet.py).
+NEEDS_ENCODER = {"sentences", "text"} | LABELLED_BY_MODEL
 
 
 @pytest.mark.parametrize("name", sorted(set(DATASETS) - NEEDS_ENCODER))
