@@ -1,9 +1,8 @@
 """LEAP: learnable pruning thresholds tied to a target ratio (Yao et al., arXiv:2105.14636).
 
 Every prunable layer ``l`` gets a learnable threshold ``T_l``; during training its weights are
-used through a soft mask ``σ((s − T_l)/τ)``, where ``s`` is a weight's magnitude (unstructured)
-or the L2 norm of the channel it belongs to (structured: one threshold per group of coupled
-channels from the dependency graph, the mask shared by every layer the channel touches). The
+used through a soft mask ``σ((s − T_l)/τ)``, where ``s`` is a weight's magnitude. Only the
+unstructured granularity is built; LEAP's structured and hybrid forms are not (yet). The
 temperature ``τ`` (relative to each layer's mean score) decays geometrically from ``tau0`` to
 ``tau1``, so the soft masks harden as training goes. Option ``hard_from`` < 1 switches the forward pass to
 the hard mask (soft gradient, straight through) for the last steps; off by default: it did not
@@ -11,8 +10,8 @@ cure the known weakness, that weights trained under soft masks can lose much whe
 made hard at high ratios with few steps (digits CNN, 90%, 4 epochs: 96% soft, ~20% hard).
 The loss is the task loss (distilled from the unpruned model) plus LEAP's regulariser that ties
 the thresholds to the target directly,
-``λ·(d(T) − d*)²/d*²`` with ``d(T)`` the soft density (the kept fraction of the weights, or of the
-MACs for structured pruning) and ``d*`` the target density; its coefficient is adaptive,
+``λ·(d(T) − d*)²/d*²`` with ``d(T)`` the soft density (the kept fraction of the weights) and
+``d*`` the target density; its coefficient is adaptive,
 ``λ = λ₀·max(|d_hard − d*|/d*, floor)`` (large while the hard density is far from the target,
 down to ``λ₀·floor`` near it, so the task loss mostly shapes the last steps) — our reading of the
 paper's adaptive coefficient; λ₀ = 200 and floor 0.1 were chosen on MNIST-1D (they reached 70%
@@ -24,7 +23,7 @@ parameters of the model it trains, and the regulariser reaches them through the 
 its own is needed. At the end the masks are made hard (``s > T_l``); if the learned density misses
 the target by more than ``tol``, all thresholds are scaled by one common factor (bisected) until
 it does not, and both ratios are reported. The result is a plain model: zeros folded into the
-weights (unstructured), or channels really removed (structured).
+weights.
 """
 
 from __future__ import annotations
