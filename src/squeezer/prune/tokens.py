@@ -244,6 +244,8 @@ def train_thresholds(
                 loss.backward()
                 opt.step()
                 sched.step()
+                with torch.no_grad():  # a negative threshold keeps every token: no use learning one
+                    model.thresholds.clamp_(min=0.0)
                 step += 1
                 hist.append(
                     {"step": step, "loss": float(loss.detach()), "kept": float(kept.detach())}
