@@ -355,3 +355,31 @@ def test_moved_names_still_work_with_a_deprecation_warning():
         assert old.residual_ties is residual_ties
     with pytest.raises(AttributeError):
         old.no_such_name  # noqa: B018
+
+
+def test_fit_to_latency_rescales_the_cap_until_the_measured_plan_meets_the_budget(monkeypatch):
+    """A runtime 30% slower than the table: the first plan misses the target, the cap is scaled
+    by target / measured and the re-solved plan meets it; the checks are kept in the plan."""
+    from squeezer import layer_timing
+    from squeezer.errors import InfeasibleBudgetError
+
+    def plan_for(cap):  # a stand-in ILP: predicted latency == the cap
+        return Plan({"fc": LayerQuant(bits=8)}, meta={"achieved": {"latency_ms": cap}})
+
+    monkeypatch.setattr(layer_timing, "exported_latency", lambda qm, ex, **kw: 1.3 * qm)
+    build = lambda p: p.meta["achieved"]["latency_ms"]  # noqa: E731  (the "model": its prediction)
+    got = layer_timing.fit_to_latency(plan_for(10.0), 10.0, plan_for, build, None)
+    checks = got.meta["latency_checks"]
+    assert [round(c["measured_ms"], 6) for c in checks] == [13.0, 10.0]
+    assert got.meta["measured_latency_ms"] == pytest.approx(10.0)
+
+    # never met (the runtime always 2x over, solves fail below a floor): the fastest tried
+    def floor(cap):
+        if cap < 6:
+            raise InfeasibleBudgetError("no")
+        return plan_for(cap)
+
+    monkeypatch.setattr(layer_timing, "exported_latency", lambda qm, ex, **kw: 2 * qm)
+    got = layer_timing.fit_to_latency(plan_for(10.0), 10.0, floor, build, None)
+    assert got.meta["measured_latency_ms"] == pytest.approx(20.0)
+    assert len(got.meta["latency_checks"]) == 1

@@ -224,7 +224,7 @@ def context_latency_costs(
     import tempfile
     from pathlib import Path
 
-    from .export import export_float_onnx, export_onnx, ort_feeds, ort_session
+    from .export import export_float_onnx, ort_feeds, ort_session
 
     model = split_attention(model).eval()
     floats = quantizable_layers(model)
@@ -248,11 +248,7 @@ def context_latency_costs(
                 for k in unit:
                     set_module(variant, k, copy.deepcopy(floats[k]))
                 path = Path(tmp) / f"v{len(sessions)}.onnx"
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    export_onnx(variant.eval(), path, example, verify=False,
-                                requantize=requantize, threads=threads)  # fmt: skip
-                sessions[name] = ort_session(path, threads=threads)
+                sessions[name] = _exported_session(variant, path, example, requantize, threads)
                 bar.update(1)
             sessions["fp32"] = ort_session(export_float_onnx(model, example), threads=threads)
             bar.update(1)
@@ -302,3 +298,72 @@ def _first_calls(
             h.remove()
         model.train(was_training)
     return seen
+
+
+def _exported_session(qmodel: nn.Module, path: Any, example: Any, requantize: bool, threads: int):
+    """An ONNX Runtime session of ``qmodel`` exported to ``path`` as ``squeezer export`` does."""
+    from .export import export_float_onnx, export_onnx, ort_session
+    from .quant.modules import QuantMixin
+
+    if not any(isinstance(m, QuantMixin) for m in qmodel.modules()):  # a plan all in float
+        return ort_session(export_float_onnx(qmodel, example), threads=threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(copy_model(qmodel).eval(), path, example, verify=False,
+                    requantize=requantize, threads=threads)  # fmt: skip
+    return ort_session(path, threads=threads)
+
+
+def exported_latency(
+    qmodel: nn.Module, example: Any, *, threads: int = 1, runs: int = 50, requantize: bool = True
+) -> float:
+    """Median ms of ``qmodel`` exported to ONNX (as ``squeezer export`` does) in ONNX Runtime on
+    ``example``: what a latency budget is checked against."""
+    import tempfile
+    from pathlib import Path
+
+    from .export import ort_feeds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _exported_session(qmodel, Path(tmp) / "plan.onnx", example, requantize, threads)
+        feeds = ort_feeds(example, sess)
+        return measure.time_calls({"q": lambda: sess.run(None, feeds)}, runs=runs)["q"].median_ms
+
+
+def fit_to_latency(
+    chosen: Any,
+    target_ms: float,
+    solve: Any,
+    build: Any,
+    example: Any,
+    *,
+    threads: int = 1,
+    runs: int = 50,
+    tries: int = 3,
+) -> Any:
+    """A plan checked on the runtime: ``chosen`` (a :class:`~squeezer.config.Plan` the table
+    predicts within ``target_ms``) is built (``build(plan)`` → quantized model), exported and
+    timed (:func:`exported_latency`); while it runs over the target, or more than 10% under it,
+    the latency cap is scaled by target / measured and ``solve(cap)`` plans again, at most
+    ``tries`` exports in all. Returned: the slowest plan that met the target (the least loss for
+    its time), else the fastest one tried, with ``meta["measured_latency_ms"]`` and every check
+    in ``meta["latency_checks"]``."""
+    from .config import Plan
+    from .errors import InfeasibleBudgetError
+
+    cap, checks, tried = target_ms, [], []
+    for _ in range(tries):
+        ms = exported_latency(build(chosen), example, threads=threads, runs=runs)
+        checks.append({"cap_ms": cap, "predicted_ms": chosen.meta["achieved"]["latency_ms"],
+                       "measured_ms": ms})  # fmt: skip
+        tried.append((ms, chosen))
+        if 0.9 * target_ms <= ms <= target_ms:
+            break
+        cap *= target_ms / ms
+        try:
+            chosen = solve(cap)
+        except InfeasibleBudgetError:
+            break
+    met = [mp for mp in tried if mp[0] <= target_ms]
+    ms, best = max(met, key=lambda mp: mp[0]) if met else min(tried, key=lambda mp: mp[0])
+    return Plan(best.layers, meta={**best.meta, "measured_latency_ms": ms, "latency_checks": checks})

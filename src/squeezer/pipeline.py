@@ -287,6 +287,33 @@ def choose_plan(analysis: Analysis, budget: Budget, *, label: str = "Hessian mix
     return Plan(p.layers, meta=meta)
 
 
+def fit_latency(
+    model: nn.Module,
+    analysis: Analysis,
+    calibration: Calibration,
+    budget: Budget,
+    chosen: Plan,
+    options: LatencyOptions,
+    *,
+    label: str,
+) -> Plan:
+    """``chosen``, checked on ONNX Runtime when ``budget`` holds an absolute latency
+    (:func:`~squeezer.layer_timing.fit_to_latency`)."""
+    from .layer_timing import fit_to_latency
+
+    target = budget.limits().get("latency_ms")
+    if target is None or "latency_ms" in budget.relative or options.backend != "onnxruntime":
+        return chosen
+    best = fit_to_latency(
+        chosen, target, lambda cap: choose_plan(analysis, replace(budget, latency_ms=cap)),
+        lambda p: quantize(model, p, calib=calibration.batches), calibration.example,
+        threads=options.threads, runs=options.runs,
+    )  # fmt: skip
+    return Plan(
+        best.layers, meta={**best.meta, "name": f"{label} ({budget})", "budget": str(budget)}
+    )
+
+
 def uniform_for(model: nn.Module, template: LayerTemplate, budget: Budget, act_bits: int | None):
     """The template's uniform plan for a whole ``bits=N`` budget (and nothing else)."""
     b = budget.whole_bits
@@ -437,6 +464,8 @@ def compress(
         timings["analyze"] = time.perf_counter() - t
         t = time.perf_counter()
         chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
+        chosen = fit_latency(model, analysis, calibration, budget, chosen,
+                             latency or LatencyOptions(), label=calibration.label or tpl.label)  # fmt: skip
     timings["plan"] = time.perf_counter() - t
     res = apply(
         model, data, chosen, calibration, extra_variants=extra_variants,
@@ -469,6 +498,8 @@ def replan(
         analysis = with_latency(model, analysis, calibration, latency or LatencyOptions())
     tpl = template_for(model, analysis.template_name)
     chosen = choose_plan(analysis, budget, label=calibration.label or tpl.label)
+    chosen = fit_latency(model, analysis, calibration, budget, chosen, latency or LatencyOptions(),
+                         label=calibration.label or tpl.label)  # fmt: skip
     t_plan = time.perf_counter() - t
     res = apply(model, data, chosen, calibration, loss_samples=tpl.analysis.samples, seed=seed)
     return replace(res, timings={"plan": t_plan, **res.timings}, analysis=analysis)
