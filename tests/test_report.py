@@ -13,7 +13,8 @@ def test_sections_render_in_order_and_skip_what_is_absent(tmp_path):
     assert "## Run" in text and "## Summary" not in text and "## Hessian spectrum" not in text
     orders = [o for o, _, _ in SECTIONS]
     assert orders == sorted(orders)
-    assert [t for _, t, _ in SECTIONS][:3] == ["Summary", "Variants", "Layers"]
+    titles = [t for _, t, _ in SECTIONS]
+    assert titles[:2] == ["Summary", "Variants"] and titles.index("Layers") < titles.index("Run")
 
 
 def test_a_registered_section_appears(tmp_path):
