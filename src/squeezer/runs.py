@@ -216,3 +216,62 @@ def run_demo(out: str | os.PathLike, *, seed: int = 0, log=print) -> tuple[Resul
         result = replace(result, timings={**result.timings, "train": t_train})
         write_compress_run(stage, spec, result, data)
     return result, data
+
+
+#: The checkpoint ``squeezer finetune DIR`` keeps in the run folder while it trains (``--resume``).
+FINETUNE_CHECKPOINT = "finetune.ckpt"
+
+
+def finetune_run(run_dir: str | os.PathLike, *, progress: bool = False, resume: bool = False,
+                 **options: Any):  # fmt: skip
+    """``squeezer finetune DIR``: fine-tune the run's compressed model (distilled from its FP32
+    model) on the run's data and put it in the run folder in its place, so export, bench and the
+    integer path use it; its metrics go beside the PTQ ones (``metrics.json["finetune"]``). Under
+    ``torchrun`` every rank trains its slice of each batch and rank 0 alone writes. ``options`` go
+    to :func:`squeezer.train.finetune.finetune`. Returns the result and the data set (rank 0),
+    None on the other ranks."""
+    from pathlib import Path
+
+    from .distributed import process_group_from_env
+    from .models import save_weights
+    from .pipeline import test_metrics
+    from .quant.storage import packed_state_dict
+    from .report import write_report
+    from .runfolder import MODEL_FILE, load_compressed, read_metrics, require_run_folder
+    from .train.finetune import finetune
+
+    d = require_run_folder(run_dir)
+    model, qmodel, _, data = load_compressed(d)
+    if data is None:
+        raise ConfigError(f"{d} has no training data (a zero-shot run without --data); "
+                          "fine-tuning needs the data the run names")  # fmt: skip
+    ckpt = Path(d) / FINETUNE_CHECKPOINT
+    with process_group_from_env() as (rank, _):
+        result = finetune(qmodel, data, teacher=model, progress=progress and rank == 0,
+                          checkpoint=ckpt, resume=resume, **options)  # fmt: skip
+        if rank != 0:
+            return None
+    metrics = read_metrics(d)
+    # "after" describes the model in the folder (what export and bench check against); the
+    # post-training-quantized row it replaces is kept in finetune.ptq_after (from the first
+    # fine-tuning, if the model was fine-tuned before)
+    ptq_after = (metrics.get("finetune") or {}).get("ptq_after") or metrics.get("after") or {}
+    if not ptq_after:
+        ptq_after = {"name": "compressed", "metric": test_metrics(qmodel, data)[0]}
+    after, extra = test_metrics(result.model, data)
+    epochs = len(result.history) - 1
+    row = {**ptq_after, **extra, "name": f"{ptq_after.get('name', 'compressed')} + QAT "
+           f"({epochs} ep)", "metric": after}  # fmt: skip
+    record = {**result.to_dict(), "ptq": ptq_after.get("metric"), "after": after, **extra,
+              "ptq_after": ptq_after, "fp32": (metrics.get("before") or {}).get("metric")}  # fmt: skip
+    variants = [v for v in metrics.get("variants", []) if "+ QAT" not in str(v.get("name"))]
+    with Stage(d, update=True) as stage:
+        save_weights(packed_state_dict(result.model), stage.path(MODEL_FILE),
+                     metadata={"format": "squeezer-packed", "plan": "plan.json",
+                               "finetuned": "true"})  # fmt: skip
+        stage.write_json("metrics.json", {**metrics, "after": row, "variants": [*variants, row],
+                                          "finetune": record})  # fmt: skip
+        stage.path(FINETUNE_CHECKPOINT).unlink(missing_ok=True)
+        write_report(stage.dir)
+    ckpt.unlink(missing_ok=True)
+    return result, data

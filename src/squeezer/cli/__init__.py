@@ -13,7 +13,7 @@ import sys
 from .._version import __version__
 from ..errors import SqueezerError, first_line
 from ..threads import configure_threads
-from . import compress, deploy, train  # noqa: F401  (they register their commands)
+from . import compress, deploy, finetune, train  # noqa: F401  (they register their commands)
 from .args import COMMANDS, Parser, command
 
 __all__ = ["COMMANDS", "build_parser", "command", "main"]

@@ -52,6 +52,11 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
                    help="activation bits (0 keeps activations in float; default 8)")  # fmt: skip
     latency_arg(p)
     prune_args(p)
+    from .finetune import finetune_args
+
+    p.add_argument("--finetune", type=int, default=0, metavar="N",
+                   help="then fine-tune N epochs (as 'squeezer finetune OUT --epochs N')")  # fmt: skip
+    finetune_args(p, epochs=None)
 
 
 @command("compress", "quantize a model to meet a budget, evaluate it, write a run folder",
@@ -71,6 +76,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result, data = compress_run(spec, args.out, progress=not args.quiet)
     if not args.quiet:
         print_summary(result, data, args.out)
+    if args.finetune:
+        from ..runfolder import read_metrics
+        from ..runs import finetune_run
+        from .finetune import finetune_options, print_finetune
+
+        finetune_run(args.out, epochs=args.finetune, seed=args.seed, progress=not args.quiet,
+                     **finetune_options(args))  # fmt: skip
+        if not args.quiet:
+            print_finetune(args.out, read_metrics(args.out)["finetune"])
     return 0
 
 

@@ -1,0 +1,67 @@
+"""``squeezer finetune DIR``: quantization-aware fine-tuning with distillation of a run's model."""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import command
+
+
+def finetune_args(p: argparse.ArgumentParser, *, epochs: int | None = 5) -> None:
+    """The fine-tuning flags (``squeezer finetune``; ``squeezer compress --finetune N`` shares
+    all but ``--epochs``)."""
+    from ..train.optim import OPTIMIZERS
+
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, cosine-decayed (default 1e-4 for adamw)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil from the FP32 model (default; --no-distill: labels only)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=0.95, help="weight of the KD term (0.95)")
+    p.add_argument("--temperature", type=float, default=6.0, help="KD temperature (6)")
+    p.add_argument("--lsq", action="store_true", help="learn the quantizers' step sizes (LSQ)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after N epochs without a better held-out metric")  # fmt: skip
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training split held out (default 0.1)")  # fmt: skip
+
+
+def finetune_options(args: argparse.Namespace) -> dict:
+    """The :func:`squeezer.train.finetune.finetune` options the flags describe."""
+    return dict(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                distill=args.distill, alpha=args.alpha, temperature=args.temperature,
+                lsq=args.lsq, patience=args.patience, val_fraction=args.val_fraction)  # fmt: skip
+
+
+def print_finetune(out, record: dict) -> None:
+    name = record["metric_name"]
+    fp32 = record.get("fp32")
+    print(f"fine-tuned {len(record['history']) - 1} epochs in {record['seconds']:.1f} s: {name} "
+          f"PTQ {record['ptq']:.4g} -> {record['after']:.4g}"
+          + (f" (FP32 {fp32:.4g})" if fp32 is not None else ""))  # fmt: skip
+    print(f"wrote {out}/model.safetensors and {out}/report.html")
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a run folder written by 'squeezer compress'")
+    finetune_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from DIR/finetune.ckpt after an interruption")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+
+@command("finetune", "fine-tune DIR's compressed model (QAT, distilled from FP32) in place",
+         _configure)  # fmt: skip
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..runfolder import read_metrics
+    from ..runs import finetune_run
+
+    out = finetune_run(args.dir, epochs=args.epochs, seed=args.seed, resume=args.resume,
+                       progress=not args.quiet, **finetune_options(args))  # fmt: skip
+    if out is not None and not args.quiet:
+        print_finetune(args.dir, read_metrics(args.dir)["finetune"])
+    return 0
