@@ -152,6 +152,35 @@ def test_early_stop_and_best_epoch(w3a4, digits):
         torch.testing.assert_close(r.model(x), q.eval()(x))
 
 
+def test_a_saturated_held_out_metric_does_not_throw_the_training_away():
+    # Two well-separated clusters and a linear classifier already right on every sample, with
+    # tiny margins: the held-out accuracy is 100 % before training and stays there, while the
+    # loss falls. Ranked by the metric alone no epoch beats epoch 0, so the training was lost
+    # (the bug seen on a trained digits net); ranked by the held-out loss the last epoch wins.
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 2
+    x = torch.randn(400, 2, generator=g) * 0.3 + (y[:, None] * 2.0 - 1.0) * torch.tensor([3.0, 0])
+    data = Dataset("clusters", x[:300], y[:300], x[300:], y[300:], Classification())
+    net = nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[-0.01, 0.0], [0.01, 0.0]]))
+        net.bias.zero_()
+    kw = dict(distill=False, epochs=3, lr=0.05, batch_size=32, progress=False)
+    r = finetune(net, data, **kw)
+    h = r.history
+    assert all(row["val_metric"] == 100.0 for row in h)  # saturated from epoch 0 on
+    assert [row["val_loss"] for row in h] == sorted((row["val_loss"] for row in h), reverse=True)
+    assert r.best_epoch == 3 and h[3]["val_loss"] < 0.5 * h[0]["val_loss"]
+    with torch.no_grad():  # the returned model is the trained one, not the one given
+        assert not torch.equal(r.model.weight, net.weight)
+        assert float(nn.functional.cross_entropy(r.model(x[300:]), y[300:])) < 0.5 * float(
+            nn.functional.cross_entropy(net(x[300:]), y[300:]))  # fmt: skip
+    # ranked by the metric, ties go to the loss: the same epoch; and a bad choice is refused
+    assert finetune(net, data, select="metric", **kw).best_epoch == 3
+    with pytest.raises(ConfigError, match="select"):
+        finetune(net, data, select="accuracy", **kw)
+
+
 class _Interrupted(Exception):
     pass
 

@@ -19,10 +19,16 @@ What it does, and the choices it makes:
   (``alpha``, ``temperature``; HAWQ's recipe α 0.95, T 6 is the default) from ``teacher``, or
   ``1 − cos`` to the FP32 embeddings of an encoder's labels-free embedding task (no labels needed).
 - **Held-out split and early stop**: ``val_fraction`` of the training split is held out (a seeded
-  subset; every k-th batch of a streamed set); its metric is measured before training (epoch 0)
-  and after every epoch, training stops after ``patience`` epochs without improvement, and
-  ``restore_best`` returns the best epoch's weights (epoch 0 included: fine-tuning never returns
-  a model worse on the held-out split than the one it was given).
+  subset; every k-th batch of a streamed set); its loss (the task's: cross-entropy on the labels,
+  or the error to the FP32 embeddings) and metric are measured before training (epoch 0) and after
+  every epoch. The best epoch is the one of lowest held-out loss, the metric breaking ties
+  (``select="loss"``); ``select="metric"`` ranks by the metric, the loss breaking ties. The loss
+  comes first because a small held-out split saturates the metric: a trained digits net is right
+  on all 144 held-out images before fine-tuning, so no epoch could beat epoch 0 on accuracy and
+  the training was thrown away, while the loss still tells the epochs apart. Training stops after
+  ``patience`` epochs without a better epoch, and ``restore_best`` returns the best epoch's
+  weights (epoch 0 included: fine-tuning never returns a model worse on the held-out split than
+  the one it was given).
 - **Seeded and resumable**: batches are drawn from ``seed`` and the epoch; with ``checkpoint`` the
   whole state (weights, optimizer, schedule, history, best weights, RNG) is written atomically
   after every epoch, and ``resume=True`` continues from it to the very weights an uninterrupted run
@@ -54,7 +60,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..atomic import write_bytes_atomic
-from ..data import _index, batch_size, evaluate, forward, to_device
+from ..data import _index, batch_size, evaluate, forward, mean_loss, to_device
 from ..distributed import all_reduce_sum, is_active, world
 from ..errors import ConfigError
 from ..graph import copy_model, model_device
@@ -68,6 +74,7 @@ from .optim import OPTIMIZERS, cosine_schedule, make_optimizer
 FINETUNE_LR: dict[str, float] = {"adamw": 1e-4, "lamb": 1e-3, "lars": 0.1, "sgd": 1e-3}
 
 WEIGHT_SCALES = ("track", "frozen")
+SELECT = ("loss", "metric")
 CHECKPOINT_FORMAT = "squeezer-finetune-checkpoint/1"
 
 
@@ -77,8 +84,8 @@ class FinetuneResult:
 
     Attributes:
         model: the fine-tuned model (a new object, in eval mode).
-        history: one row per epoch: ``epoch``, ``train_loss``, ``val_metric``, ``lr``,
-            ``seconds``; row 0 is the model as given (its held-out metric, no training).
+        history: one row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_metric``,
+            ``lr``, ``seconds``; row 0 is the model as given (its held-out metric, no training).
         seconds: wall time of the whole run (this process; a resumed run counts its own part).
         metric_name: the task's metric (``top1``, ``cosine`` ...).
         best_epoch: the epoch whose weights ``model`` holds.
@@ -129,6 +136,7 @@ def finetune(
     val_fraction: float = 0.1,
     patience: int | None = None,
     restore_best: bool = True,
+    select: str = "loss",
     optimizer: str = "adamw",
     weight_decay: float = 0.0,
     steps_per_epoch: int | None = None,
@@ -159,8 +167,10 @@ def finetune(
         dropout: dropout on while training (off by default).
         val_fraction: share of the training split held out for the metric and early stopping
             (0: none; then ``patience`` and ``restore_best`` have nothing to go by).
-        patience: stop after this many epochs without a better held-out metric (None: never).
+        patience: stop after this many epochs without a better held-out epoch (None: never).
         restore_best: return the weights of the best held-out epoch (epoch 0 included).
+        select: what makes an epoch best: ``"loss"`` (lowest held-out loss, then metric) or
+            ``"metric"`` (best held-out metric, then loss).
         optimizer: one of :data:`~squeezer.train.optim.OPTIMIZERS`.
         weight_decay: decoupled weight decay (AdamW) or L2 (others).
         steps_per_epoch: at most this many steps per epoch (None: the whole split).
@@ -201,8 +211,8 @@ def finetune(
     if resume and ckpt is not None and ckpt.is_file():
         state = _load_checkpoint(ckpt, opts, net, opt, sched)
     else:
-        state.history.append(_row(0, None, _val_metric(net, val, task), 0.0, 0.0))
-        state.best_metric = state.history[0]["val_metric"]
+        state.history.append(_row(0, None, *_validate(net, val, task), 0.0, 0.0))
+        state.best_score = _score(state.history[0], task, select)
         state.best_state = _snapshot(net) if restore_best and val is not None else None
 
     ddp = _data_parallel(net) if world_size > 1 else net
@@ -231,12 +241,12 @@ def finetune(
             if track:
                 _track_scales(quantized)
             net.eval()
-            metric = _val_metric(net, val, task)
+            val_loss, metric = _validate(net, val, task)
             train_loss = float(_summed(total, world_size)) / max(seen, 1)
-            state.history.append(_row(epoch, train_loss, metric, opt.param_groups[0]["lr"],
-                                      time.perf_counter() - t_epoch))  # fmt: skip
+            state.history.append(_row(epoch, train_loss, val_loss, metric,
+                                      opt.param_groups[0]["lr"], time.perf_counter() - t_epoch))  # fmt: skip
             state.epoch = epoch
-            state.update_best(metric, task.higher_is_better, net, restore_best)
+            state.update_best(_score(state.history[-1], task, select), net, restore_best)
             if patience is not None and metric is not None and state.bad_epochs >= patience:
                 state.stopped_early = True
             state.done = state.stopped_early or state.epoch >= epochs
@@ -271,6 +281,8 @@ def _options(**kw: Any) -> dict[str, Any]:
         raise ConfigError(
             f"unknown optimizer {kw['optimizer']!r}; use one of {', '.join(OPTIMIZERS)}"
         )
+    if kw["select"] not in SELECT:
+        raise ConfigError(f"unknown select {kw['select']!r}; use one of {', '.join(SELECT)}")
     if kw["weight_scales"] not in WEIGHT_SCALES:
         raise ConfigError(f"unknown weight_scales {kw['weight_scales']!r}; use 'track' or 'frozen'")
     checks = [
@@ -391,8 +403,21 @@ def _steps(batches: Any, cap: int | None) -> int:
     return n if cap is None else min(n, cap)
 
 
-def _val_metric(net: nn.Module, val: Any, task: Any) -> float | None:
-    return None if val is None else float(evaluate(net, val, task))
+def _validate(net: nn.Module, val: Any, task: Any) -> tuple[float | None, float | None]:
+    """The held-out ``(loss, metric)`` (None, None without a held-out split)."""
+    if val is None:
+        return None, None
+    return float(mean_loss(net, val, task)), float(evaluate(net, val, task))
+
+
+def _score(row: dict[str, Any], task: Any, select: str) -> tuple[float, float] | None:
+    """An epoch's rank key, lower is better: (loss, −metric) or (−metric, loss) for ``select``
+    ``"loss"`` or ``"metric"`` (the metric's sign flipped when higher is better)."""
+    loss, metric = row["val_loss"], row["val_metric"]
+    if loss is None or metric is None:
+        return None
+    m = -metric if task.higher_is_better else metric
+    return (loss, m) if select == "loss" else (m, loss)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,29 +472,28 @@ def _summed(total: torch.Tensor, world_size: int) -> torch.Tensor:
 class _State:
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_metric: float | None = None
+    best_score: tuple[float, float] | None = None
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
     done: bool = False
 
-    def update_best(self, metric: float | None, higher: bool, net: nn.Module, keep: bool) -> None:
-        if metric is None:
+    def update_best(self, score: tuple[float, float] | None, net: nn.Module, keep: bool) -> None:
+        if score is None:
             return
-        better = self.best_metric is None or (metric > self.best_metric if higher
-                                              else metric < self.best_metric)  # fmt: skip
-        if better:
-            self.best_metric, self.best_epoch, self.bad_epochs = metric, self.epoch, 0
+        if self.best_score is None or tuple(score) < tuple(self.best_score):
+            self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
             if keep:
                 self.best_state = _snapshot(net)
         else:
             self.bad_epochs += 1
 
 
-def _row(epoch: int, loss: float | None, metric: float | None, lr: float, secs: float) -> dict:
-    return {"epoch": epoch, "train_loss": loss, "val_metric": metric, "lr": float(lr),
-            "seconds": secs}  # fmt: skip
+def _row(epoch: int, loss: float | None, val_loss: float | None, metric: float | None, lr: float,
+         secs: float) -> dict:  # fmt: skip
+    return {"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_metric": metric,
+            "lr": float(lr), "seconds": secs}  # fmt: skip
 
 
 def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
