@@ -39,13 +39,14 @@ def export_run(
     atol: float | None = None,
     threads: int | None = None,
     loaded: tuple | None = None,
+    pack: bool = True,
 ):
     """Write ``run_dir``/model.onnx, checked in ONNX Runtime against the simulated model on
     ``samples`` test inputs, and with data run on the whole test split; both go into
     metrics.json under ``export``. With ``format="executorch"``: ``model.pte`` lowered through
     XNNPACK with squeezer's scales, checked in the ExecuTorch runtime at batch 1, recorded under
     ``executorch`` (the optional extra ``squeezer[executorch]``). Returns the report and the
-    updated metrics.
+    updated metrics. ``pack=False`` stores sub-8-bit ONNX weight codes a byte each.
 
     Example:
         >>> report, metrics = export_run("runs/digits-w8")  # doctest: +SKIP
@@ -73,6 +74,7 @@ def export_run(
         requantize=requantize,
         atol=atol,
         threads=threads,
+        pack=pack,
     )
     entry = {**report.to_dict(), "path": "model.onnx"}
     if data is not None:

@@ -18,6 +18,12 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
         "does; by default they are quantized to 8 bits too, so that ONNX Runtime runs every conv "
         "in int8 (one more rounding per such tensor, several times faster on residual nets)",
     )
+    p.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="store sub-8-bit weight codes a byte each; by default they are packed at their width "
+        "(ONNX Runtime unpacks them at load into the same int8 graph, checked on every export)",
+    )
     p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
     p.add_argument("--atol", type=float, default=None, help="tolerance of the check")
 
@@ -29,16 +35,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..report import fmt_bytes
 
     rep, m = export_run(args.dir, format=args.format, samples=args.samples,
-                        requantize=not args.exact, atol=args.atol, threads=args.threads)  # fmt: skip
+                        requantize=not args.exact, atol=args.atol, threads=args.threads,
+                        pack=not args.no_pack)  # fmt: skip
     agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
     (file, key), runtime = (
         FORMATS[args.format],
         {"onnx": "ONNX Runtime"}.get(args.format, "ExecuTorch"),
     )
-    print(f"wrote {args.dir}/{file} ({fmt_bytes(rep.size_bytes)}; theoretical "
-          f"{fmt_bytes(rep.theoretical_bytes)}); {runtime} vs squeezer: max |Δ| "
+    packed = getattr(rep, "weights_storage", None) == "packed"  # ONNX only
+    storage = ", sub-8-bit weight codes packed" if packed else ""
+    print(f"wrote {args.dir}/{file} (file {fmt_bytes(rep.size_bytes)} = "
+          f"{rep.size_bytes / rep.theoretical_bytes:.2f}x theoretical "
+          f"{fmt_bytes(rep.theoretical_bytes)}{storage}); {runtime} vs squeezer: max |Δ| "
           f"{rep.max_abs_error:.3g}, median sample {rep.median_sample_error:.3g} (tolerance "
           f"{rep.atol:.3g}{agree})")  # fmt: skip
+    if note := getattr(rep, "storage_note", None):
+        print(f"weights not packed: {note}")
     if (deployed := m[key].get("test_metric")) is not None:
         simulated, fp32 = m["after"].get("metric"), m["before"].get("metric")
         print(f"{m['metric_name']} of the {runtime.split()[0]} model on the test split: {deployed:.4g} "

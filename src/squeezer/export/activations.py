@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .codes import _code_dtype
+from .codes import _code_dtype, _full_range_8bit
 from .common import COMMUTING_OPS
 from .layers import _Act
 from .onnx_graph import _Graph
@@ -45,8 +45,8 @@ class _ActQuantizers:
             i = len(self._inits)
             zdt = dtype if dtype is not None else np.float32
             self._inits[act] = (
-                graph.add_init(f"act{i}_scale", np.float32(act.scale)),
-                graph.add_init(f"act{i}_zero_point", np.asarray(act.zero_point, zdt)),
+                graph.add_init(f"act{i}_s", np.float32(act.scale)),
+                graph.add_init(f"act{i}_z", np.asarray(act.zero_point, zdt)),
             )
         s, z = self._inits[act]
         src, nodes = t, []
@@ -192,7 +192,12 @@ def _planner(
                 soft.add(calib[t])
             else:
                 other = True
-        if other or len(hard) > 1:
+        narrow = len(hard) == 1 and not _full_range_8bit(next(iter(hard)))
+        if other or len(hard) > 1 or (narrow and soft):
+            # A layer's narrower grid (4-bit, clipped) must not reach an int8-capable reader: a
+            # residual sum read by a 4-bit conv and by the next residual Add would carry the
+            # 4-bit rounding down the whole chain of shortcuts (0.8 at the output of a deep
+            # digits ResNet, 2x the quantization's own effect). Such a tensor stays float.
             memo[t] = (None, "none")
         elif hard:  # readers that are not layers are int8-capable ops (requantize mode)
             memo[t] = (hard.pop(), "layer")
@@ -222,11 +227,14 @@ def _int8_nodes(
     nodes: list, inits: Mapping[str, Any], act_of: Mapping[int, _Act], outputs: set[str]
 ) -> set[str]:
     """The first outputs of the ops ONNX Runtime runs on int8 tensors in a QDQ graph and whose
-    int8 result is used: pooling always; a residual Add (of two computed tensors) or a Concat only
-    when every reader of its result, through commuting ops, is a quantized layer or another such
-    op. An Add that feeds a LayerNorm or a softmax (a transformer's residual sums, embedding sums,
-    attention masks) runs in float whatever its input codes, so requantizing it would add a
-    rounding and gain nothing (it put BERT-family exports 1-3 output steps from squeezer)."""
+    int8 result is used: pooling, a residual Add (of two computed tensors) or a Concat, when every
+    reader of its result, through commuting ops, is a layer quantizing its input to a full 8-bit
+    grid or another such op. An Add that feeds a LayerNorm or a softmax (a transformer's residual
+    sums, embedding sums, attention masks) runs in float whatever its input codes, so requantizing
+    it would add a rounding and gain nothing (it put BERT-family exports 1-3 output steps from
+    squeezer). A layer with a narrower grid (4-bit activations) runs as a float Conv in ONNX
+    Runtime, and an 8-bit rounding before its 4-bit one flips 4-bit codes (it put a deep digits
+    ResNet at 4-bit activations 2x its quantization error away from squeezer): not int8 use."""
     readers: dict[str, list[tuple[Any, int]]] = {}
     for n in nodes:
         for i, x in enumerate(n.input):
@@ -244,7 +252,11 @@ def _int8_nodes(
             return t in seen
         seen.add(t)
         for c, i in readers[t]:
-            if i == 0 and id(c) in act_of or c.output[0] in capable:
+            if i == 0 and id(c) in act_of:
+                if _full_range_8bit(act_of[id(c)]):
+                    continue
+                return False
+            if c.output[0] in capable:
                 continue
             outs = [o for o in c.output if o]
             if c.op_type in COMMUTING_OPS and i == 0 and len(outs) == 1:
@@ -257,7 +269,7 @@ def _int8_nodes(
     changed = True
     while changed:  # the largest set consistent with the rule (chains of residual Adds stay)
         changed = False
-        for t in list(maybe):
+        for t in sorted(capable):
             if t in capable and not used_in_int8(t, capable, set()):
                 capable.discard(t)
                 changed = True

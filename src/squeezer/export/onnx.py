@@ -36,15 +36,25 @@ class ExportReport(CheckedExport):
     of :class:`~squeezer.export.common.CheckedExport`, and
 
     Attributes:
-        stored_bytes: the theoretical sum with the widths actually stored (8 for QDQ codes, 4 for
-            MatMulNBits), the floor this format can reach.
+        stored_bytes: the theoretical sum with the widths actually stored (each packed layer's
+            width, 8 for QDQ codes left a byte each, 4 for MatMulNBits), the floor this format
+            can reach.
         layers: {FQN: how the layer was exported} ("qdq-int8", "matmulnbits-4", "float", ...).
+        weights_storage: "packed" (sub-8-bit codes stored at their width, unpacked by ONNX
+            Runtime at load into the int8 graph, see :mod:`squeezer.export.packing`) or "int8"
+            (a byte a code: asked for, nothing to pack, or the packed form did not fold, then
+            ``storage_note`` says why).
+        packed_bits: {FQN: bits stored per code} of the packed layers.
+        storage_note: why the codes are not packed, when they could have been.
         opset: the default-domain opset of the graph.
         threads: ONNX Runtime's intra-op threads during the check.
     """
 
     stored_bytes: float
     layers: dict[str, str] = field(default_factory=dict)
+    weights_storage: str = "int8"
+    packed_bits: dict[str, int] = field(default_factory=dict)
+    storage_note: str | None = None
     opset: int = OPSET
     threads: int = 1
 
@@ -63,6 +73,7 @@ def export_onnx(
     requantize: bool = False,
     accuracy_level: int | None = None,
     threads: int | None = None,
+    pack: bool = True,
 ) -> ExportReport:
     """Export a fake-quantized model to a QDQ int8 ONNX file, verified in ONNX Runtime.
 
@@ -92,6 +103,11 @@ def export_onnx(
             (default), their inputs stay float, as squeezer computes them; 4 lets ONNX Runtime
             quantize those inputs to int8 on the fly (faster, not what squeezer simulates).
         threads: ONNX Runtime intra-op threads for the check (default: torch's thread count).
+        pack: store sub-8-bit weight codes at their width (bit planes that ONNX Runtime unpacks
+            into the int8 codes once, at load), so that the file is about the plan's theoretical
+            size and runs the very graph of the int8 file. Kept only if ONNX Runtime's optimized
+            graph of the packed file equals that of the int8 file; ``pack=False`` writes a byte a
+            code.
 
     Returns:
         An :class:`ExportReport`.
@@ -136,6 +152,9 @@ def export_onnx(
     except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug in the rewriter
         raise ExportError(f"the rewritten ONNX graph is invalid ({first_line(exc)})") from exc
     data = proto.SerializeToString()
+    packed, note = {}, None
+    if pack:
+        data, packed, note = _packed(proto, data, layers, threads)
 
     checks = dict.fromkeys(CHECK_FIELDS)
     if verify:
@@ -155,9 +174,12 @@ def export_onnx(
         path=str(path),
         size_bytes=len(data),
         theoretical_bytes=_plan_bytes(fmodel, plan),
-        stored_bytes=_stored_bytes(fmodel, layers),
+        stored_bytes=_stored_bytes(fmodel, layers, packed),
         **checks,
         layers={fqn: layer.status for fqn, layer in layers.items()},
+        weights_storage="packed" if packed else "int8",
+        packed_bits=packed,
+        storage_note=note,
         opset=OPSET,
         threads=threads,
     )
@@ -352,7 +374,26 @@ def _plan_bytes(fmodel: nn.Module, plan: Plan) -> float:
     return model_bytes(fmodel, plan)
 
 
-def _stored_bytes(fmodel: nn.Module, layers: Mapping[str, _Layer]) -> float:
+def _packed(proto, data: bytes, layers: Mapping[str, _Layer], threads: int):
+    """(the packed file's bytes, {FQN: bits stored per code}, None) if packing the codes folds
+    back into the int8 graph in ONNX Runtime; (``data``, {}, why not) if it does not; (``data``,
+    {}, None) if there is nothing to pack."""
+    from .packing import _pack_codes, _unfolded
+
+    packed, widths = _pack_codes(proto)
+    if not widths:
+        return data, {}, None
+    packed_data = packed.SerializeToString()
+    why = _unfolded(packed_data, data, threads)
+    if why is not None:
+        return data, {}, f"{why}; the codes are stored a byte each"
+    fqn_of = {f"{fqn}.w_q": fqn for fqn in layers}
+    return packed_data, {fqn_of.get(k, k): bits for k, bits in widths.items()}, None
+
+
+def _stored_bytes(
+    fmodel: nn.Module, layers: Mapping[str, _Layer], packed: Mapping[str, int]
+) -> float:
     """``model_bytes`` with each layer's codes at the width the file stores them."""
     from dataclasses import replace
 
@@ -370,6 +411,8 @@ def _stored_bytes(fmodel: nn.Module, layers: Mapping[str, _Layer]) -> float:
             )
         elif layer.status.startswith("float"):
             specs[fqn] = replace(layer.spec, bits=32)
+        elif fqn in packed:
+            specs[fqn] = replace(layer.spec, bits=packed[fqn])
         else:
             specs[fqn] = replace(layer.spec, bits=max(8, layer.spec.bits))
     return model_bytes(fmodel, Plan(specs))

@@ -71,7 +71,7 @@ class _Graph:
     def node(op: str, inputs: list[str], outputs: list[str], **attrs):
         from onnx import helper
 
-        domain = MS_DOMAIN if op == "MatMulNBits" else ""
+        domain = MS_DOMAIN if op == "MatMulNBits" else None  # None: the default, not written
         return helper.make_node(op, inputs, outputs, domain=domain, **attrs)
 
     def resolve(self, name: str, producers: Mapping[str, Any]) -> str | None:

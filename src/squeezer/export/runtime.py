@@ -20,9 +20,15 @@ from ..errors import ExportError, first_line
 from .layers import _Act
 
 
-def ort_session(model: str | os.PathLike | bytes, *, threads: int | None = None):
+def ort_session(
+    model: str | os.PathLike | bytes,
+    *,
+    threads: int | None = None,
+    optimized_path: str | os.PathLike | None = None,
+):
     """An ONNX Runtime CPU session with every graph optimization on and ``intra_op_num_threads``
-    set explicitly (default: torch's thread count), one inter-op thread.
+    set explicitly (default: torch's thread count), one inter-op thread. With ``optimized_path``
+    ONNX Runtime also writes the graph it runs there (after constant folding and its fusions).
 
     Example:
         >>> sess = ort_session("model.onnx", threads=2)  # doctest: +SKIP
@@ -34,6 +40,8 @@ def ort_session(model: str | os.PathLike | bytes, *, threads: int | None = None)
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     src = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])

@@ -14,6 +14,9 @@ node holding a Quant* layer's weight into integer codes and the nodes that dequa
   provider has no integer ConvTranspose (it leaves QDQ → ConvTranspose unfused and its float bias
   alone), so a ConvTranspose keeps DequantizeLinear on its weight codes, a float kernel and its
   float bias.
+* Initializers are named after the layer with short suffixes: ``conv1.w_q`` (codes), ``.w_s``
+  (scale), ``.w_z`` (zero point), ``.b_q`` (int32 bias), ``.b_sx`` (its input's scale). On a small
+  net long names were a few percent of the file.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def _rewrite_node(
         if nb is not None:
             return nb
     dtype = _code_dtype(layer.qmin, layer.qmax)
-    base = f"{layer.fqn}.weight"
+    base = f"{layer.fqn}.w"
     wscale = ""
     if dtype is None:  # codes wider than 8 bits: keep the dequantized weight in float
         arr = layer.native(w.dequantized())
@@ -161,25 +164,25 @@ def _weight_dq(graph: _Graph, layer: _Layer, layout: str, w: _WeightCodes, dtype
     # int8 codes are symmetric here (zero point 0, the default): no zero-point initializer
     zero = dtype == np.int8 and not np.any(w.zero_point) and layer.kind.startswith("conv")
     if w.per_tensor:
-        q = graph.add_init(f"{base}_quantized", _layout(layer.native(codes), layout))
-        s = graph.add_init(f"{base}_scale", np.float32(w.scale[0, 0]))
+        q = graph.add_init(f"{base}_q", _layout(layer.native(codes), layout))
+        s = graph.add_init(f"{base}_s", np.float32(w.scale[0, 0]))
         ins = (
             [q, s]
             if zero
             else [
                 q,
                 s,
-                graph.add_init(f"{base}_zero_point", np.asarray(w.zero_point[0, 0], dtype)),
+                graph.add_init(f"{base}_z", np.asarray(w.zero_point[0, 0], dtype)),
             ]
         )
         return deq, [graph.node("DequantizeLinear", ins, [deq])]
     if w.scale.shape[1] == 1:  # per output channel
-        q = graph.add_init(f"{base}_quantized", _layout(layer.native(codes), layout))
-        s = graph.add_init(f"{base}_scale", w.scale[:, 0].astype(np.float32))
+        q = graph.add_init(f"{base}_q", _layout(layer.native(codes), layout))
+        s = graph.add_init(f"{base}_s", w.scale[:, 0].astype(np.float32))
         ins = (
             [q, s]
             if zero
-            else [q, s, graph.add_init(f"{base}_zero_point", w.zero_point[:, 0].astype(dtype))]
+            else [q, s, graph.add_init(f"{base}_z", w.zero_point[:, 0].astype(dtype))]
         )
         axis = layer.channel_axis if layout == "rows" else 1
         return deq, [graph.node("DequantizeLinear", ins, [deq], axis=axis)]
@@ -188,9 +191,9 @@ def _weight_dq(graph: _Graph, layer: _Layer, layout: str, w: _WeightCodes, dtype
     # They read only initializers, so ONNX Runtime folds them into a float weight at load.
     rows, k = codes.shape
     groups = w.scale.shape[1]
-    q = graph.add_init(f"{base}_quantized", codes.reshape(rows, groups, k // groups))
-    s = graph.add_init(f"{base}_scale", w.scale.astype(np.float32)[..., None])
-    z = graph.add_init(f"{base}_zero_point", w.zero_point.astype(np.float32)[..., None])
+    q = graph.add_init(f"{base}_q", codes.reshape(rows, groups, k // groups))
+    s = graph.add_init(f"{base}_s", w.scale.astype(np.float32)[..., None])
+    z = graph.add_init(f"{base}_z", w.zero_point.astype(np.float32)[..., None])
     shape = graph.add_init(f"{base}_shape", np.asarray(layer.rows_shape, np.int64))
     qf, centred, scaled = (graph.fresh(f"{base}_{x}") for x in ("float", "centred", "scaled"))
     moved = layout == "cols" or layer.channel_axis != 0
@@ -215,14 +218,14 @@ def _bias_input(graph: _Graph, layer: _Layer, w: _WeightCodes, bias: np.ndarray,
     folds it at load) and the zero point is left out (it defaults to 0), which keeps the file
     within a few percent of Σ params × bits / 8.
     """
-    base = f"{layer.fqn}.bias"
+    base = f"{layer.fqn}.b"
     if _full_range_8bit(layer.act) and w.scale.shape[1] == 1 and weight_scale:
         s = (np.float32(layer.act.scale) * w.scale[:, 0]).astype(np.float32)
         s = s[:1] if w.per_tensor else s
         q = np.round(bias.astype(np.float64) / s.astype(np.float64))
         if np.all(np.abs(q) < 2**31 - 1):
-            qn = graph.add_init(f"{base}_quantized", q.astype(np.int32))
-            sx = graph.add_init(f"{base}_input_scale", np.float32(layer.act.scale))
+            qn = graph.add_init(f"{base}_q", q.astype(np.int32))
+            sx = graph.add_init(f"{base}_sx", np.float32(layer.act.scale))
             sn, deq = graph.fresh(f"{base}_scale"), graph.fresh(f"{base}_dequantized")
             attrs = {} if w.per_tensor else {"axis": 0}
             return deq, [
@@ -239,25 +242,25 @@ def _gather(graph: _Graph, n, layer: _Layer, w: _WeightCodes) -> list:
         n.input[0] = graph.add_init(f"{layer.fqn}.weight", w.dequantized().reshape(layer.shape))
         layer.status = "float (group-wise embedding)"
         return [n]
-    base = f"{layer.fqn}.weight"
+    base = f"{layer.fqn}.w"
     ids, out = n.input[1], n.output[0]
-    q = graph.add_init(f"{base}_quantized", w.codes.astype(dtype).reshape(layer.shape))
+    q = graph.add_init(f"{base}_q", w.codes.astype(dtype).reshape(layer.shape))
     rows_q, rows_f = graph.fresh(f"{base}_rows_q"), graph.fresh(f"{base}_rows")
     nodes = [
         graph.node("Gather", [q, ids], [rows_q], axis=0),
         graph.node("Cast", [rows_q], [rows_f], to=1),
     ]
     if w.per_tensor:
-        s = graph.add_init(f"{base}_scale", np.float32(w.scale[0, 0]))
-        z = graph.add_init(f"{base}_zero_point", np.float32(w.zero_point[0, 0]))
+        s = graph.add_init(f"{base}_s", np.float32(w.scale[0, 0]))
+        z = graph.add_init(f"{base}_z", np.float32(w.zero_point[0, 0]))
         centred = graph.fresh(f"{base}_centred")
         nodes += [
             graph.node("Sub", [rows_f, z], [centred]),
             graph.node("Mul", [centred, s], [out]),
         ]
     else:
-        s = graph.add_init(f"{base}_scale", w.scale.astype(np.float32))  # (rows, 1)
-        z = graph.add_init(f"{base}_zero_point", w.zero_point.astype(np.float32))
+        s = graph.add_init(f"{base}_s", w.scale.astype(np.float32))  # (rows, 1)
+        z = graph.add_init(f"{base}_z", w.zero_point.astype(np.float32))
         sr, zr, centred = (graph.fresh(f"{base}_{x}") for x in ("row_scale", "row_zp", "c"))
         nodes += [
             graph.node("Gather", [s, ids], [sr], axis=0),
