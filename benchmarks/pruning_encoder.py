@@ -11,9 +11,18 @@ is shared, quote the ratios).
 Head pruning is gradual: each stage re-scores the current (fine-tuned) model with the Hessian gate
 scores, removes heads and neurons up to the next MACs target, and fine-tunes again.
 
+Training and timing can be separate runs, so that the variants of several training runs are timed
+together, round-robin, in ONE run: ``--no-time`` trains, writes ``pruning_encoder.json`` and the
+pruned models (``models/NAME.pt``, a state dict; the head architecture and the token thresholds
+are in the JSON); ``--time DIR,DIR`` rebuilds every model of those folders and times them with the
+unpruned model.
+
 Usage:
     python benchmarks/pruning_encoder.py --out bench-prune-enc          # the full run
     python benchmarks/pruning_encoder.py --quick --out /tmp/x           # a minute: does it run
+    python benchmarks/pruning_encoder.py --methods heads --stages 0.25,0.4 --epochs 1,2 \
+        --no-time --out runs/heads
+    python benchmarks/pruning_encoder.py --time runs/heads,runs/tokens --out runs/timed
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ import torch
 
 from squeezer.data import load_data
 from squeezer.export import export_float_onnx, latency_table, ort_session
+from squeezer.graph import copy_model
 from squeezer.hf import load_hf
 from squeezer.measure import param_count
 from squeezer.prune import PruneSpec, prune
-from squeezer.prune.heads import encoder_blocks, encoder_macs
+from squeezer.prune.heads import architecture, encoder_blocks, encoder_macs, rebuild
 from squeezer.prune.tokens import TokenPruned
 from squeezer.text import embed_batches, mean_cosine, tokenize
 from squeezer.train.finetune import finetune
@@ -70,7 +80,8 @@ def fidelity(model, data, pas, pas_ref) -> dict[str, float]:
 def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
     """Gradual head + neuron pruning: one point per MACs target (fraction of encoder MACs removed)."""
     rows, model, done, macs0 = [], fp32, 0.0, encoder_macs(fp32)
-    for target in stages:
+    epochs = per_stage(args.epochs, len(stages))
+    for target, n_epochs in zip(stages, epochs, strict=True):
         ratio = 1 - (1 - target) / (1 - done)  # of the current model's MACs
         spec = PruneSpec(
             "heads",
@@ -85,7 +96,7 @@ def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
         log(
             f"heads {target:.2f}: one-shot cosine {oneshot['cosine']:.4f} ({score_s:.0f} s scoring)"
         )
-        r = finetune(p.model, data, epochs=args.epochs, lr=args.lr, batch_size=32,
+        r = finetune(p.model, data, epochs=n_epochs, lr=args.lr, batch_size=32,
                      steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
         model = r.model
         fid = fidelity(model, data, pas, pas_ref)
@@ -96,8 +107,8 @@ def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
             "heads": [b.heads for b in encoder_blocks(model)],
             "neurons": [b.neurons for b in encoder_blocks(model)],
             "params": param_count(model), "oneshot": oneshot, **fid,
-            "finetune_s": r.seconds, "score_s": score_s, "epochs": args.epochs,
-            "history": [dict(h) for h in r.history], "model": model,
+            "finetune_s": r.seconds, "score_s": score_s, "epochs": n_epochs,
+            "arch": architecture(model), "history": [dict(h) for h in r.history], "model": model,
         })  # fmt: skip
     return rows
 
@@ -120,15 +131,15 @@ def token_curve(fp32, data, pdata, ratios, args) -> list[dict[str, Any]]:
     from squeezer.prune.tokens import kept_fractions
 
     rows = []
-    for ratio in ratios:
+    for ratio, n_epochs in zip(ratios, per_stage(args.ltp_epochs, len(ratios)), strict=True):
         spec = PruneSpec("tokens", ratio=ratio,
-                         options={"steps": args.ltp_steps, "samples": 128, "lr": 1e-2})  # fmt: skip
+                         options={"steps": args.ltp_steps, "samples": 128})  # fmt: skip
         t0 = time.perf_counter()
         p = prune(fp32, spec, pdata)
         thr_s = time.perf_counter() - t0
         oneshot = mean_cosine(pdata.y_test, embed_batches(p.model, pdata.x_test))
         log(f"tokens {ratio:.2f}: cosine {oneshot:.4f} after {thr_s:.0f} s threshold training")
-        r = finetune(p.model, pdata, epochs=args.epochs, lr=args.lr, batch_size=32,
+        r = finetune(p.model, pdata, epochs=n_epochs, lr=args.lr, batch_size=32,
                      steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
         model = r.model
         fid = {"cosine_passages": mean_cosine(pdata.y_test, embed_batches(model, pdata.x_test)),
@@ -140,21 +151,66 @@ def token_curve(fp32, data, pdata, ratios, args) -> list[dict[str, Any]]:
             "method": "tokens", "target": ratio, "macs_removed": 1 - sum(kept) / len(kept),
             "kept": kept, "thresholds": [float(t) for t in model.thresholds],
             "oneshot": {"cosine_passages": oneshot}, **fid, "threshold_s": thr_s,
-            "finetune_s": r.seconds, "epochs": args.epochs,
+            "finetune_s": r.seconds, "epochs": n_epochs,
+            "soft_kept": [p.stats.get("soft_kept_first"), p.stats.get("soft_kept_last")],
             "history": [dict(h) for h in r.history], "model": model,
         })  # fmt: skip
     return rows
 
 
-def latencies(variants: dict[str, torch.nn.Module], example: dict, runs: int) -> dict[str, Any]:
+def per_stage(spec: str, n: int) -> list[int]:
+    """``"2"`` -> [2] * n; ``"1,2"`` -> [1, 2] (one number of epochs per stage)."""
+    v = [int(e) for e in str(spec).split(",")]
+    return v * n if len(v) == 1 else v
+
+
+def rebuild_variant(fp32, row: dict, path: Path) -> torch.nn.Module:
+    """The pruned model ``row`` describes, rebuilt from ``fp32``'s shapes and its saved weights."""
+    model = rebuild(fp32, row["arch"]) if row["method"] == "heads+ffn" else copy_model(fp32)
+    if row["method"] == "tokens":
+        model = TokenPruned(model, torch.tensor(row["thresholds"]))
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def latencies(
+    variants: dict[str, torch.nn.Module], example: dict, runs: int, threads: int
+) -> dict[str, Any]:
     """Batch-32 median latency of every variant in PyTorch and ONNX Runtime FP32, in one run."""
     timed: dict[str, Any] = {}
     for name, m in variants.items():
         timed[f"pt:{name}"] = m.eval()
         if not isinstance(m, TokenPruned):  # token pruning is PyTorch only
-            timed[f"ort:{name}"] = ort_session(export_float_onnx(m, example), threads=2)
-    t = latency_table(timed, {32: example}, threads=2, warmup=2, runs=runs)["batch_32"]
+            timed[f"ort:{name}"] = ort_session(export_float_onnx(m, example), threads=threads)
+    t = latency_table(timed, {32: example}, threads=threads, warmup=2, runs=runs)["batch_32"]
     return {k: v["median_ms"] for k, v in t.items()}
+
+
+def print_table(rows: list[dict], lat: dict[str, float]) -> None:
+    print("| method | MACs removed | heads | FFN | cosine (one-shot) | cosine passages | "
+          "PT ms (×) | ORT ms (×) | fine-tune s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| FP32 | 0 | 72 | 9216 | 1 | 1 | {lat['pt:fp32']:.0f} | {lat['ort:fp32']:.0f} | — |")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['macs_removed']:.2f} | {sum(r.get('heads', [72]))} | "
+            f"{sum(r.get('neurons', [9216]))} | {r['cosine']:.4f} "
+            f"({next(iter(r['oneshot'].values())):.3f}) | {r['cosine_passages']:.4f} | "
+            f"{r['pt_ms']:.0f} ({r['pt_speedup']:.2f}×) | {r['ort_ms']:.0f} "
+            f"({r['ort_speedup']:.2f}×) | {r['finetune_s']:.0f} |"
+        )
+
+
+def time_rows(fp32, rows: list[dict], variants: dict, example: dict, args) -> dict[str, float]:
+    """Time the unpruned model and every variant together; write the figures into ``rows``."""
+    log(f"timing {len(variants)} variants, {args.runs} round-robin runs ...")
+    lat = latencies({"fp32": fp32, **variants}, example, args.runs, args.time_threads)
+    for r in rows:
+        name = r["name"]
+        r["pt_ms"], r["ort_ms"] = lat[f"pt:{name}"], lat.get(f"ort:{name}", float("nan"))
+        r["pt_speedup"] = lat["pt:fp32"] / r["pt_ms"]
+        r["ort_speedup"] = lat["ort:fp32"] / r["ort_ms"]
+    return lat
 
 
 def main() -> None:
@@ -162,7 +218,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
     ap.add_argument("--stages", default="0.25,0.4,0.5,0.6")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", default="1", help="epochs per head stage: N or N1,N2,...")
+    ap.add_argument("--ltp-epochs", default="2", help="hard-model epochs per token ratio")
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--importance", default="hessian")
@@ -171,10 +228,14 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--methods", default="heads,tokens")
     ap.add_argument("--ratios", default="0.3,0.45,0.55", help="token-pruning ratios")
-    ap.add_argument("--ltp-steps", type=int, default=15, help="soft threshold-training steps")
+    ap.add_argument("--ltp-steps", type=int, default=50, help="soft threshold-training steps")
     ap.add_argument("--passages", type=int, default=1024, help="training passages for LTP")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    ap.add_argument("--time-threads", type=int, default=2, help="threads for the timing")
+    ap.add_argument("--no-time", action="store_true", help="train and save; time later")
+    ap.add_argument("--time", default=None, help="DIR,DIR: time the saved models of these runs")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +244,25 @@ def main() -> None:
         args.stages, args.ratios, args.ltp_steps = "0.3", "0.4", 2
 
     fp32, tok = load_hf("hf:minilm")
+    machine = {"platform": platform.platform(), "torch": torch.__version__,
+               "threads": args.threads, "time_threads": args.time_threads,
+               "note": "2 cores shared with other jobs: compare the ratios"}  # fmt: skip
+    if args.time:  # time the saved models of earlier runs, all in one round-robin
+        rows, variants, example = [], {}, None
+        for d in (Path(x) for x in args.time.split(",")):
+            res = json.loads((d / "pruning_encoder.json").read_text())
+            for r in res["rows"]:
+                r["run"] = str(d)
+                variants[r["name"]] = rebuild_variant(fp32, r, d / "models" / f"{r['name']}.pt")
+                rows.append(r)
+            example = example or torch.load(d / "example.pt", weights_only=True)
+        lat = time_rows(fp32, rows, variants, example, args)
+        result = {"machine": machine, "args": vars(args), "rows": rows,
+                  "fp32_ms": {"pt": lat["pt:fp32"], "ort": lat["ort:fp32"]}}  # fmt: skip
+        (out / "timing.json").write_text(json.dumps(result, indent=1))
+        print_table(rows, lat)
+        return
+
     t0 = time.perf_counter()
     data = load_data("sentences", model=fp32, tokenizer=tok, max_len=SEQ,
                      n_train=args.n_train, n_test=512)  # fmt: skip
@@ -199,39 +279,25 @@ def main() -> None:
         n_tr, n_te = (64, 32) if args.quick else (args.passages, 128)
         pdata = passage_data(fp32, tok, data, n_tr, n_te)
         log(f"passages: {pdata.n_train} train / {n_te} test")
-        pas = (
-            pdata.x_test
-        )  # time on held-out passages: what a token-pruned model keeps depends on them
+        # Timed on held-out passages: what a token-pruned model keeps depends on them.
+        pas = pdata.x_test
         rows += token_curve(fp32, data, pdata, [float(s) for s in args.ratios.split(",")], args)
 
     example = {k: v[:32] for k, v in pas.items()}
-    names = [f"{r['method']}{r['target']:.2f}" for r in rows]
-    variants = {"fp32": fp32, **{n: r.pop("model") for n, r in zip(names, rows, strict=True)}}
-    log("timing ...")
-    lat = latencies(variants, example, args.runs)
-    for name, r in zip(names, rows, strict=True):
-        r["pt_ms"], r["ort_ms"] = lat[f"pt:{name}"], lat.get(f"ort:{name}", float("nan"))
-        r["pt_speedup"] = lat["pt:fp32"] / r["pt_ms"]
-        r["ort_speedup"] = lat["ort:fp32"] / r["ort_ms"]
-    result = {
-        "machine": {"platform": platform.platform(), "threads": 2, "torch": torch.__version__,
-                    "note": "2 cores shared with other jobs: compare the ratios"},
-        "args": vars(args), "fp32_ms": {"pt": lat["pt:fp32"], "ort": lat["ort:fp32"]},
-        "macs_fp32": encoder_macs(fp32), "params_fp32": param_count(fp32), "rows": rows,
-    }  # fmt: skip
-    (out / "pruning_encoder.json").write_text(json.dumps(result, indent=1))
-    print("| method | MACs removed | heads | FFN | cosine (one-shot) | cosine passages | "
-          "PT ms (×) | ORT ms (×) | fine-tune s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| FP32 | 0 | 72 | 9216 | 1 | 1 | {lat['pt:fp32']:.0f} | {lat['ort:fp32']:.0f} | — |")
+    (out / "models").mkdir(exist_ok=True)
+    torch.save(example, out / "example.pt")
+    variants = {}
     for r in rows:
-        print(
-            f"| {r['method']} | {r['macs_removed']:.2f} | {sum(r.get('heads', [72]))} | "
-            f"{sum(r.get('neurons', [9216]))} | {r['cosine']:.4f} "
-            f"({next(iter(r['oneshot'].values())):.3f}) | {r['cosine_passages']:.4f} | "
-            f"{r['pt_ms']:.0f} ({r['pt_speedup']:.2f}×) | {r['ort_ms']:.0f} "
-            f"({r['ort_speedup']:.2f}×) | {r['finetune_s']:.0f} |"
-        )
+        r["name"] = f"{r['method']}{r['target']:.2f}"
+        variants[r["name"]] = model = r.pop("model")
+        torch.save(model.state_dict(), out / "models" / f"{r['name']}.pt")
+    result = {"machine": machine, "args": vars(args), "macs_fp32": encoder_macs(fp32),
+              "params_fp32": param_count(fp32), "rows": rows}  # fmt: skip
+    if not args.no_time:
+        lat = time_rows(fp32, rows, variants, example, args)
+        result["fp32_ms"] = {"pt": lat["pt:fp32"], "ort": lat["ort:fp32"]}
+        print_table(rows, lat)
+    (out / "pruning_encoder.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

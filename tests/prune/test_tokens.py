@@ -26,15 +26,17 @@ def test_threshold_zero_is_the_unpruned_encoder():
     with torch.no_grad():
         ref = enc(**x)
         for mode in ("hard", "mask"):
-            got = TokenPruned(copy_model(enc), torch.zeros(2), mode=mode)(**x)
-            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+            for pool in ("kept", "exit"):
+                got = TokenPruned(copy_model(enc), torch.zeros(2), mode=mode, pool=pool)(**x)
+                torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
-def test_dropped_tokens_equal_masked_tokens():
+@pytest.mark.parametrize("pool", ["kept", "exit"])
+def test_dropped_tokens_equal_masked_tokens(pool):
     enc, x = tiny_encoder(), token_data(8, seed=2)
     th = torch.tensor([0.08, 0.1])
-    hard = TokenPruned(copy_model(enc), th, mode="hard")
-    mask = TokenPruned(copy_model(enc), th, mode="mask")
+    hard = TokenPruned(copy_model(enc), th, mode="hard", pool=pool)
+    mask = TokenPruned(copy_model(enc), th, mode="mask", pool=pool)
     with torch.no_grad():
         a, b = hard(**x), mask(**x)
         ref = enc(**x)
@@ -117,6 +119,8 @@ def test_bad_input():
         prune(enc, PruneSpec("tokens", ratio=0.3), None)
     with pytest.raises(ConfigError, match="thresholds"):
         TokenPruned(copy_model(enc), torch.zeros(3))
+    with pytest.raises(ConfigError, match="pooling"):
+        TokenPruned(copy_model(enc), torch.zeros(2), pool="cls")
     with pytest.raises(ConfigError, match="too high"):
         kept_schedule(0.9, 6)
 
@@ -129,3 +133,53 @@ def test_export_is_refused():
     net = TokenPruned(copy_model(tiny_encoder()), torch.zeros(2))
     with pytest.raises((ExportError, UnsupportedModelError), match="PyTorch only"):
         export_float_onnx(net, token_data(2, seed=0))
+
+
+def test_exit_pooling_pools_each_pruned_token_where_it_left():
+    # Pruning only in the last block: everything before it is the unpruned encoder, so the oracle
+    # is the unpruned final states for the kept tokens and the last block's attention output for
+    # the pruned ones, averaged over all the tokens.
+    enc, x = tiny_encoder(), token_data(6, seed=11)
+    net = TokenPruned(copy_model(enc), torch.tensor([0.0, 0.1]), mode="mask", pool="exit")
+    states = {}
+    bert = enc.model
+    hook = bert.encoder.layer[1].attention.register_forward_hook(
+        lambda m, a, out: states.__setitem__("att", out[0])
+    )
+    try:
+        with torch.no_grad():
+            got = net(**x)
+            final = bert(**x).last_hidden_state
+    finally:
+        hook.remove()
+    net.record = []
+    with torch.no_grad():
+        net(**x)
+    s, live = net.record[1]
+    net.record = None
+    kept = ((s >= 0.1) & (live > 0)).float()
+    kept = kept.scatter(1, s.masked_fill(live <= 0, -1).argmax(1, keepdim=True), 1.0)
+    assert 0 < float(kept.sum()) < float(live.sum())  # some tokens go, some stay
+    m = x["attention_mask"].float()
+    mix = kept[..., None] * final + (m - kept)[..., None] * states["att"]
+    want = torch.nn.functional.normalize(mix.sum(1) / m.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_stage_converges_to_the_target_ratio():
+    # From thresholds 0 (every token kept) the soft stage must bring the kept fraction to the
+    # target: its step is in units of the mean score, so it moves at the scores' scale.
+    from squeezer.prune.tokens import train_thresholds
+
+    enc = tiny_encoder()
+    data = _data(enc)
+    net = TokenPruned(copy_model(enc), torch.zeros(2), temperature=0.25 / 8)
+    # (a random tiny encoder's cosine loss is ~0.3, so the penalty is raised to dominate it)
+    info = train_thresholds(net, data, 0.7, unit=1 / 8, steps=40, lr=0.3, penalty=100.0,
+                            batch_size=16)  # fmt: skip
+    assert info["history"][0]["kept"] > 0.8
+    last = [h["kept"] for h in info["history"][-8:]]  # two passes over the 4 batches
+    assert sum(last) / len(last) == pytest.approx(0.7, abs=0.05)
+    got = kept_fractions(net, [x for x, _ in data.train_batches(16)])
+    assert sum(got) / 2 == pytest.approx(0.7, abs=0.08)
+    assert net.mode == "hard" and not net.thresholds.requires_grad
