@@ -51,3 +51,21 @@ def test_cli_export_needs_a_compressed_run(tmp_path, capsys):
     (w / "manifest.json").write_text(json.dumps({"tool": "squeezer", "command": "train"}))
     assert main(["bench", str(w)]) == 2
     assert "no compressed model" in capsys.readouterr().err
+
+
+def test_cli_export_packs_sub_8_bit_codes_unless_asked_not_to(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=4"]
+    assert main([*argv, "--method", "uniform", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    packed = json.loads((run / "metrics.json").read_text())["export"]
+    assert packed["weights_storage"] == "packed" and "x theoretical" in out and "packed" in out
+    assert packed["size_bytes"] <= 1.1 * packed["theoretical_bytes"]
+    assert (run / "model.onnx").stat().st_size == packed["size_bytes"]
+    assert main(["export", str(run), "--no-pack"]) == 0, capsys.readouterr().err
+    plain = json.loads((run / "metrics.json").read_text())["export"]
+    assert plain["weights_storage"] == "int8" and plain["packed_bits"] == {}
+    assert plain["size_bytes"] >= 1.5 * packed["size_bytes"]
+    assert plain["test_metric"] == packed["test_metric"]
