@@ -1,0 +1,354 @@
+"""Fine-tuning benchmark (issue 14): quantization-aware training with knowledge distillation,
+squeezer's one trainer (``squeezer.train.finetune``), against post-training quantization and
+against Brevitas' QAT on the same net, bits, epochs and seed.
+
+Install step for the peer (only for ``peer``; never a squeezer dependency):
+    pip install brevitas==0.13.4          # pulls dependencies, unfoldNd, setuptools; not torch
+
+Parts:
+- ``cnn``: the BatchNorm nets of the zoo, trained FP32 by squeezer's own trainer (``fit``), then
+  W4A4 (uniform) and Hessian mixed <= 3 bits with 8-bit activations: PTQ, QAT on the labels and
+  QAT + KD from the FP32 net, each seed re-running the whole chain (calibration subset, Hessian
+  probes, fine-tuning order); the share of PTQ's gap to FP32 that fine-tuning recovers.
+- ``minilm RUN...``: run folders of ``squeezer compress hf:minilm --data sentences ...`` (their
+  PTQ model as the CLI made it): distillation on the FP32 embeddings, cosine after each epoch.
+- ``peer``: Brevitas QAT (QuantConv2d / QuantLinear, 4-bit per-channel weights, 4-bit asymmetric
+  per-tensor inputs, activation ranges calibrated on the same batches) trained by the same loop
+  (``finetune``: same data order, loss, optimizer, schedule, seed) against squeezer's QAT.
+- ``export RUN``: ``squeezer finetune`` on a copy of a CNN run folder, then ``squeezer export``
+  and ``to_integer`` on the fine-tuned model, each compared with it.
+
+Usage:
+    python benchmarks/finetune.py cnn --seeds 0,1,2 --epochs 5 --json ft-cnn.json
+    python benchmarks/finetune.py minilm RUN_UNIFORM RUN_MIXED --epochs 2 --json ft-minilm.json
+    python benchmarks/finetune.py peer --net digits --epochs 5 --seeds 0,1,2 --json ft-peer.json
+    python benchmarks/finetune.py export RUN
+    python benchmarks/finetune.py cnn --nets digits --seeds 0 --epochs 1 --fp32-epochs 2  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeezer.data import evaluate, load_data
+from squeezer.pipeline import compress, test_metrics
+from squeezer.train import fit
+from squeezer.train.finetune import finetune
+from squeezer.zoo import create
+
+NETS = {"digits": ("digits_resnet_deep", "digits"), "mnist1d": ("mnist1d_resnet", "mnist1d")}
+PLANS = {  # name: (budget, method, activation bits)
+    "W4A4": ("bits=4", "uniform", 4),
+    "mixed<=3 A8": ("bits=3", "hessian", 8),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def mean_spread(xs: list[float]) -> str:
+    """``mean ± half-range`` (the spread of three seeds)."""
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {(max(xs) - min(xs)) / 2:.2f}"
+
+
+def trained(net_key: str, epochs: int, cache: Path | None) -> tuple[nn.Module, Any]:
+    """The FP32 net trained by squeezer's ``fit`` (seed 0), cached by name and epochs."""
+    name, data_name = NETS[net_key]
+    data = load_data(data_name)
+    net = create(name)
+    f = cache / f"{name}-{epochs}ep.pt" if cache else None
+    if f is not None and f.is_file():
+        net.load_state_dict(torch.load(f, weights_only=True))
+        return net.eval(), data
+    t = time.perf_counter()
+    net, info = fit(net, data, epochs=epochs, seed=0)
+    log(f"trained {name} {epochs} epochs in {time.perf_counter() - t:.0f} s: {info}")
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), f)
+    return net.eval(), data
+
+
+def top1(model: nn.Module, data: Any) -> float:
+    return float(evaluate(model, data.test_batches(), data.task))
+
+
+def recovered(ptq: float, after: float, fp32: float) -> float:
+    """Share of PTQ's gap to FP32 that fine-tuning closed (1: all of it)."""
+    gap = fp32 - ptq
+    return float("nan") if gap <= 0 else (after - ptq) / gap
+
+
+def run_cnn(args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "lsq": args.lsq,
+                           "batch_size": args.batch_size, "seeds": args.seeds, "nets": {}}  # fmt: skip
+    for key in args.nets:
+        net, data = trained(key, args.fp32_epochs, args.cache)
+        fp32 = top1(net, data)
+        log(f"{key}: FP32 top-1 {fp32:.2f}")
+        rows: dict[str, Any] = {}
+        for plan_name, (budget, method, act) in PLANS.items():
+            cells: dict[str, list] = {"ptq": [], "qat": [], "kd": [], "bits": [],
+                                      "qat_s": [], "kd_s": [], "kd_best": []}  # fmt: skip
+            for seed in args.seeds:
+                t = time.perf_counter()
+                res = compress(net, data, budget, method=method, act_bits=act, seed=seed)
+                t_ptq = time.perf_counter() - t
+                q = res.qmodel
+                ptq = top1(q, data)
+                kw = dict(epochs=args.epochs, lr=args.lr, seed=seed, progress=False,
+                          lsq=args.lsq, batch_size=args.batch_size)  # fmt: skip
+                qat = finetune(q, data, distill=False, **kw)
+                kd = finetune(q, data, teacher=net, **kw)
+                a_qat, a_kd = top1(qat.model, data), top1(kd.model, data)
+                bits = float(res.after.to_dict().get("avg_bits", float("nan")))
+                for k, v in (("ptq", ptq), ("qat", a_qat), ("kd", a_kd), ("bits", bits),
+                             ("qat_s", qat.seconds), ("kd_s", kd.seconds),
+                             ("kd_best", kd.best_epoch)):  # fmt: skip
+                    cells[k].append(v)
+                log(f"{key} {plan_name} seed {seed}: PTQ {ptq:.2f} ({t_ptq:.0f} s, {bits:.2f} "
+                    f"bits) QAT {a_qat:.2f} ({qat.seconds:.0f} s, best ep {qat.best_epoch}) "
+                    f"QAT+KD {a_kd:.2f} ({kd.seconds:.0f} s, best ep {kd.best_epoch}); "
+                    f"recovered {recovered(ptq, a_kd, fp32):.0%}")  # fmt: skip
+            gaps = [recovered(p, k, fp32) for p, k in zip(cells["ptq"], cells["kd"], strict=True)]
+            cells["recovered_kd"] = gaps
+            cells["recovered_kd_of_means"] = recovered(statistics.mean(cells["ptq"]),
+                                                       statistics.mean(cells["kd"]), fp32)  # fmt: skip
+            rows[plan_name] = cells
+        out["nets"][key] = {"model": NETS[key][0], "fp32": fp32, "plans": rows}
+    print_cnn(out)
+    return out
+
+
+def print_cnn(out: dict) -> None:
+    print("\n| net | setting | avg bits | FP32 | PTQ | QAT (labels) | QAT + KD | gap recovered "
+          "(KD, of means) | s / run (QAT+KD) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in out["nets"].values():
+        for plan_name, c in n["plans"].items():
+            print(f"| {n['model']} | {plan_name} | {statistics.mean(c['bits']):.2f} | "
+                  f"{n['fp32']:.2f} | {mean_spread(c['ptq'])} | {mean_spread(c['qat'])} | "
+                  f"{mean_spread(c['kd'])} | {c['recovered_kd_of_means']:.0%} | "
+                  f"{statistics.median(c['kd_s']):.0f} |")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM run folders
+
+
+def run_minilm(args: argparse.Namespace) -> dict:
+    from squeezer.runfolder import load_compressed, read_metrics
+
+    out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "n_train": args.n_train,
+                           "runs": {}}  # fmt: skip
+    for run in args.runs:
+        fp32, q, _, data = load_compressed(run)
+        if args.n_train != data.n_train:  # more training sentences than the run's; same test split
+            from squeezer.hf import load_hf
+
+            _, tok = load_hf("hf:minilm")
+            n_test = len(data.meta["test_text"])
+            data = load_data("sentences", model=fp32, tokenizer=tok, n_train=args.n_train or None,
+                             n_test=n_test)  # fmt: skip
+        m = read_metrics(run)
+        name = m.get("after", {}).get("name", Path(run).name)
+        t = time.perf_counter()
+        ptq, _ = test_metrics(q, data)
+        log(f"{name}: PTQ test cosine {ptq:.4f} ({time.perf_counter() - t:.0f} s to measure); "
+            f"{data.n_train} training sentences")  # fmt: skip
+        r = finetune(q, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                     seed=0, progress=False, steps_per_epoch=args.steps)  # fmt: skip
+        after, extra = test_metrics(r.model, data)
+        curve = [(h["epoch"], h["val_metric"], h["seconds"]) for h in r.history]
+        log(f"{name}: held-out cosine per epoch {[(e, round(c, 4)) for e, c, _ in curve]}; "
+            f"test cosine {ptq:.4f} -> {after:.4f} in {r.seconds:.0f} s (best epoch "
+            f"{r.best_epoch})")  # fmt: skip
+        out["runs"][str(run)] = {"name": name, "avg_bits": m.get("after", {}).get("avg_bits"),
+                                 "ptq": ptq, "after": after, "extra": extra,
+                                 "history": list(r.history), "seconds": r.seconds,
+                                 "best_epoch": r.best_epoch}  # fmt: skip
+    print("\n| plan | avg bits | PTQ cosine | held-out cosine by epoch | test cosine after | "
+          "fine-tune s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in out["runs"].values():
+        curve = " → ".join(f"{h['val_metric']:.4f}" for h in r["history"])
+        print(f"| {r['name']} | {r['avg_bits']} | {r['ptq']:.4f} | {curve} | {r['after']:.4f} | "
+              f"{r['seconds']:.0f} |")  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Brevitas, trained by the same loop
+
+
+def brevitas_model(net: nn.Module, bits: int) -> nn.Module:
+    """A copy of ``net`` with every Conv2d / Linear a Brevitas layer: ``bits``-bit per-channel
+    symmetric weights, ``bits``-bit asymmetric per-tensor inputs (squeezer's W4A4 settings)."""
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8WeightPerChannelFloat, ShiftedUint8ActPerTensorFloat
+
+    from squeezer.graph import copy_model
+
+    model = copy_model(net)
+    kw = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=bits,
+              input_quant=ShiftedUint8ActPerTensorFloat, input_bit_width=bits)  # fmt: skip
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if type(child) is nn.Conv2d or type(child) is nn.Conv1d:
+                cls = qnn.QuantConv2d if type(child) is nn.Conv2d else qnn.QuantConv1d
+                new = cls(child.in_channels, child.out_channels, child.kernel_size,
+                          stride=child.stride, padding=child.padding, dilation=child.dilation,
+                          groups=child.groups, bias=child.bias is not None, **kw)  # fmt: skip
+            elif type(child) is nn.Linear:
+                new = qnn.QuantLinear(child.in_features, child.out_features,
+                                      bias=child.bias is not None, **kw)  # fmt: skip
+            else:
+                swap(child)
+                continue
+            new.load_state_dict(child.state_dict(), strict=False)
+            setattr(parent, name, new)
+
+    swap(model)
+    return model
+
+
+def calibrate_brevitas(model: nn.Module, batches: Any) -> nn.Module:
+    from brevitas.graph.calibrate import calibration_mode
+
+    model.eval()
+    with torch.no_grad(), calibration_mode(model):
+        for x, _ in batches:
+            model(x)
+    return model.eval()
+
+
+def run_peer(args: argparse.Namespace) -> dict:
+    import brevitas
+
+    net, data = trained(args.net, args.fp32_epochs, args.cache)
+    fp32 = top1(net, data)
+    bits = 4
+    out: dict[str, Any] = {"net": NETS[args.net][0], "fp32": fp32, "epochs": args.epochs,
+                           "lr": args.lr, "brevitas": brevitas.__version__, "rows": []}  # fmt: skip
+    for seed in args.seeds:
+        res = compress(net, data, "bits=4", method="uniform", act_bits=bits, seed=seed)
+        calib = data.calibration_batches(seed=1234 + seed)
+        bq = calibrate_brevitas(brevitas_model(net, bits), calib)
+        kw = dict(teacher=net, epochs=args.epochs, lr=args.lr, seed=seed, progress=False,
+                  batch_size=args.batch_size)  # fmt: skip
+        for tool, q in (("squeezer", res.qmodel), ("brevitas", bq)):
+            ptq = top1(q, data)
+            # Brevitas' scales are parameters already (learned by the same optimizer)
+            r = finetune(q, data, lsq=args.lsq and tool == "squeezer", **kw)
+            after = top1(r.model, data)
+            per_epoch = statistics.median(h["seconds"] for h in r.history[1:])
+            out["rows"].append({"tool": tool, "seed": seed, "ptq": ptq, "after": after,
+                                "s_per_epoch": per_epoch, "best_epoch": r.best_epoch})  # fmt: skip
+            log(f"{tool} seed {seed}: PTQ {ptq:.2f} -> QAT+KD {after:.2f}, "
+                f"{per_epoch:.2f} s/epoch (median), best epoch {r.best_epoch}")  # fmt: skip
+    print(f"\n{out['net']} W4A4, QAT + KD {args.epochs} epochs, lr {args.lr}, batch "
+          f"{args.batch_size}, LSQ {args.lsq}, FP32 {fp32:.2f}")  # fmt: skip
+    print("| tool | PTQ | QAT + KD | s / epoch (median of seeds' medians) |")
+    print("|---|---|---|---|")
+    for tool in ("squeezer", "brevitas"):
+        rows = [r for r in out["rows"] if r["tool"] == tool]
+        print(f"| {tool} | {mean_spread([r['ptq'] for r in rows])} | "
+              f"{mean_spread([r['after'] for r in rows])} | "
+              f"{statistics.median(r['s_per_epoch'] for r in rows):.2f} |")  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and the integer-only path of a fine-tuned run
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    from squeezer.integer import to_integer
+    from squeezer.runfolder import load_compressed, read_metrics
+
+    tmp = Path(tempfile.mkdtemp(prefix="ft-export-"))
+    d = tmp / "run"
+    shutil.copytree(args.run, d)
+    cli = [sys.executable, "-m", "squeezer"]
+    out: dict[str, Any] = {}
+    cmd = [*cli, "finetune", str(d), "--epochs", str(args.epochs), "--quiet", "--threads", "1"]
+    out["finetune_rc"] = subprocess.run(cmd).returncode
+    m = read_metrics(d)
+    out["finetune"] = {k: m.get("finetune", {}).get(k) for k in ("ptq", "after", "fp32")}
+    log(f"finetune: rc {out['finetune_rc']}, {out['finetune']}")
+    p = subprocess.run([*cli, "export", str(d), "--threads", "1"], capture_output=True, text=True)
+    out["export_rc"], out["export_out"] = p.returncode, (p.stdout + p.stderr).strip()[-600:]
+    log(f"export: rc {p.returncode}: {out['export_out']}")
+    _, q, x, data = load_compressed(d)
+    imodel = to_integer(q, x[:1])
+    with torch.no_grad():
+        a, b = q(x), imodel(x)
+    out["integer_agreement"] = float((a.argmax(1) == b.argmax(1)).float().mean() * 100)
+    out["integer_max_abs_logit_diff"] = float((a - b).abs().max())
+    out["integer_top1"] = float((b.argmax(1) == data.y_test).float().mean() * 100)
+    out["finetuned_top1"] = float((a.argmax(1) == data.y_test).float().mean() * 100)
+    log(f"to_integer: top-1 {out['integer_top1']:.2f} vs fine-tuned {out['finetuned_top1']:.2f}, "
+        f"argmax agreement {out['integer_agreement']:.2f}%, max |logit diff| "
+        f"{out['integer_max_abs_logit_diff']:.4g}")  # fmt: skip
+    shutil.rmtree(tmp)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    seeds = dict(type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    for name in ("cnn", "peer", "minilm", "export"):
+        s = sub.add_parser(name)
+        s.add_argument("--epochs", type=int, default=5 if name in ("cnn", "peer") else 2)
+        s.add_argument("--lr", type=float, default=None, help="default: the trainer's")
+        s.add_argument("--json", type=Path, default=None)
+        if name in ("cnn", "peer"):
+            s.add_argument("--seeds", **seeds)
+            s.add_argument("--fp32-epochs", type=int, default=30)
+            s.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench")
+            s.add_argument("--lsq", action="store_true", help="squeezer learns its step sizes")
+            s.add_argument("--batch-size", type=int, default=64)
+        if name == "cnn":
+            s.add_argument("--nets", type=lambda s: s.split(","), default=list(NETS))
+        if name == "peer":
+            s.add_argument("--net", choices=tuple(NETS), default="digits")
+        if name == "minilm":
+            s.add_argument("runs", nargs="+", type=Path)
+            s.add_argument("--batch-size", type=int, default=32)
+            s.add_argument("--steps", type=int, default=None, help="at most N steps an epoch")
+            s.add_argument("--n-train", type=int, default=0,
+                           help="training sentences (0: all; the run's own split has 1024)")  # fmt: skip
+        if name == "export":
+            s.add_argument("run", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    out = {"cnn": run_cnn, "peer": run_peer, "minilm": run_minilm, "export": run_export}[args.part](
+        args
+    )
+    out["wall_s"] = time.perf_counter() - t
+    out["torch"] = torch.__version__
+    log(f"done in {out['wall_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
