@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from . import deployment, hessian, sections  # noqa: F401  (each registers its sections)
+from . import deployment, finetune, hessian, sections  # noqa: F401  (each registers its sections)
 from .render import (
     _PAGE,
     SECTIONS,
