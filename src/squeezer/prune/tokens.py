@@ -134,6 +134,7 @@ class TokenPruned(nn.Module):
         n0 = live.sum().clamp(min=1)
         pooled = torch.zeros(h.shape[0], h.shape[-1], dtype=h.dtype)  # exit pooling's running sum
         self.kept = []
+        hard = live > 0  # soft mode: the hard decisions alongside, for the ratio penalty
         for i, layer in enumerate(bert.encoder.layer):
             # log m on the attention scores (−∞ as the dtype's min, NaN-free gradients at m = 0).
             lo = torch.finfo(h.dtype).min
@@ -152,7 +153,14 @@ class TokenPruned(nn.Module):
             if self.pool == "exit":
                 pooled = pooled + (leaving.unsqueeze(-1) * att).sum(1)  # they leave in this state
             att = kept_att
-            self.kept.append(live.sum() / n0.sum())
+            kept = live.sum() / n0.sum()
+            if self.mode == "soft":
+                # Straight-through: the value is the hard kept fraction, the gradient the soft
+                # one's. The product of sigmoids along the blocks keeps fewer tokens than the hard
+                # thresholds do, so a penalty on the soft value alone lowers every threshold.
+                hard = hard & (s >= self.thresholds[i].detach())
+                kept = kept - kept.detach() + hard.sum() / n0.sum()
+            self.kept.append(kept)
             h = layer.feed_forward_chunk(att)
         pooled = pooled + (live.unsqueeze(-1) * h).sum(1)
         count = (attention_mask.to(h.dtype) if self.pool == "exit" else live).sum(1, keepdim=True)
