@@ -110,3 +110,32 @@ def test_padding_with_a_value_is_refused():
     qmodel = quantize(net, uniform_plan(net, 8, act_bits=8), calib=[x])
     with pytest.raises(UnsupportedModelError, match="zero padding"):
         to_integer(qmodel, x[:1])
+
+
+def test_dead_channels_compile_and_output_their_bias():
+    # Pretrained nets have dead channels (EfficientNet-Lite0's stem: weights 0 to 1e-7): their
+    # per-channel weight scale is ~0, so without the scale floor the folded BatchNorm bias is
+    # >= 2^31 accumulator steps and to_integer refuses the model.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, 64, 64, generator=g)
+    net = _with_data_statistics(create("efficientnet_lite0", image_size=64, classes=10), x[:32])
+    dead = [1, 5]
+    with torch.no_grad():
+        net.stem.conv.weight[dead] = 1e-9 * torch.randn(len(dead), 3, 3, 3, generator=g)
+        net.stem.bn.running_var[dead] = 0.0  # what training leaves for a dead channel
+        net.stem.bn.bias[dead] = torch.tensor([2.0, -1.0])  # one alive (constant), one off
+    folded = fold_batchnorm(net)
+    qmodel = quantize(folded, uniform_plan(folded, 8, act_bits=8), calib=[x[:32]])
+    imodel = to_integer(qmodel, x[:1])
+    from integer.test_cnn import simulate
+
+    _, codes, _ = simulate(qmodel, x[32:])
+    acc, rec = imodel.run(x[32:], overrides={imodel.points[k]: v for k, v in codes.items()},
+                          record=True)  # fmt: skip
+    for name, sim in codes.items():  # every layer equals the simulation fed the same codes
+        assert int((rec[imodel.points[name]] - sim).abs().max()) <= 1, name
+    # the stem's integer weights of the dead channels are 0, the live ones untouched
+    stem_w = next(s for s in imodel.steps.values() if hasattr(s, "weight")).weight
+    assert int(stem_w[dead].abs().max()) == 0
+    live = [c for c in range(32) if c not in dead]
+    assert int(stem_w[live].abs().amax((1, 2, 3)).min()) > 0

@@ -123,6 +123,30 @@ def _dyadic_for(ratio: torch.Tensor, bound: int) -> tuple[int, torch.Tensor, tor
     )
 
 
+#: Per-channel weight scales are floored at this fraction of the layer's largest one.
+SCALE_FLOOR = 2.0**-12
+
+
+def _floor_weight_scales(w_int: torch.Tensor, s_w: torch.Tensor):
+    """Codes and scales with every per-channel weight scale at least ``SCALE_FLOOR`` × the
+    layer's largest, the codes of a floored channel re-rounded to the coarser step.
+
+    Why: trained networks have dead channels (weights of 0 to 1e-7, e.g. EfficientNet-Lite0's
+    ImageNet weights); per-channel calibration gives them scales near 0, so their accumulator
+    step is near 0 and a folded BatchNorm bias is astronomically many steps (≥ 2^31). At the
+    floor such a channel's codes round to 0 (it outputs its bias, as it does in float to within
+    its weights' 1e-7), and a live channel's codes are unchanged. A channel below the floor loses
+    at most half a floor step per weight: 1/(2 · 127 · 4096) of the layer's largest weight.
+    """
+    floor = float(s_w.max()) * SCALE_FLOOR
+    low = s_w < floor
+    if not bool(low.any()):
+        return w_int, s_w
+    new_s = torch.where(low, torch.full_like(s_w, floor), s_w)
+    ratio = (s_w / new_s).reshape(-1, *([1] * (w_int.dim() - 1)))
+    return torch.round(w_int.double() * ratio).to(torch.int64), new_s
+
+
 def _layer_consts(m: nn.Module, s_x: float, qmin: int, qmax: int, zp: int):
     """Integer weight, bias and output scale/bound of a quantized conv/linear."""
     spec = m.spec
@@ -137,6 +161,7 @@ def _layer_consts(m: nn.Module, s_x: float, qmin: int, qmax: int, zp: int):
     w_int = codes - wzp.reshape(-1, *([1] * (codes.dim() - 1)))
     out_ch = codes.shape[0]
     s_w = wq.scale.reshape(-1).double().expand(out_ch)
+    w_int, s_w = _floor_weight_scales(w_int, s_w)
     s_acc = s_x * s_w  # float64: the exact product of the two float32 scales
     small = int(w_int.abs().max()) < 128
     weight = w_int.to(torch.int8 if small else torch.int16)
