@@ -102,7 +102,8 @@ def run_cnn(args: argparse.Namespace) -> dict:
         fp32 = top1(net, data)
         log(f"{key}: FP32 top-1 {fp32:.2f}")
         rows: dict[str, Any] = {}
-        for plan_name, (budget, method, act) in PLANS.items():
+        for plan_name in args.plans:
+            budget, method, act = PLANS[plan_name]
             cells: dict[str, list] = {"ptq": [], "qat": [], "kd": [], "bits": [],
                                       "qat_s": [], "kd_s": [], "kd_best": []}  # fmt: skip
             for seed in args.seeds:
@@ -327,6 +328,8 @@ def main() -> None:
             s.add_argument("--batch-size", type=int, default=64)
         if name == "cnn":
             s.add_argument("--nets", type=lambda s: s.split(","), default=list(NETS))
+            s.add_argument("--plans", type=lambda s: s.split(","), default=list(PLANS),
+                           help=f"of {', '.join(PLANS)}")  # fmt: skip
         if name == "peer":
             s.add_argument("--net", choices=tuple(NETS), default="digits")
         if name == "minilm":
