@@ -5,6 +5,7 @@ Torch-Pruning (DepGraph) on the zoo's BN ResNets, and LEAP against magnitude pru
     python benchmarks/pruning.py structured [--models digits_resnet_deep,mnist1d_resnet]
         [--dense-epochs 40] [--finetune 20] [--seed 0] [--threads 1] [--json FILE]
     python benchmarks/pruning.py leap [--ratios 0.5,0.7,0.9] [--finetune 10] [--json FILE]
+    python benchmarks/pruning.py joint [--models digits_resnet_deep] [--budgets 0.3,0.4,0.5]
 
 Every variant is pruned from the same trained dense net to at most 50% of its MACs (squeezer's
 own MAC count, :func:`squeezer.measure.profile_layers`, for both tools), then fine-tuned by the
@@ -191,6 +192,66 @@ def bench_leap(args: argparse.Namespace) -> dict:
             "dense_epochs": args.dense_epochs}  # fmt: skip
 
 
+def bench_joint(args: argparse.Namespace) -> dict:
+    """Bits and sparsity under one size budget: the joint (bits, prune ratio) ILP against the
+    same ILP restricted to ratio 0 (bits only) and to 8 bits (prune only), at budgets given as
+    fractions of the all-8-bit size; no fine-tuning in any row (post-training, same calibration)."""
+    from squeezer.config import LayerQuant, Plan
+    from squeezer.costs import joint_size_bytes, plan_costs
+    from squeezer.data import load_data
+    from squeezer.errors import InfeasibleBudgetError
+    from squeezer.plan import plan_joint
+    from squeezer.prune.unstructured import apply_masks
+    from squeezer.quant.apply import quantize
+    from squeezer.sensitivity import joint_sensitivity, magnitude_mask
+    from squeezer.spectrum import analyze_dataset
+
+    bits = tuple(int(b) for b in args.bits.split(","))
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    modes = {"joint": None, "bits only": lambda c: c[1] == 0, "prune only (8 bit)": lambda c: c[0] == 8}
+    rows = []
+    for name in args.models.split(","):
+        data = load_data(DATA_OF[name], seed=args.seed)
+        torch.manual_seed(args.seed)
+        dense = _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
+        spec = analyze_dataset(dense, data, samples=512, top_k=1, per_layer_eig=False,
+                               max_probes=30, min_probes=10, seed=args.seed)  # fmt: skip
+        traces = dict(spec.layer_trace)
+        omega = joint_sensitivity(dense, traces, bits, ratios)
+        size = joint_size_bytes(dense, list(omega), bits, ratios)
+        fixed = plan_costs(dense, (8,), layers=list(omega)).fixed_bytes
+        full8 = fixed + sum(size[k][8, 0.0] for k in omega)
+        calib = data.calibration_batches(seed=args.seed)
+        for frac in (float(f) for f in args.budgets.split(",")):
+            for mode, allowed in modes.items():
+                row = {"model": name, "budget_frac_of_int8": frac, "mode": mode,
+                       "dense": _accuracy(dense, data)}  # fmt: skip
+                try:
+                    jp = plan_joint(omega, size, frac * full8, fixed_bytes=fixed, allowed=allowed)
+                except InfeasibleBudgetError:
+                    row["accuracy"] = None
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    continue
+                named = dict(dense.named_modules())
+                masks = {k: magnitude_mask(named[k].weight, r) for k, (_, r) in jp.choices.items()}
+                pruned = apply_masks(dense, masks)
+                plan = Plan({k: LayerQuant(bits=b, act_bits=8 if b < 16 else None)
+                             for k, b in jp.bits().items()})  # fmt: skip
+                q = quantize(pruned, plan, calib=calib)
+                n = {k: named[k].weight.numel() for k in jp.choices}
+                row.update(
+                    accuracy=_accuracy(q, data), omega=jp.omega, size_bytes=jp.size_bytes,
+                    avg_bits=sum(n[k] * b for k, b in jp.bits().items()) / sum(n.values()),
+                    sparsity=sum(n[k] * r for k, r in jp.ratios().items()) / sum(n.values()),
+                    choices={k: list(c) for k, c in jp.choices.items()},
+                )  # fmt: skip
+                print(json.dumps({k: v for k, v in row.items() if k != "choices"}), flush=True)
+                rows.append(row)
+    return {"bits": bits, "ratios": ratios, "seed": args.seed, "dense_epochs": args.dense_epochs,
+            "rows": rows}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -203,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     le.add_argument("--models", default="digits_cnn,mnist1d_cnn")
     le.add_argument("--ratios", default="0.5,0.7,0.9")
     le.add_argument("--dense-epochs", type=int, default=30)
-    for p in (s, le):
+    jo = sub.add_parser("joint")
+    jo.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
+    jo.add_argument("--bits", default="2,3,4,8")
+    jo.add_argument("--ratios", default="0,0.25,0.5,0.75")
+    jo.add_argument("--budgets", default="0.3,0.4,0.5", help="size limits, x all-8-bit size")
+    jo.add_argument("--dense-epochs", type=int, default=40)
+    for p in (s, le, jo):
         p.add_argument("--finetune", type=int, default=20, help="fine-tuning epochs (KD)")
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--seed", type=int, default=0)
@@ -215,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = {"structured": bench_structured, "leap": bench_leap}[args.what](args)
+    out = {"structured": bench_structured, "leap": bench_leap, "joint": bench_joint}[args.what](args)
     if args.json:
         from squeezer.atomic import write_json
 

@@ -383,3 +383,50 @@ def test_fit_to_latency_rescales_the_cap_until_the_measured_plan_meets_the_budge
     got = layer_timing.fit_to_latency(plan_for(10.0), 10.0, floor, build, None)
     assert got.meta["measured_latency_ms"] == pytest.approx(20.0)
     assert len(got.meta["latency_checks"]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Bits and sparsity under one budget (plan_joint)
+
+
+def _joint_problem(seed: int):
+    g = np.random.default_rng(seed)
+    pairs = [(b, r) for b in (2, 4, 8) for r in (0.0, 0.5, 0.75)]
+    omega = {f"l{i}": {c: float(g.uniform(0, 1) / c[0] + g.uniform(0, 1) * c[1]) for c in pairs}
+             for i in range(4)}  # fmt: skip
+    size = {k: {c: float(g.uniform(50, 150)) * c[0] * (1 - c[1] / 2) for c in pairs}
+            for k in omega}  # fmt: skip
+    return omega, size
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_joint_matches_brute_force_and_beats_restricted(seed):
+    from squeezer.plan import plan_joint
+
+    omega, size = _joint_problem(seed)
+    layers = list(omega)
+    cap = 0.45 * sum(max(row.values()) for row in size.values())
+    best = min(
+        (sum(omega[k][c] for k, c in zip(layers, combo, strict=True)), combo)
+        for combo in itertools.product(*(list(omega[k]) for k in layers))
+        if sum(size[k][c] for k, c in zip(layers, combo, strict=True)) <= cap
+    )
+    jp = plan_joint(omega, size, cap + 10, fixed_bytes=10)
+    assert jp.omega == pytest.approx(best[0], rel=1e-9)
+    assert jp.size_bytes <= cap + 10 + 1e-6
+    for allowed in (lambda c: c[1] == 0, lambda c: c[0] == 8):
+        try:
+            restricted = plan_joint(omega, size, cap + 10, fixed_bytes=10, allowed=allowed)
+        except InfeasibleBudgetError:
+            continue
+        assert all(allowed(c) for c in restricted.choices.values())
+        assert jp.omega <= restricted.omega + 1e-12
+
+
+def test_plan_joint_infeasible_names_smallest_size():
+    from squeezer.plan import plan_joint
+
+    omega, size = _joint_problem(0)
+    least = sum(min(row.values()) for row in size.values())
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest allowed size is \d+B"):
+        plan_joint(omega, size, least - 1)

@@ -10,6 +10,7 @@ data that round-trips through JSON, so re-planning a run needs no model at all.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -264,3 +265,41 @@ def _common_act_bits(templates: Mapping[str, LayerQuant]) -> int | None:
     with_acts = {k: v for k, v in counts.items() if k is not None}
     pool = with_acts or counts
     return max(pool, key=lambda k: pool[k]) if pool else None
+
+
+def joint_size_bytes(
+    model: nn.Module,
+    layers: Sequence[str],
+    bits: Sequence[int],
+    ratios: Sequence[float],
+    *,
+    template: LayerQuant | None = None,
+) -> dict[str, dict[tuple[int, float], float]]:
+    """Bytes of each layer's weight at every (bit width, prune ratio): the cheaper of dense codes
+    and sparse storage (the kept codes plus a one-bit-per-weight occupancy bitmap), scales as in
+    :func:`squeezer.measure.weight_bytes`, plus the 8 bytes of an input quantizer below 16 bits.
+    Sparse storage pays only where the ratio exceeds 1/b (at 4 bits: above 25% zeros), so a
+    pruned layer is never counted smaller than a format could really store it.
+
+    Example:
+        >>> t = joint_size_bytes(nn.Sequential(nn.Linear(64, 8)), ["0"], (4,), (0.0, 0.5))
+        >>> t["0"][4, 0.0], t["0"][4, 0.5]  # 512 codes: 256 B + 8 scales; half of them + 64 B bitmap
+        (296.0, 232.0)
+    """
+    named = quantizable_layers(model)
+    one = LayerQuant(act_bits=8) if template is None else template
+    out: dict[str, dict[tuple[int, float], float]] = {}
+    for k in layers:
+        w = named[k].weight
+        n = w.numel()
+        row = {}
+        for b in bits:
+            spec = replace(one, bits=int(b))
+            dense = measure.weight_bytes(w, spec, weight_channel_axis(named[k]))
+            acts = 8 if b < 16 and spec.act_bits is not None else 0
+            for r in ratios:
+                removed = int(round(r * n))
+                sparse = dense - removed * b / 8 + math.ceil(n / 8)
+                row[int(b), float(r)] = min(dense, sparse) + acts
+        out[k] = row
+    return out

@@ -467,3 +467,84 @@ def __getattr__(name: str) -> Any:
         )
         return getattr(importlib.import_module(module), new)
     raise AttributeError(f"module 'squeezer.plan' has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bits and sparsity under one budget
+
+#: One joint choice: (weight bits, fraction of the layer's weights pruned by magnitude).
+Choice = tuple[int, float]
+
+
+@dataclass(frozen=True)
+class JointPlan:
+    """Per layer, the (bits, prune ratio) pair the joint ILP chose, with what it predicts."""
+
+    choices: Mapping[str, Choice]
+    omega: float
+    size_bytes: float
+
+    def bits(self) -> dict[str, int]:
+        return {k: b for k, (b, _) in self.choices.items()}
+
+    def ratios(self) -> dict[str, float]:
+        return {k: r for k, (_, r) in self.choices.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"choices": {k: [b, r] for k, (b, r) in self.choices.items()},
+                "omega": self.omega, "size_bytes": self.size_bytes}  # fmt: skip
+
+
+def plan_joint(
+    omega: Mapping[str, Mapping[Choice, float]],
+    size_bytes: Mapping[str, Mapping[Choice, float]],
+    max_bytes: float,
+    *,
+    fixed_bytes: float = 0.0,
+    allowed: Callable[[Choice], bool] | None = None,
+) -> JointPlan:
+    """The (bits, prune ratio) per layer minimising ΣΩ under a size limit, solved exactly.
+
+    Pruning is one more dimension of the same one-hot ILP as :func:`plan`: each layer's
+    candidates are pairs, scored by :func:`squeezer.sensitivity.joint_sensitivity` and costed by
+    :func:`squeezer.costs.joint_size_bytes` (sparse storage only where it is smaller). ``allowed``
+    restricts the pairs, e.g. ``lambda c: c[1] == 0`` for a bits-only plan or
+    ``lambda c: c[0] == 8`` for a prune-only plan at 8 bits, so the three are solved alike.
+
+    Raises:
+        InfeasibleBudgetError: no allowed choice fits ``max_bytes``; the message names the
+            smallest size that does.
+
+    Example:
+        >>> om = {"a": {(8, 0.0): 0.0, (4, 0.0): 5.0, (8, 0.5): 1.0},
+        ...       "b": {(8, 0.0): 0.0, (4, 0.0): 1.0, (8, 0.5): 4.0}}
+        >>> sz = {k: {(8, 0.0): 100.0, (4, 0.0): 50.0, (8, 0.5): 60.0} for k in om}
+        >>> plan_joint(om, sz, 110).choices
+        {'a': (8, 0.5), 'b': (4, 0.0)}
+    """
+    layers = list(omega)
+    if not layers:
+        raise ConfigError("the joint sensitivity holds no layers")
+    keep = allowed or (lambda c: True)
+    choices = [tuple(c for c in omega[k] if keep(c)) for k in layers]
+    empty = [k for k, c in zip(layers, choices, strict=True) if not c]
+    if empty:
+        raise ConfigError(f"no allowed (bits, ratio) choice for layers {empty[:3]}")
+    obj = np.array([omega[k][c] for k, cs in zip(layers, choices, strict=True) for c in cs])
+    coef = np.array([size_bytes[k][c] for k, cs in zip(layers, choices, strict=True) for c in cs])
+    prog = _Program(layers, choices, obj)  # type: ignore[arg-type]
+    prog.limit(coef, max_bytes - fixed_bytes)
+    x = prog.solve()
+    if x is None:
+        least = fixed_bytes + sum(min(size_bytes[k][c] for c in cs)
+                                  for k, cs in zip(layers, choices, strict=True))  # fmt: skip
+        raise InfeasibleBudgetError(
+            f"budget size={max_bytes:.0f}B cannot be met: the smallest allowed size is "
+            f"{math.ceil(least)}B; raise it"
+        )
+    pick = prog.assignment(x)
+    return JointPlan(
+        choices={k: (int(c[0]), float(c[1])) for k, c in pick.items()},
+        omega=float(sum(omega[k][c] for k, c in pick.items())),
+        size_bytes=float(fixed_bytes + sum(size_bytes[k][c] for k, c in pick.items())),
+    )

@@ -481,3 +481,78 @@ def _take(data: Iterable[Any], max_batches: int | None) -> list[Any]:
 def _most_common(items: list[tuple]) -> tuple | None:
     """The most frequent item (the first seen among ties), or None for no items."""
     return collections.Counter(items).most_common(1)[0][0] if items else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bits and sparsity together
+
+
+def magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The keep-mask of one layer's weight with its ``ratio`` smallest magnitudes zeroed.
+
+    Example:
+        >>> magnitude_mask(torch.tensor([3.0, -1.0, 2.0, 0.5]), 0.5).tolist()
+        [True, False, True, False]
+    """
+    k = int(round(ratio * weight.numel()))
+    mask = torch.ones(weight.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[weight.detach().abs().flatten().argsort()[:k]] = False
+    return mask.reshape(weight.shape)
+
+
+def joint_sensitivity(
+    model: nn.Module,
+    traces: Mapping[str, float],
+    bits: Sequence[int],
+    ratios: Sequence[float],
+    *,
+    layers: Sequence[str] | None = None,
+    granularity: str = "channel",
+) -> dict[str, dict[tuple[int, float], float]]:
+    """Ω of every (bit width, prune ratio) pair per layer: ½·Tr(H_i)/n_i·‖Q_b(M_r⊙W_i) − W_i‖².
+
+    The same second-order estimate as HAWQ-V2's ``"trace"`` sensitivity, with the perturbation of
+    magnitude pruning at ratio r (per layer) followed by quantization of what is left, measured
+    on the weight itself (so the two interact: zeroed weights carry no quantization error, and a
+    pruned layer's range shrinks nothing). Ratio 0 gives the quantization sensitivity; 32 bits
+    the pruning sensitivity ½·Tr(H_i)/n_i·‖ΔW_i‖².
+
+    Args:
+        model: the float model (not modified).
+        traces: {FQN: Tr(H_i)} per layer (``Spectrum.layer_trace``).
+        bits: candidate widths (≥ 16: float).
+        ratios: candidate prune ratios in [0, 1).
+        layers: FQNs to score (default: every layer with a trace).
+        granularity: weight quantizer granularity ("channel" or "tensor").
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> om = joint_sensitivity(net, {"0": 8.0}, (8, 32), (0.0, 0.5))
+        >>> dropped = net[0].weight.detach().abs().flatten().sort().values[:4]
+        >>> om["0"][32, 0.0], round(om["0"][32, 0.5] / float(dropped.pow(2).sum()), 4)
+        (0.0, 0.5)
+    """
+    named = quantizable_layers(model)
+    names = list(traces) if layers is None else list(layers)
+    out: dict[str, dict[tuple[int, float], float]] = {}
+    for fqn in names:
+        if fqn not in named or fqn not in traces:
+            raise ConfigError(f"layer {fqn!r} has no trace or is not a quantizable layer")
+        if any(not 0 <= r < 1 for r in ratios):
+            raise ConfigError(f"prune ratios must lie in [0, 1), got {list(ratios)}")
+        layer = named[fqn]
+        w = layer.weight.detach()
+        avg = max(float(traces[fqn]), 0.0) / w.numel()
+        row = {}
+        for r in ratios:
+            kept = w * magnitude_mask(w, r)
+            for b in bits:
+                wq = kept
+                if b < 16:
+                    wq, _ = quantize_weight(kept, b, granularity=granularity,
+                                            channel_axis=weight_channel_axis(layer))  # fmt: skip
+                    wq = wq * (kept != 0)
+                row[int(b), float(r)] = 0.5 * avg * float((wq - w).double().pow(2).sum())
+        out[fqn] = row
+    return out
