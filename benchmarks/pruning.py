@@ -6,6 +6,7 @@ Torch-Pruning (DepGraph) on the zoo's BN ResNets, and LEAP against magnitude pru
         [--dense-epochs 40] [--finetune 20] [--seed 0] [--threads 1] [--json FILE]
     python benchmarks/pruning.py leap [--ratios 0.5,0.7,0.9] [--finetune 10] [--json FILE]
     python benchmarks/pruning.py joint [--models digits_resnet_deep] [--budgets 0.3,0.4,0.5]
+    python benchmarks/pruning.py large [--model mnist1d_resnet] [--widths 8,16,32]
 
 Every variant is pruned from the same trained dense net to at most 50% of its MACs (squeezer's
 own MAC count, :func:`squeezer.measure.profile_layers`, for both tools), then fine-tuned by the
@@ -43,14 +44,15 @@ def _accuracy(model: nn.Module, data) -> float:
     return evaluate(model.eval(), data.test_batches(), data.task)
 
 
-def _dense(name: str, data, epochs: int, seed: int, cache: Path) -> nn.Module:
-    """The dense net, trained once per (model, epochs, seed) and cached."""
+def _dense(name: str, data, epochs: int, seed: int, cache: Path, width: int | None = None):
+    """The dense net, trained once per (model, width, epochs, seed) and cached."""
     from squeezer.models import load_weights, save_weights
     from squeezer.train import fit
     from squeezer.zoo import create
 
-    path = cache / f"{name}-e{epochs}-s{seed}.safetensors"
-    model = create(name)
+    tag = "" if width is None else f"-w{width}"
+    path = cache / f"{name}{tag}-e{epochs}-s{seed}.safetensors"
+    model = create(name, **({} if width is None else {"width": width}))
     if path.is_file():
         load_weights(model, path)
         return model.eval()
@@ -192,13 +194,22 @@ def bench_leap(args: argparse.Namespace) -> dict:
             "dense_epochs": args.dense_epochs}  # fmt: skip
 
 
-def bench_joint(args: argparse.Namespace) -> dict:
-    """Bits and sparsity under one size budget: the joint (bits, prune ratio) ILP against the
-    same ILP restricted to ratio 0 (bits only) and to 8 bits (prune only), at budgets given as
-    fractions of the all-8-bit size; no fine-tuning in any row (post-training, same calibration)."""
+def _int8_bytes(dense: nn.Module, bits, ratios) -> float:
+    """Bytes of ``dense`` with every planned layer at 8 bits, unpruned (the budgets' unit)."""
+    from squeezer.costs import joint_size_bytes, plan_costs
+    from squeezer.graph import quantizable_layers
+
+    layers = list(quantizable_layers(dense))
+    size = joint_size_bytes(dense, layers, (8,), (0.0,))
+    return plan_costs(dense, (8,), layers=layers).fixed_bytes + sum(
+        size[k][8, 0.0] for k in layers
+    )
+
+
+def _joint_rows(name, dense, data, caps, bits, ratios, modes, seed, label) -> list[dict]:
+    """Accuracy of the joint / restricted plans of ``dense`` at each size cap in bytes."""
     from squeezer.config import LayerQuant, Plan
     from squeezer.costs import joint_size_bytes, plan_costs
-    from squeezer.data import load_data
     from squeezer.errors import InfeasibleBudgetError
     from squeezer.plan import plan_joint
     from squeezer.prune.unstructured import apply_masks
@@ -206,48 +217,82 @@ def bench_joint(args: argparse.Namespace) -> dict:
     from squeezer.sensitivity import joint_sensitivity, magnitude_mask
     from squeezer.spectrum import analyze_dataset
 
+    rows = []
+    spec = analyze_dataset(dense, data, samples=512, top_k=1, per_layer_eig=False,
+                           max_probes=30, min_probes=10, seed=seed)  # fmt: skip
+    omega = joint_sensitivity(dense, dict(spec.layer_trace), bits, ratios)
+    size = joint_size_bytes(dense, list(omega), bits, ratios)
+    fixed = plan_costs(dense, (8,), layers=list(omega)).fixed_bytes
+    calib = data.calibration_batches(seed=seed)
+    named = dict(dense.named_modules())
+    n = {k: named[k].weight.numel() for k in omega}
+    acc = _accuracy(dense, data)
+    params = sum(p.numel() for p in dense.parameters())
+    for i, cap in enumerate(caps):
+        for mode, allowed in modes.items():
+            row = {"model": name, "params": params, "cap_bytes": cap, "mode": mode, "dense": acc,
+                   **{k: v[i] for k, v in label.items()}}  # fmt: skip
+            try:
+                jp = plan_joint(omega, size, cap, fixed_bytes=fixed, allowed=allowed)
+            except InfeasibleBudgetError:
+                row["accuracy"] = None
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
+            masks = {k: magnitude_mask(named[k].weight, r) for k, (_, r) in jp.choices.items()}
+            plan = Plan({k: LayerQuant(bits=b, act_bits=8 if b < 16 else None)
+                         for k, b in jp.bits().items()})  # fmt: skip
+            q = quantize(apply_masks(dense, masks), plan, calib=calib)
+            row.update(
+                accuracy=_accuracy(q, data), omega=jp.omega, size_bytes=jp.size_bytes,
+                avg_bits=sum(n[k] * b for k, b in jp.bits().items()) / sum(n.values()),
+                sparsity=sum(n[k] * r for k, r in jp.ratios().items()) / sum(n.values()),
+            )  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append({**row, "choices": {k: list(c) for k, c in jp.choices.items()}})
+    return rows
+
+
+def bench_large(args: argparse.Namespace) -> dict:
+    """\"Train large, then compress" (Li et al., arXiv:2002.11794): nets of several widths trained
+    for the same epochs on the same data, each compressed by the joint planner (and bits only) to
+    the same sizes in bytes, given as fractions of the narrowest net's all-8-bit size."""
+    from squeezer.data import load_data
+
     bits = tuple(int(b) for b in args.bits.split(","))
     ratios = tuple(float(r) for r in args.ratios.split(","))
-    modes = {"joint": None, "bits only": lambda c: c[1] == 0, "prune only (8 bit)": lambda c: c[0] == 8}
+    budgets = [float(f) for f in args.budgets.split(",")]
+    modes = {"joint": None, "bits only": lambda c: c[1] == 0}
+    data = load_data(DATA_OF[args.model], seed=args.seed)
+    widths = [int(w) for w in args.widths.split(",")]
+    rows, unit = [], None
+    for w in widths:
+        dense = _dense(args.model, data, args.dense_epochs, args.seed, Path(args.cache), width=w)
+        unit = unit or _int8_bytes(dense, bits, ratios)
+        rows += _joint_rows(f"{args.model} w{w}", dense, data, [f * unit for f in budgets], bits,
+                            ratios, modes, args.seed, {"budget_frac": budgets})  # fmt: skip
+    return {"widths": widths, "unit_bytes": unit, "dense_epochs": args.dense_epochs, "rows": rows}
+
+
+def bench_joint(args: argparse.Namespace) -> dict:
+    """Bits and sparsity under one size budget: the joint (bits, prune ratio) ILP against the
+    same ILP restricted to ratio 0 (bits only) and to 8 bits (prune only), at budgets given as
+    fractions of the all-8-bit size; no fine-tuning in any row (post-training, same calibration)."""
+    from squeezer.data import load_data
+
+    bits = tuple(int(b) for b in args.bits.split(","))
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    budgets = [float(f) for f in args.budgets.split(",")]
+    modes = {"joint": None, "bits only": lambda c: c[1] == 0,
+             "prune only (8 bit)": lambda c: c[0] == 8}  # fmt: skip
     rows = []
     for name in args.models.split(","):
         data = load_data(DATA_OF[name], seed=args.seed)
         torch.manual_seed(args.seed)
         dense = _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
-        spec = analyze_dataset(dense, data, samples=512, top_k=1, per_layer_eig=False,
-                               max_probes=30, min_probes=10, seed=args.seed)  # fmt: skip
-        traces = dict(spec.layer_trace)
-        omega = joint_sensitivity(dense, traces, bits, ratios)
-        size = joint_size_bytes(dense, list(omega), bits, ratios)
-        fixed = plan_costs(dense, (8,), layers=list(omega)).fixed_bytes
-        full8 = fixed + sum(size[k][8, 0.0] for k in omega)
-        calib = data.calibration_batches(seed=args.seed)
-        for frac in (float(f) for f in args.budgets.split(",")):
-            for mode, allowed in modes.items():
-                row = {"model": name, "budget_frac_of_int8": frac, "mode": mode,
-                       "dense": _accuracy(dense, data)}  # fmt: skip
-                try:
-                    jp = plan_joint(omega, size, frac * full8, fixed_bytes=fixed, allowed=allowed)
-                except InfeasibleBudgetError:
-                    row["accuracy"] = None
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-                    continue
-                named = dict(dense.named_modules())
-                masks = {k: magnitude_mask(named[k].weight, r) for k, (_, r) in jp.choices.items()}
-                pruned = apply_masks(dense, masks)
-                plan = Plan({k: LayerQuant(bits=b, act_bits=8 if b < 16 else None)
-                             for k, b in jp.bits().items()})  # fmt: skip
-                q = quantize(pruned, plan, calib=calib)
-                n = {k: named[k].weight.numel() for k in jp.choices}
-                row.update(
-                    accuracy=_accuracy(q, data), omega=jp.omega, size_bytes=jp.size_bytes,
-                    avg_bits=sum(n[k] * b for k, b in jp.bits().items()) / sum(n.values()),
-                    sparsity=sum(n[k] * r for k, r in jp.ratios().items()) / sum(n.values()),
-                    choices={k: list(c) for k, c in jp.choices.items()},
-                )  # fmt: skip
-                print(json.dumps({k: v for k, v in row.items() if k != "choices"}), flush=True)
-                rows.append(row)
+        caps = _int8_bytes(dense, bits, ratios)
+        rows += _joint_rows(name, dense, data, [f * caps for f in budgets], bits, ratios, modes,
+                            args.seed, {"budget_frac_of_int8": budgets})  # fmt: skip
     return {"bits": bits, "ratios": ratios, "seed": args.seed, "dense_epochs": args.dense_epochs,
             "rows": rows}  # fmt: skip
 
@@ -270,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     jo.add_argument("--ratios", default="0,0.25,0.5,0.75")
     jo.add_argument("--budgets", default="0.3,0.4,0.5", help="size limits, x all-8-bit size")
     jo.add_argument("--dense-epochs", type=int, default=40)
-    for p in (s, le, jo):
+    la = sub.add_parser("large")
+    la.add_argument("--model", default="mnist1d_resnet")
+    la.add_argument("--widths", default="8,16,32")
+    la.add_argument("--bits", default="2,3,4,8")
+    la.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9")
+    la.add_argument("--budgets", default="0.25,0.5,1", help="x the narrowest net's 8-bit size")
+    la.add_argument("--dense-epochs", type=int, default=15)
+    for p in (s, le, jo, la):
         p.add_argument("--finetune", type=int, default=20, help="fine-tuning epochs (KD)")
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--seed", type=int, default=0)
@@ -282,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = {"structured": bench_structured, "leap": bench_leap, "joint": bench_joint}[args.what](args)
+    benches = {"structured": bench_structured, "leap": bench_leap, "joint": bench_joint,
+               "large": bench_large}  # fmt: skip
+    out = benches[args.what](args)
     if args.json:
         from squeezer.atomic import write_json
 
