@@ -34,6 +34,8 @@ def bench_optim(args: argparse.Namespace) -> dict:
     from squeezer.zoo import create
 
     data = load_data("mnist1d")
+    if args.recipe == "paper":
+        return _optim_paper(args, data)
     runs = [("adamw", args.small_batch, [3e-3])]
     runs += [("adamw", args.large_batch, [3e-3, 1e-2, 3e-2])]
     runs += [("lamb", args.large_batch, [1e-2, 3e-2, 1e-1])]
@@ -54,6 +56,56 @@ def bench_optim(args: argparse.Namespace) -> dict:
             print(json.dumps(row), flush=True)
             rows.append(row)
     return {"data": "mnist1d", "model": "mnist1d_cnn", "epochs": args.epochs, "rows": rows}
+
+
+def _optim_paper(args: argparse.Namespace, data) -> dict:
+    """LAMB's recipe (arXiv:1904.00962) at the large batch, AdamW under the same one: lr =
+    base × √(large/small batch), linear warm-up over the first ``--warmup`` of the steps then
+    cosine decay to 0, weight decay 0.01 excluded from biases and normalisation, ε 1e-6; the same
+    number of epochs as the small-batch run (so far fewer steps)."""
+    from squeezer.data import evaluate, forward
+    from squeezer.train.optim import LAMB, param_groups
+    from squeezer.zoo import create
+
+    scale = math.sqrt(args.large_batch / args.small_batch)
+    rows = []
+    for name in ("adamw", "lamb"):
+        for base in (float(b) for b in args.base_lrs.split(",")):
+            accs = []
+            for seed in range(args.seeds):
+                torch.manual_seed(seed)
+                net = create("mnist1d_cnn").train()
+                groups = param_groups(net, weight_decay=0.01)
+                if name == "lamb":
+                    opt = LAMB(groups, lr=base * scale, eps=1e-6)
+                else:
+                    for g in groups:
+                        g.pop("adapt", None)
+                    opt = torch.optim.AdamW(groups, lr=base * scale, eps=1e-6)
+                batches = data.train_batches(args.large_batch, shuffle=True, seed=seed)
+                steps = args.epochs * len(batches)
+                warm = max(1, round(args.warmup * steps))
+
+                def factor(s: int, warm: int = warm, steps: int = steps) -> float:
+                    if s < warm:
+                        return (s + 1) / warm
+                    return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(steps - warm, 1)))
+
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+                for _ in range(args.epochs):
+                    for x, y in batches:
+                        opt.zero_grad(set_to_none=True)
+                        data.task.loss(forward(net, x), y).backward()
+                        opt.step()
+                        sched.step()
+                net.eval()
+                accs.append(evaluate(net, data.test_batches(), data.task))
+            row = dict(optimizer=name, batch=args.large_batch, base_lr=base, lr=base * scale,
+                       steps=steps, accuracy=statistics.median(accs), runs=accs)  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {"data": "mnist1d", "model": "mnist1d_cnn", "epochs": args.epochs, "recipe": "paper",
+            "rows": rows}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- abs
@@ -324,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--epochs", type=int, default=20)
     o.add_argument("--small-batch", type=int, default=32)
     o.add_argument("--large-batch", type=int, default=1024)
+    o.add_argument("--recipe", choices=("fit", "paper"), default="fit")
+    o.add_argument("--base-lrs", default="3e-3,6e-3,1.2e-2")
+    o.add_argument("--warmup", type=float, default=0.1)
     a = sub.add_parser("abs", help="adaptive batch size against the fixed small batch")
     a.add_argument("--seeds", type=int, default=3)
     a.add_argument("--epochs", type=int, default=16)
