@@ -75,36 +75,55 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], counting: str = "
     fewer per output channel and input channel without), 4 per BatchNorm element, 1 per ReLU
     element, 1 per pooling window element.
     """
-    x = torch.zeros(1, *input_shape)
     if counting == "macs":
         from ..measure import profile_layers
 
-        return sum(p.macs for p in profile_layers(model, x).values())
+        return sum(p.macs for p in profile_layers(model, torch.zeros(1, *input_shape)).values())
     if counting != "pytorchcv":
         raise ValueError(f"counting must be one of {COUNTINGS}, got {counting!r}")
-    flops = [0.0]
+    return sum(pytorchcv_breakdown(model, input_shape).values())
+
+
+@torch.no_grad()
+def pytorchcv_breakdown(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """pytorchcv's "FLOPs/2" of ``model``, split by what charges it: "conv_linear" (equal to the
+    conv and linear MACs when every conv has a bias; one half-FLOP fewer per input and output
+    channel pair without), "batchnorm" (2 per element), "relu" (0.5 per element), "pooling" (0.5
+    per window element). pytorchcv's ``measure_model`` also returns a MAC count of conv and
+    linear layers alone, which is what ``count_macs(..., "macs")`` gives.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+        >>> pytorchcv_breakdown(net, (1, 5, 5))
+        {'conv_linear': 162.0, 'batchnorm': 36.0, 'relu': 9.0, 'pooling': 0.0}
+    """
+    flops = dict.fromkeys(("conv_linear", "batchnorm", "relu", "pooling"), 0.0)
 
     def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         x = inp[0]
         if isinstance(mod, nn.Conv2d):
             k = math.prod(mod.kernel_size)
             if mod.bias is not None:
-                flops[0] += 2 * out.numel() * k * mod.in_channels // mod.groups
+                flops["conv_linear"] += 2 * out.numel() * k * mod.in_channels // mod.groups
             else:
                 hw = out.shape[2] * out.shape[3]
-                flops[0] += (2 * k * hw - 1) * mod.in_channels * mod.out_channels // mod.groups
+                flops["conv_linear"] += (
+                    (2 * k * hw - 1) * mod.in_channels * mod.out_channels // mod.groups
+                )
         elif isinstance(mod, nn.Linear):
-            flops[0] += (2 * mod.in_features - (mod.bias is None)) * mod.out_features
+            flops["conv_linear"] += (2 * mod.in_features - (mod.bias is None)) * mod.out_features
         elif isinstance(mod, nn.BatchNorm2d):
-            flops[0] += 4 * x.numel()
+            flops["batchnorm"] += 4 * x.numel()
         elif isinstance(mod, nn.ReLU):
-            flops[0] += x.numel()
+            flops["relu"] += x.numel()
         elif isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
             k = mod.kernel_size
-            flops[0] += out.numel() * (math.prod(k) if isinstance(k, tuple) else k * k)
+            flops["pooling"] += out.numel() * (math.prod(k) if isinstance(k, tuple) else k * k)
         elif isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
-            flops[0] += out.numel() * x.shape[2] * x.shape[3]
+            flops["pooling"] += out.numel() * x.shape[2] * x.shape[3]
 
+    x = torch.zeros(1, *input_shape)
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     was_training = model.training
@@ -114,4 +133,4 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], counting: str = "
         for h in handles:
             h.remove()
         model.train(was_training)
-    return flops[0] / 2
+    return {k: v / 2 for k, v in flops.items()}
