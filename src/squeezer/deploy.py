@@ -26,6 +26,19 @@ def _examples(inputs: Any, n: int) -> Any:
     return torch.cat([inputs] * reps)[:n]
 
 
+def _programs(run: Path) -> dict[str, Any]:
+    """{latency row: the run's ExecuTorch programs as a module}, empty without ``model.pte`` or
+    without executorch."""
+    if not (run / "model.pte").is_file():
+        return {}
+    from .export.executorch import ROW, PteModule, executorch_available
+
+    if not executorch_available():
+        print(f"{run}/model.pte not timed: executorch is not installed", file=sys.stderr)
+        return {}
+    return {ROW: PteModule.load(run / "model.pte")}
+
+
 #: Export formats: the file each writes and the metrics.json key its record goes under.
 FORMATS = {"onnx": ("model.onnx", "export"), "executorch": ("model.pte", "executorch")}
 
@@ -40,12 +53,15 @@ def export_run(
     threads: int | None = None,
     loaded: tuple | None = None,
     pack: bool = True,
+    batches: Sequence[int] = (1, 32),
 ):
     """Write ``run_dir``/model.onnx, checked in ONNX Runtime against the simulated model on
     ``samples`` test inputs, and with data run on the whole test split; both go into
     metrics.json under ``export``. With ``format="executorch"``: ``model.pte`` lowered through
-    XNNPACK with squeezer's scales, checked in the ExecuTorch runtime at batch 1, recorded under
-    ``executorch`` (the optional extra ``squeezer[executorch]``). Returns the report and the
+    XNNPACK with squeezer's scales (and ``model.bB.pte`` for each other size in ``batches``: a
+    program's input shape is fixed), checked in the ExecuTorch runtime sample by sample and on a
+    batch of each size, and timed at each; recorded under ``executorch`` (the optional extra
+    ``squeezer[executorch]``). Returns the report and the
     updated metrics. ``pack=False`` stores sub-8-bit ONNX weight codes a byte each.
 
     Example:
@@ -63,9 +79,9 @@ def export_run(
     if format == "executorch":
         from .export.executorch import export_executorch
 
-        report = export_executorch(qmodel, run / "model.pte", _examples(inputs, samples),
+        report = export_executorch(qmodel, run / "model.pte", _examples(inputs, max(samples, 32)),
                                    float_model=model, atol=atol, threads=threads,
-                                   samples=min(samples, 32))  # fmt: skip
+                                   samples=min(samples, 32), batches=batches)  # fmt: skip
         return report, update_metrics(run, executorch={**report.to_dict(), "path": "model.pte"})
     report = export_onnx(
         qmodel,
@@ -92,8 +108,10 @@ def bench_run(
     threads: int,
 ) -> dict[str, Any]:
     """Latency of PyTorch FP32, ONNX Runtime FP32 and the run's exported ONNX model at each batch
-    size (exported first if it is not yet), written to metrics.json (``latency``, and the first
-    batch size's medians as the before/after latency). Returns the latency table.
+    size (exported first if it is not yet), and of the run's ExecuTorch programs (``model.pte``,
+    ``model.bB.pte``) at the batch sizes they were made for, all in one round-robin per batch
+    size; written to metrics.json (``latency``, and the first batch size's medians as the
+    before/after latency). Returns the latency table.
 
     Example:
         >>> table = bench_run("runs/digits-w8", threads=1)  # doctest: +SKIP
@@ -113,7 +131,12 @@ def bench_run(
         "ORT FP32": ort_session(export_float_onnx(model, examples[batches[0]]), threads=threads),
         "ONNX (squeezer)": ort_session(run / "model.onnx", threads=threads),
     }
-    table = latency_table(variants, examples, threads=threads, warmup=warmup, runs=runs)
+    pte = _programs(run)
+    table = {}
+    for b in batches:  # the .pte only where a program was made for b
+        both = variants | {k: v for k, v in pte.items() if b in v.batches}
+        table.update(latency_table(both, {b: examples[b]}, threads=threads, warmup=warmup,
+                                   runs=runs))  # fmt: skip
     metrics = read_metrics(run)
     first = table[f"batch_{batches[0]}"]
     before = {**metrics.get("before", {}), "latency_ms": first["PyTorch FP32"]["median_ms"]}

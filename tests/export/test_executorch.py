@@ -54,8 +54,10 @@ def _quantized(net, digits, bits=8, **kw):
 def test_digits_cnn_runs_int8_with_squeezer_scales(trained_cnn, digits, tmp_path, bits):
     q = _quantized(trained_cnn, digits, bits)
     path = tmp_path / "model.pte"
-    r = export_executorch(q, path, digits.x_test[:64], float_model=trained_cnn, runs=3, warmup=1)
+    r = export_executorch(q, path, digits.x_test[:64], float_model=trained_cnn, runs=3, warmup=1,
+                          batches=(1, 32))  # fmt: skip
     assert path.is_file() and path.stat().st_size == r.size_bytes
+    assert (tmp_path / "model.b32.pte").is_file() and r.batches == [1, 32]
     # every conv and linear on XNNPACK's int8 kernels, BatchNorm folded into the convs
     assert set(r.layers) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
     assert all(s.startswith(f"xnnpack-int8-w{bits}") for s in r.layers.values())
@@ -67,8 +69,21 @@ def test_digits_cnn_runs_int8_with_squeezer_scales(trained_cnn, digits, tmp_path
     assert r.argmax_agreement >= 0.95
     # int8 storage: about a quarter of the FP32 program, whatever the codes' width
     assert r.size_bytes < 0.35 * r.float_size_bytes
-    assert set(r.latency) == {ROW, FLOAT_ROW}
-    assert all(v["median_ms"] > 0 and v["batch"] == 1 for v in r.latency.values())
+    assert set(r.latency) == {"batch_1", "batch_32"}
+    for b in (1, 32):
+        rows = r.latency[f"batch_{b}"]
+        assert set(rows) == {ROW, FLOAT_ROW}
+        assert all(v["median_ms"] > 0 and v["batch"] == b for v in rows.values())
+    # the batch-32 program runs 32 samples and agrees with the batch-1 program sample by sample
+    from squeezer.export.executorch import PteModule
+
+    m = PteModule.load(path)
+    assert m.batches == [1, 32]
+    x = digits.x_test[:32]
+    one = torch.cat([m(x[i : i + 1]) for i in range(32)])
+    assert torch.allclose(m(x), one, atol=1e-5)
+    with pytest.raises(ExportError, match="no ExecuTorch program for batch 3"):
+        m(x[:3])
     assert r.versions["executorch"] and r.versions["torch"] == torch.__version__
 
 
@@ -117,8 +132,8 @@ def test_refuses_what_xnnpack_cannot_run_with_squeezer_parameters(trained_cnn, d
     qg = quantize(trained_cnn, Plan(layers), calib=digits.calibration_batches())
     with pytest.raises(ExportError, match="group-wise"):
         export_executorch(qg, tmp_path / "m.pte", digits.x_test[:8], runs=0)
-    with pytest.raises(ExportError, match="one input tensor"):
-        export_executorch(q, tmp_path / "m.pte", {"input_ids": digits.x_test[:8]}, runs=0)
+    with pytest.raises(ExportError, match="a tensor or a dict of tensors"):
+        export_executorch(q, tmp_path / "m.pte", [digits.x_test[:8]], runs=0)
     assert not (tmp_path / "m.pte").exists()
 
 
@@ -138,6 +153,35 @@ def test_run_folder(tmp_path):
     assert (run / "model.pte").stat().st_size == r.size_bytes
     assert r.samples == 16 and r.max_abs_error <= 2 * r.atol
     json.dumps(r.to_dict())  # what the caller records in metrics.json
+
+
+@needs_executorch
+def test_bench_and_report_include_the_program(tmp_path):
+    """``squeezer export --format executorch`` then ``squeezer bench``: the .pte is timed at the
+    batch sizes it has programs for, beside ONNX Runtime, and the report's runtime table shows
+    both runtimes' sizes, latencies and agreement."""
+    from squeezer.cli import main
+    from squeezer.runfolder import read_metrics
+
+    run = tmp_path / "run"
+    argv = ["compress", "zoo:digits_cnn", "--data", "digits", "--budget", "bits=8"]
+    assert main([*argv, "--method", "uniform", "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "executorch", "--samples", "32"]) == 0
+    assert (run / "model.pte").is_file() and (run / "model.b32.pte").is_file()
+    assert main(["export", str(run), "--samples", "32"]) == 0
+    assert main(["bench", str(run), "--batch", "1", "32", "--runs", "3", "--warmup", "1"]) == 0
+    m = read_metrics(run)
+    for b in (1, 32):
+        assert m["latency"][f"batch_{b}"][ROW]["median_ms"] > 0
+        assert m["latency"][f"batch_{b}"][ROW]["batch"] == b
+    assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    et, ort = (next(ln for ln in md.splitlines() if ln.startswith(f"| {k}")) for k in
+               ("ExecuTorch (XNNPACK)", "ONNX Runtime"))  # fmt: skip
+    assert "model.pte" in et and "model.onnx" in ort
+    et_b32 = m["latency"]["batch_32"][ROW]["median_ms"]
+    assert f"{et_b32:.4g} ms" in et
+    assert f"{m['executorch']['max_abs_error']:.3g}" in et
 
 
 def test_missing_executorch_is_a_clear_error(monkeypatch, tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..atomic import write_bytes_atomic
 from ..config import Plan
+from ..data import batch_size, forward
 from ..errors import ExportError, first_line
 from ..graph import copy_model, get_module, set_module
 from .common import CheckedExport
@@ -67,7 +69,8 @@ class ExecutorchReport(CheckedExport):
             that XNNPACK's static kernels quantize).
         outside_delegate: the program's ops that XNNPACK did not take (ExecuTorch's portable
             kernels run them), e.g. ``aten.mean.dim``; the quantized layers are never among them.
-        latency: {row: Latency.to_dict()} at batch 1, timed through ``squeezer.measure.time_calls``.
+        latency: {"batch_B": {row: Latency.to_dict()}} per batch size, timed through
+            ``squeezer.measure.time_calls``.
         threads: XNNPACK threads (and torch's) during the check and timing.
         versions: executorch, torchao and torch versions used.
     """
@@ -81,6 +84,7 @@ class ExecutorchReport(CheckedExport):
     latency: dict[str, dict] = field(default_factory=dict)
     threads: int = 1
     versions: dict[str, str] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=lambda: [1])
 
 
 def executorch_available() -> bool:
@@ -146,6 +150,7 @@ def export_executorch(
     float_model: nn.Module | None = None,
     runs: int = 30,
     warmup: int = 5,
+    batches: tuple[int, ...] = (1,),
 ) -> ExecutorchReport:
     """Lower a fake-quantized model to an ExecuTorch ``.pte`` (XNNPACK, int8 kernels) with
     squeezer's scales, run it in the ExecuTorch runtime, check and time it.
@@ -170,6 +175,9 @@ def export_executorch(
         float_model: the FP32 model; if given, it is lowered too, for the size and latency rows.
         runs, warmup: timed and untimed calls of ``squeezer.measure.time_calls`` (runs=0: no
             timing).
+        batches: batch sizes to build programs for (the program's input shape is fixed): batch
+            1 is ``path``, each other one is written beside it (:func:`batch_path`), checked on
+            one batch and timed with the others.
 
     Returns:
         An :class:`ExecutorchReport`.
@@ -179,11 +187,11 @@ def export_executorch(
             or the runtime disagrees beyond ``atol``.
     """
     et = _imports()
-    if not isinstance(example, torch.Tensor):
+    if not isinstance(example, torch.Tensor | Mapping):
         raise ExportError(
-            "ExecuTorch export takes one input tensor; models with several inputs (text models "
-            "with an attention mask) are not supported yet: use --format onnx"
+            f"ExecuTorch export takes a tensor or a dict of tensors, not {type(example).__name__}"
         )
+    batches = tuple(dict.fromkeys((1, *(int(b) for b in batches))))
     threads = threads or torch.get_num_threads()
     _set_threads(threads)
     qmodel = copy_model(qmodel).eval()
@@ -191,72 +199,73 @@ def export_executorch(
     status = {fqn: _lowering(layer) for fqn, layer in layers.items()}
     scales = {fqn: layer.scale[:, 0].astype(np.float64) for fqn, layer in layers.items()}
     twin = _float_twin(qmodel, layers)
-    x1 = example[:1].detach()
     with torch.no_grad():
-        _fold_batchnorm(twin, x1, status, scales)
-
-    gm = torch.export.export(twin, (x1,)).module()
-    quantizer = et["XNNPACKQuantizer"]()
-    config = et["config"](is_per_channel=True)
+        _fold_batchnorm(twin, _rows(example, 0, 1), status, scales)
+    int8 = {fqn for fqn, s in status.items() if s.startswith("xnnpack-int8")}
     # Global config, filtered: a per-module config would split XNNPACK's fused patterns
     # (conv + relu: the relu is another module), and the float layers must stay float.
-    int8 = {fqn for fqn, s in status.items() if s.startswith("xnnpack-int8")}
     float_layers = {
         fqn
         for fqn, m in twin.named_modules()
         if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and fqn not in int8
     }
-    quantizer.set_global(config).set_filter_function(
-        lambda node: _module_of(node) not in float_layers
-    )
-    try:
-        prepared = et["prepare"](gm, quantizer)
-        with torch.no_grad():
-            for i in range(min(len(example), 64)):
-                prepared(example[i : i + 1])
-        n_fixed, n_observed = _fix_qparams(prepared, layers, status, scales)
-        converted = et["convert"](prepared)
-        data, outside = _lower(et, converted, x1)
-        left = [op for op in outside if any(k in op for k in ("convolution", "linear", "mm"))]
-        if int8 and left:
-            raise ExportError(
-                f"XNNPACK did not take {left} (they would run in ExecuTorch's portable kernels, "
-                "not as integer kernels); keep those layers' activations in float"
-            )
-    except ExportError:
-        raise
-    except Exception as exc:  # the torch.export / PT2E / lowering stack raises many kinds
-        raise ExportError(f"ExecuTorch lowering failed ({first_line(exc)})") from exc
+    programs = {
+        b: _program(et, twin, example, b, layers, status, scales, int8, float_layers)
+        for b in batches
+    }
+    data, n_fixed, n_observed, outside = programs[1]
 
     runtime = et["Runtime"].get()
-    method = runtime.load_program(data).load_method("forward")
+    # The runtime reads a program's bytes in place: they (and the program) must outlive its
+    # method, or a call reads freed memory.
+    keep: list = []
+    methods = {b: _method(runtime, p[0], keep) for b, p in programs.items()}
     checks = dict.fromkeys(CHECK_FIELDS)
-    n = min(samples, len(example))
+    n = min(samples, batch_size(example))
     if verify:
         with torch.no_grad():
-            ref = _outputs(qmodel(example[:n]))
-            fp32 = _outputs(_float_twin(qmodel, layers, dequantized=False)(example[:n]))
-        runs_out = [method.execute([example[i : i + 1].contiguous()]) for i in range(n)]
+            ref = _outputs(forward(qmodel, _rows(example, 0, n)))
+            fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False),
+                                    _rows(example, 0, n)))  # fmt: skip
+        runs_out = [methods[1].execute(_flat(_rows(example, i, i + 1))) for i in range(n)]
         got = [
             torch.cat([r[k] for r in runs_out]).detach().float().numpy() for k in range(len(ref))
         ]
         checks = _verify("the ExecuTorch runtime", ref, got, fp32, atol, loose=n_observed > 0,
                          max_slack=2.0)  # fmt: skip
+        for b in batches[1:]:  # each larger program against squeezer on one batch of its size
+            with torch.no_grad():
+                ref_b = _outputs(forward(qmodel, _rows(example, 0, b)))
+                fp_b = _outputs(forward(_float_twin(qmodel, layers, dequantized=False),
+                                        _rows(example, 0, b)))  # fmt: skip
+            got_b = [
+                o.detach().float().numpy() for o in methods[b].execute(_flat(_rows(example, 0, b)))
+            ]
+            _verify(f"the ExecuTorch runtime at batch {b}", ref_b, got_b, fp_b, atol,
+                    loose=n_observed > 0, max_slack=2.0)  # fmt: skip
     write_bytes_atomic(path, data)
+    for b in batches[1:]:
+        write_bytes_atomic(batch_path(path, b), programs[b][0])
 
     float_size = None
-    calls = {ROW: lambda: method.execute([x1])}
+    feeds = {b: _flat(_rows(example, 0, b)) for b in batches}  # made once, outside the timing
+    calls = {b: {ROW: (lambda m=m, x=feeds[b]: m.execute(x))} for b, m in methods.items()}
     if float_model is not None:
-        fmodule = torch.export.export(copy_model(float_model).eval(), (x1,)).module()
-        fdata, _ = _lower(et, fmodule, x1)
-        float_size = len(fdata)
-        fmethod = runtime.load_program(fdata).load_method("forward")
-        calls[FLOAT_ROW] = lambda: fmethod.execute([x1])
+        for b in batches:
+            xb = _rows(example, 0, b)
+            args, kwargs = _call(xb)
+            fmodule = torch.export.export(copy_model(float_model).eval(), args, kwargs).module()
+            fdata, _ = _lower(et, fmodule, xb)
+            float_size = len(fdata) if b == 1 else float_size
+            fmethod = _method(runtime, fdata, keep)
+            calls[b][FLOAT_ROW] = lambda m=fmethod, x=feeds[b]: m.execute(x)
     latency = {}
     if runs > 0:
         from ..measure import time_calls
 
-        latency = {k: v.to_dict() for k, v in time_calls(calls, warmup=warmup, runs=runs).items()}
+        for b in batches:
+            t = time_calls(calls[b], warmup=warmup, runs=runs)
+            latency[f"batch_{b}"] = {k: {**v.to_dict(), "batch": b} for k, v in t.items()}
 
     from ..measure import model_bytes
 
@@ -275,7 +284,114 @@ def export_executorch(
         latency=latency,
         threads=threads,
         versions=_versions(),
+        batches=list(batches),
     )
+
+
+def _method(runtime, data: bytes, keep: list):
+    """The program's ``forward``, with the bytes and the program kept alive in ``keep``."""
+    program = runtime.load_program(data)
+    keep += [data, program]
+    return program.load_method("forward")
+
+
+def batch_path(path: str | os.PathLike, batch: int) -> Path:
+    """Where the program for ``batch`` samples sits beside the batch-1 ``path``
+    (``model.pte`` → ``model.b32.pte``); batch 1 is ``path`` itself."""
+    p = Path(path)
+    return p if batch == 1 else p.with_name(f"{p.stem}.b{batch}{p.suffix}")
+
+
+class PteModule(nn.Module):
+    """The ``.pte`` programs of one export (``model.pte`` at batch 1 and each ``model.bB.pte``
+    beside it) as a module: a call runs the program made for its batch size in the ExecuTorch
+    runtime. What ``squeezer bench`` times.
+
+    Example:
+        >>> m = PteModule.load("RUN/model.pte")        # doctest: +SKIP
+        >>> m.batches, m(x[:1]).shape                  # doctest: +SKIP
+    """
+
+    def __init__(self, methods: Mapping[int, object], keep: list) -> None:
+        super().__init__()
+        self._methods, self._keep = dict(methods), keep
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted(self._methods)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PteModule:
+        runtime, keep = _imports()["Runtime"].get(), []
+        p = Path(path)
+        found = {1: p} | {
+            int(q.suffixes[-2][2:]): q
+            for q in p.parent.glob(f"{p.stem}.b*{p.suffix}")
+            if q.suffixes[-2][2:].isdigit()
+        }
+        return cls({b: _method(runtime, q.read_bytes(), keep) for b, q in found.items()}, keep)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        xs = [*args, *kwargs.values()]
+        b = int(xs[0].shape[0])
+        if b not in self._methods:
+            raise ExportError(f"no ExecuTorch program for batch {b} (made for {self.batches})")
+        out = self._methods[b].execute([x.contiguous() for x in xs])
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _rows(example: torch.Tensor | Mapping, i: int, j: int) -> torch.Tensor | dict:
+    """Samples ``i:j`` of a tensor or of each tensor of a dict, repeated to ``j - i`` rows if
+    there are fewer."""
+    n = batch_size(example)
+    idx = torch.arange(i, j) % n
+    if isinstance(example, Mapping):
+        return {k: v[idx].contiguous() for k, v in example.items()}
+    return example[idx].contiguous()
+
+
+def _call(x: torch.Tensor | Mapping) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for ``torch.export`` and the prepared module: a tensor is the one
+    positional input, a dict's entries are keyword inputs (``input_ids``, ``attention_mask``)."""
+    return ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+
+
+def _flat(x: torch.Tensor | Mapping) -> list[torch.Tensor]:
+    """The program's inputs in order (a dict's entries in their order, as ``torch.export``
+    flattens keyword inputs)."""
+    return list(x.values()) if isinstance(x, Mapping) else [x]
+
+
+def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
+    """The lowered program for batches of ``b``: ``(bytes, squeezer's quantizers, observed
+    quantizers, ops outside the delegate)``."""
+    xb = _rows(example, 0, b)
+    args, kwargs = _call(xb)
+    quantizer = et["XNNPACKQuantizer"]()
+    quantizer.set_global(et["config"](is_per_channel=True)).set_filter_function(
+        lambda node: _module_of(node) not in float_layers and _floating(node)
+    )
+    try:
+        gm = torch.export.export(twin, args, kwargs).module()
+        prepared = et["prepare"](gm, quantizer)
+        with torch.no_grad():
+            for i in range(0, min(batch_size(example), 64), b):
+                a, k = _call(_rows(example, i, i + b))
+                prepared(*a, **k)
+        n_fixed, n_observed = _fix_qparams(prepared, layers, status, scales)
+        converted = et["convert"](prepared)
+        data, outside = _lower(et, converted, xb)
+        left = [op for op in outside if any(k in op for k in ("convolution", "linear", "mm"))]
+        if int8 and left:
+            raise ExportError(
+                f"XNNPACK did not take {left} (they would run in ExecuTorch's portable kernels, "
+                "not as integer kernels); keep those layers' activations in float"
+            )
+    except ExportError:
+        raise
+    except Exception as exc:  # the torch.export / PT2E / lowering stack raises many kinds
+        raise ExportError(f"ExecuTorch lowering failed at batch {b} ({first_line(exc)})") from exc
+    return data, n_fixed, n_observed, outside
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,11 +435,11 @@ def _lowering(layer: _Layer) -> str:
 
 
 def _fold_batchnorm(
-    twin: nn.Module, x1: torch.Tensor, status: dict[str, str], scales: dict[str, np.ndarray]
+    twin: nn.Module, x1, status: dict[str, str], scales: dict[str, np.ndarray]
 ) -> None:
     """Fold each BatchNorm that alone reads a quantized Conv's output into that Conv: weight and
     per-channel scale times γ/σ, bias (b − μ)·γ/σ + β; the BatchNorm becomes an Identity."""
-    graph = torch.export.export(twin, (x1,)).graph
+    graph = torch.export.export(twin, *_call(x1)).graph
     for node in graph.nodes:
         if node.op != "call_function" or "batch_norm" not in str(node.target):
             continue
@@ -349,6 +465,13 @@ def _fold_batchnorm(
         scales[conv_fqn] = scales[conv_fqn] * np.abs(f.numpy())
         set_module(twin, bn_fqn, nn.Identity())
         status[conv_fqn] += f" (BatchNorm {bn_fqn} folded)"
+
+
+def _floating(node) -> bool:
+    """Whether a node computes a float tensor: integer arithmetic (a text model's position and
+    mask indices) is never quantized."""
+    val = node.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
 
 
 def _module_of(node) -> str | None:
@@ -412,10 +535,11 @@ def _set(fixed: dict, obs, fqn: str, scale, zero_point, qmin: int, qmax: int) ->
     fixed[id(obs)] = (fqn, key)
 
 
-def _lower(et, module: nn.Module, x1: torch.Tensor) -> tuple[bytes, list[str]]:
+def _lower(et, module: nn.Module, x) -> tuple[bytes, list[str]]:
     """The program's bytes, and the ops left outside the XNNPACK delegate (run by ExecuTorch's
     portable kernels), by name."""
-    ep = torch.export.export(module, (x1,))
+    args, kwargs = _call(x)
+    ep = torch.export.export(module, args, kwargs)
     edge = et["lower"](ep, partitioner=[et["XnnpackPartitioner"]()])
     outside = sorted(
         {
@@ -432,7 +556,9 @@ def _lower(et, module: nn.Module, x1: torch.Tensor) -> tuple[bytes, list[str]]:
 __all__ = [
     "FLOAT_ROW",
     "ROW",
+    "batch_path",
     "ExecutorchReport",
+    "PteModule",
     "executorch_available",
     "export_executorch",
 ]

@@ -17,13 +17,41 @@ def _num(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, int | float) else "–"
 
 
+#: {runtime: (metrics.json key of its export, its latency row)}
+RUNTIMES = {"ONNX Runtime": ("export", "ONNX (squeezer)"),
+            "ExecuTorch (XNNPACK)": ("executorch", "ExecuTorch (squeezer)")}  # fmt: skip
+
+
+def _runtime_rows(m: dict) -> list[list[Any]]:
+    """One row per runtime a model was exported to: file, size, latency at batch 1 and 32, and
+    the export's agreement with the simulation."""
+    rows = []
+    for runtime, (key, row) in RUNTIMES.items():
+        ex = m.get(key)
+        if not ex:
+            continue
+        cells = []
+        for b in (1, 32):
+            t = ((m.get("latency") or {}).get(f"batch_{b}") or {}).get(row)
+            t = t or ((ex.get("latency") or {}).get(f"batch_{b}") or {}).get(row)
+            cells.append(_ms((t or {}).get("median_ms")))
+        err = ex.get("max_abs_error")
+        agree = "–" if err is None else f"{err:.3g} ({ex.get('median_sample_error', 0):.3g})"
+        arg = ex.get("argmax_agreement")
+        rows.append([runtime, ex.get("path"), fmt_bytes(ex.get("size_bytes")), *cells, agree,
+                     "–" if arg is None else f"{arg:.1%}"])  # fmt: skip
+    return rows
+
+
 @section("Deployment", 50)
 def _deployment(run: Run) -> tuple[str, str] | None:
     """The section from ``metrics.json``'s ``export`` and ``latency`` keys, as (markdown, html);
     None when neither was measured."""
     m = run.get("metrics") or {}
     ex, lat = m.get("export"), m.get("latency")
-    predicted = (((run.get("plan") or {}).get("meta") or {}).get("achieved") or {}).get("latency_ms")
+    predicted = (((run.get("plan") or {}).get("meta") or {}).get("achieved") or {}).get(
+        "latency_ms"
+    )
     if not ex and not lat and predicted is None and not m.get("executorch"):
         return None
     md, body = "", ""
@@ -75,15 +103,15 @@ def _deployment(run: Run) -> tuple[str, str] | None:
         ]
         emd, ebody = table(["ONNX export", ""], rows)
         md, body = md + emd, body + ebody
-    et = m.get("executorch")
-    if et:
-        rows = [["file", et.get("path")], ["size", fmt_bytes(et.get("size_bytes"))],
-                ["theoretical", fmt_bytes(et.get("theoretical_bytes"))],
-                ["max abs. difference, ExecuTorch vs squeezer", et.get("max_abs_error")],
-                ["argmax agreement", et.get("argmax_agreement")]]  # fmt: skip
-        rows += [[f"{k}, batch 1", _ms(v.get("median_ms"))] for k, v in et.get("latency", {}).items()]
-        tmd, tbody = table(["ExecuTorch (XNNPACK)", ""], rows)
-        md, body = md + "\n" + tmd, body + tbody
+    if rows := _runtime_rows(m):
+        tmd, tbody = table(["runtime", "file", "size", "batch 1", "batch 32",
+                            "max abs. difference vs squeezer (median sample)",
+                            "argmax agreement"], rows)  # fmt: skip
+        note = (
+            "Latency: `squeezer bench` where it timed the file, else the export's own "
+            "timing; agreement: the export's check against squeezer's simulation."
+        )
+        md, body = md + "\n" + tmd + "\n" + note + "\n", body + tbody + f"<p>{note}</p>"
     if lat:
         batches = sorted(int(k.split("_")[1]) for k in lat if k.startswith("batch_"))
         names = list(lat[f"batch_{batches[0]}"]) if batches else []
