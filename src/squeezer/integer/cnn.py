@@ -129,7 +129,8 @@ SCALE_FLOOR = 2.0**-12
 
 def _floor_weight_scales(w_int: torch.Tensor, s_w: torch.Tensor):
     """Codes and scales with every per-channel weight scale at least ``SCALE_FLOOR`` × the
-    layer's largest, the codes of a floored channel re-rounded to the coarser step.
+    layer's largest, the codes of a floored channel re-rounded to the coarser step. Applied only
+    to a layer whose bias would otherwise be ≥ 2^31 accumulator steps.
 
     Why: trained networks have dead channels (weights of 0 to 1e-7, e.g. EfficientNet-Lite0's
     ImageNet weights); per-channel calibration gives them scales near 0, so their accumulator
@@ -161,7 +162,10 @@ def _layer_consts(m: nn.Module, s_x: float, qmin: int, qmax: int, zp: int):
     w_int = codes - wzp.reshape(-1, *([1] * (codes.dim() - 1)))
     out_ch = codes.shape[0]
     s_w = wq.scale.reshape(-1).double().expand(out_ch)
-    w_int, s_w = _floor_weight_scales(w_int, s_w)
+    if m.bias is not None and float((m.bias.detach().double() / (s_x * s_w)).abs().max()) >= 2**31:
+        # only where the bias would not fit otherwise: everywhere else the codes stay the
+        # simulation's own, bit for bit
+        w_int, s_w = _floor_weight_scales(w_int, s_w)
     s_acc = s_x * s_w  # float64: the exact product of the two float32 scales
     small = int(w_int.abs().max()) < 128
     weight = w_int.to(torch.int8 if small else torch.int16)
