@@ -7,7 +7,7 @@ model and the same check inputs (the first 64 test inputs, ``requantize=True`` a
 Runtime at load). Reported per file: its size against the plan's theoretical size (Σ params × bits
 / 8 plus scales, zero points and float parts: ``squeezer.measure.model_bytes``), whether ONNX
 Runtime's optimized graphs of the two files are identical (op types and every initializer's bytes:
-``squeezer.export.packing._unfolded``), whether their outputs on the whole test split are
+``squeezer.export.packing.unfolded``), whether their outputs on the whole test split are
 bit-identical, the session load time, and the latency at batch 1 and 32 (medians; the two
 sessions timed round-robin in one run, so load changes hit both alike).
 
@@ -39,7 +39,7 @@ import onnx
 import torch
 
 from squeezer.export import export_onnx, latency_table, ort_feeds, ort_session
-from squeezer.export.packing import _unfolded
+from squeezer.export.packing import unfolded
 from squeezer.runfolder import load_compressed
 
 
@@ -79,7 +79,7 @@ def measure(run: Path, tmp: Path, threads: int, runs: int) -> dict:
         sessions[name] = ort_session(path, threads=threads)
         load_ms[name] = (time.perf_counter() - t0) * 1e3
     data = {k: (tmp / f"{run.name}_{k}.onnx").read_bytes() for k in reports}
-    same_graph = _unfolded(data["packed"], data["int8"], threads)
+    same_graph = unfolded(data["packed"], data["int8"], threads)
     with tempfile.TemporaryDirectory() as opt:
         path = os.path.join(opt, "o.onnx")
         ort_session(data["packed"], threads=threads, optimized_path=path)

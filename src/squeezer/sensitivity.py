@@ -533,14 +533,14 @@ def joint_sensitivity(
         >>> om["0"][32, 0.0], round(om["0"][32, 0.5] / float(dropped.pow(2).sum()), 4)
         (0.0, 0.5)
     """
+    if any(not 0 <= r < 1 for r in ratios):
+        raise ConfigError(f"prune ratios must lie in [0, 1), got {list(ratios)}")
     named = quantizable_layers(model)
     names = list(traces) if layers is None else list(layers)
     out: dict[str, dict[tuple[int, float], float]] = {}
     for fqn in names:
         if fqn not in named or fqn not in traces:
             raise ConfigError(f"layer {fqn!r} has no trace or is not a quantizable layer")
-        if any(not 0 <= r < 1 for r in ratios):
-            raise ConfigError(f"prune ratios must lie in [0, 1), got {list(ratios)}")
         layer = named[fqn]
         w = layer.weight.detach()
         avg = max(float(traces[fqn]), 0.0) / w.numel()

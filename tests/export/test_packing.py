@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
-from squeezer.export.packing import _bit_planes, _pack_codes, _unfolded, _unpack_planes  # noqa: E402
+from squeezer.export.packing import _bit_planes, _unpack_planes, pack_onnx_codes, unfolded  # noqa: E402
 from squeezer.export.runtime import ort_session  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def test_packed_codes_unpack_in_onnx_runtime_to_the_same_codes():
         "small": rng.integers(-2, 2, (16,)).astype(np.int8),  # too few codes to pay: stays
     }
     proto = _codes_graph(tensors)
-    packed, widths = _pack_codes(proto)
+    packed, widths = pack_onnx_codes(proto)
     assert widths == {"w3": 3, "w3b": 3, "w2": 2, "u4": 4, "w7": 7}
     plain, small = proto.SerializeToString(), packed.SerializeToString()
     saved = sum(tensors[n].size * (8 - b) / 8 for n, b in widths.items())
@@ -63,14 +63,14 @@ def test_unfolded_compares_what_onnx_runtime_runs():
     rng = np.random.default_rng(1)
     w = {"w": rng.integers(-4, 4, (64, 64)).astype(np.int8)}
     proto = _codes_graph(w)
-    packed, _ = _pack_codes(proto)
+    packed, _ = pack_onnx_codes(proto)
     plain = proto.SerializeToString()
-    assert _unfolded(packed.SerializeToString(), plain) is None
+    assert unfolded(packed.SerializeToString(), plain) is None
     other = _codes_graph({"w": np.roll(w["w"], 1)}).SerializeToString()
-    assert "constants" in _unfolded(other, plain)
+    assert "constants" in unfolded(other, plain)
 
 
 def test_nothing_to_pack_returns_the_model_itself():
     proto = _codes_graph({"w8": np.arange(-128, 128, dtype=np.int8)})
-    packed, widths = _pack_codes(proto)
+    packed, widths = pack_onnx_codes(proto)
     assert widths == {} and packed is proto

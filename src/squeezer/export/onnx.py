@@ -378,13 +378,13 @@ def _packed(proto, data: bytes, layers: Mapping[str, _Layer], threads: int):
     """(the packed file's bytes, {FQN: bits stored per code}, None) if packing the codes folds
     back into the int8 graph in ONNX Runtime; (``data``, {}, why not) if it does not; (``data``,
     {}, None) if there is nothing to pack."""
-    from .packing import _pack_codes, _unfolded
+    from .packing import pack_onnx_codes, unfolded
 
-    packed, widths = _pack_codes(proto)
+    packed, widths = pack_onnx_codes(proto)
     if not widths:
         return data, {}, None
     packed_data = packed.SerializeToString()
-    why = _unfolded(packed_data, data, threads)
+    why = unfolded(packed_data, data, threads)
     if why is not None:
         return data, {}, f"{why}; the codes are stored a byte each"
     fqn_of = {f"{fqn}.w_q": fqn for fqn in layers}

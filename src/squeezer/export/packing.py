@@ -1,13 +1,13 @@
-"""Sub-8-bit weight codes stored at their own width in the ONNX file (:func:`_pack_codes`), and the
+"""Sub-8-bit weight codes stored at their own width in the ONNX file (:func:`pack_onnx_codes`), and the
 check that ONNX Runtime turns the packed file back into the very graph it runs for the int8 one
-(:func:`_unfolded`).
+(:func:`unfolded`).
 
 ONNX has no 2-, 3-, 5-, 6- or 7-bit integer type, and ONNX Runtime's CPU provider ran INT4
 DequantizeLinear before a Conv as a float op at every call (2.2× slower than FP32 when tried,
 issue 18), not as QLinearConv. So the codes are stored as bit planes in uint8 initializers and
 turned back into the int8 (uint8) code tensor by a small subgraph that reads only initializers:
 ONNX Runtime's constant folding runs it once when the session loads, and its QDQ fusions, which
-come after, see the same int8 constant as in the unpacked file. :func:`_unfolded` proves it on
+come after, see the same int8 constant as in the unpacked file. :func:`unfolded` proves it on
 every export by comparing the two optimized graphs (op types and every initializer's bytes);
 where they differ the export keeps one byte a code.
 
@@ -42,7 +42,7 @@ def _code_width(a: np.ndarray) -> tuple[int, int]:
     lo, hi = int(a.min()), int(a.max())
     if lo >= 0:
         return max(1, hi.bit_length()), 0
-    bits = 1 + max((-lo - 1).bit_length() if lo < 0 else 0, max(hi, 0).bit_length())
+    bits = 1 + max((-lo - 1).bit_length(), max(hi, 0).bit_length())
     return bits, -(1 << (bits - 1))
 
 
@@ -58,7 +58,7 @@ def _unpack_planes(planes: np.ndarray) -> np.ndarray:
     return (bits << np.arange(len(planes))[:, None]).sum(0)
 
 
-def _pack_codes(proto, *, min_codes: int = MIN_CODES):
+def pack_onnx_codes(proto, *, min_codes: int = MIN_CODES):
     """A copy of ``proto`` with every int8/uint8 initializer of at least ``min_codes`` values
     whose codes span fewer than 8 bits stored as bit planes and unpacked by a constant subgraph.
     Returns (the new ModelProto, {initializer name: bits stored per code}); ({} when nothing
@@ -190,7 +190,7 @@ def _optimized(data: bytes, path: str, threads: int):
     return onnx.load(path).graph
 
 
-def _unfolded(packed: bytes, plain: bytes, threads: int = 1) -> str | None:
+def unfolded(packed: bytes, plain: bytes, threads: int = 1) -> str | None:
     """None if ONNX Runtime runs the same graph for ``packed`` as for ``plain`` (the same ops and
     initializers of the same bytes: the unpacking folded at load), else what differs."""
     from onnx import numpy_helper
