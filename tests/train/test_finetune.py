@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from squeezer.data import Classification, Dataset, evaluate
+from squeezer.data import Classification, Dataset, batch_size, evaluate
 from squeezer.errors import ConfigError
 from squeezer.quant.apply import load_quantized, quantize
 from squeezer.quant.modules import ActQuantizer, QuantMixin, WeightQuantizer
@@ -293,3 +293,43 @@ def test_a_streamed_data_set_holds_out_batches():
     r = finetune(net, data, distill=False, epochs=3, lr=1e-2, batch_size=16, progress=False)
     assert r.history[-1]["val_metric"] > r.history[0]["val_metric"]
     assert isinstance(data, Dataset) is False
+
+
+def test_validation_is_one_pass_with_the_loss_and_metric_of_two():
+    from squeezer.data import Batches, mean_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(70, 5, generator=g), torch.randint(0, 3, (70,), generator=g)
+    net = nn.Linear(5, 3)
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    val = Batches(x, y, 32)  # batches of 32, 32, 6: the loss weighted by samples
+    loss, metric = finetune_module._validate(net, val, Classification())
+    assert len(calls) == len(val) == 3  # one forward per held-out batch
+    assert loss == pytest.approx(mean_loss(net, val, Classification()), rel=1e-6)
+    assert metric == pytest.approx(evaluate(net, val, Classification()))
+    assert finetune_module._validate(net, None, Classification()) == (None, None)
+
+
+def test_given_held_out_batches_replace_the_split_of_the_training_data(monkeypatch):
+    from squeezer.data import Batches
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 2
+    x = torch.randn(300, 2, generator=g) + (y[:, None] * 2.0 - 1.0)
+    data = Dataset("two", x[:200], y[:200], x[200:], y[200:], Classification())
+    held = Batches(x[250:], y[250:], 64)  # 50 samples outside the training split
+    torch.manual_seed(0)
+    net = nn.Linear(2, 2)
+    seen = []
+    step = finetune_module._step
+    monkeypatch.setattr(finetune_module, "_step",
+                        lambda *a, **k: (seen.append(batch_size(a[4])), step(*a, **k))[1])  # fmt: skip
+    r = finetune(net, data, val_data=held, distill=False, epochs=2, lr=0.05, batch_size=50,
+                 progress=False)  # fmt: skip
+    assert sum(seen) == 2 * 200  # every training sample trains, in both epochs: none held out
+    assert r.options["val_data"] is True
+    # the held-out figures of epoch 0 are the given model's on the given batches
+    assert (r.history[0]["val_loss"], r.history[0]["val_metric"]) == pytest.approx(
+        finetune_module._validate(net, held, Classification()))
+    assert all(h["val_metric"] is not None for h in r.history)

@@ -17,7 +17,10 @@ What it does, and the choices it makes:
   learning rate is a fine-tuning, not a re-training.
 - **Distillation** (:mod:`squeezer.train.distill`): KL with temperature on a classifier's logits
   (``alpha``, ``temperature``; HAWQ's recipe α 0.95, T 6 is the default) from ``teacher``, or
-  ``1 − cos`` to the FP32 embeddings of an encoder's labels-free embedding task (no labels needed).
+  ``1 − cos`` to the FP32 embeddings of an encoder's labels-free embedding task (no labels needed);
+  ``hidden_weight`` > 0 adds hidden-state distillation from ``teacher`` (every block of the layer
+  stack, and with ``hidden_attention`` every attention output, read by forward hooks that are on
+  only for the length of each training forward), for a quantized or a heads/FFN-pruned encoder.
 - **Held-out split and early stop**: ``val_fraction`` of the training split is held out (a seeded
   subset; every k-th batch of a streamed set); its loss (the task's: cross-entropy on the labels,
   or the error to the FP32 embeddings) and metric are measured before training (epoch 0) and after
@@ -28,7 +31,8 @@ What it does, and the choices it makes:
   the training was thrown away, while the loss still tells the epochs apart. Training stops after
   ``patience`` epochs without a better epoch, and ``restore_best`` returns the best epoch's
   weights (epoch 0 included: fine-tuning never returns a model worse on the held-out split than
-  the one it was given).
+  the one it was given). ``val_data`` validates on batches of your own instead: data the model
+  (and the teacher) never trained on, as the held-out split of its training data is not.
 - **Seeded and resumable**: batches are drawn from ``seed`` and the epoch; with ``checkpoint`` the
   whole state (weights, optimizer, schedule, history, best weights, RNG) is written atomically
   after every epoch, and ``resume=True`` continues from it to the very weights an uninterrupted run
@@ -60,13 +64,20 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..atomic import write_bytes_atomic
-from ..data import _index, batch_size, evaluate, forward, mean_loss, to_device
+from ..data import _accumulate, _index, batch_size, forward, to_device
 from ..distributed import all_reduce_sum, is_active, world
 from ..errors import ConfigError
 from ..graph import copy_model, model_device
 from ..progress import progress as progress_bar
 from ..quant.modules import ActQuantizer, QuantMixin
-from .distill import make_loss, needs_teacher
+from .distill import (
+    HIDDEN_LOSSES,
+    HiddenStates,
+    hidden_loss,
+    hidden_modules,
+    make_loss,
+    needs_teacher,
+)
 from .lsq import fix_scales, learn_scales
 from .optim import OPTIMIZERS, cosine_schedule, make_optimizer
 
@@ -128,12 +139,16 @@ def finetune(
     alpha: float = 0.95,
     temperature: float = 6.0,
     embedding_loss: str = "cosine",
+    hidden_weight: float = 0.0,
+    hidden_loss: str = "mse",
+    hidden_attention: bool = False,
     lsq: bool = False,
     scale_lr: float = 10.0,
     weight_scales: str = "track",
     freeze_bn: bool = True,
     dropout: bool = False,
     val_fraction: float = 0.1,
+    val_data: Any = None,
     patience: int | None = None,
     restore_best: bool = True,
     select: str = "loss",
@@ -160,6 +175,9 @@ def finetune(
         alpha: weight of the distillation term (the rest goes to cross-entropy on the labels).
         temperature: softmax temperature of the distillation term.
         embedding_loss: ``"cosine"`` (1 − cos) or ``"mse"`` for an embedding task.
+        hidden_weight: weight of the hidden-state distillation term (0: off; needs ``teacher``).
+        hidden_loss: its per-token distance, ``"mse"`` (relative squared error) or ``"cosine"``.
+        hidden_attention: match each block's attention output too, not only the block outputs.
         lsq: learn the quantizers' step sizes (weights and activations).
         scale_lr: the learned (log) step sizes' learning rate as a multiple of ``lr``, no decay.
         weight_scales: ``"track"`` (re-calibrate weight scales every step) or ``"frozen"``.
@@ -167,6 +185,10 @@ def finetune(
         dropout: dropout on while training (off by default).
         val_fraction: share of the training split held out for the metric and early stopping
             (0: none; then ``patience`` and ``restore_best`` have nothing to go by).
+        val_data: held-out ``(inputs, targets)`` batches to validate on instead (re-iterable,
+            e.g. a :class:`~squeezer.data.Batches`): data the given model never trained on, so
+            the best epoch is chosen on unseen data; the whole training split then trains and
+            ``val_fraction`` is ignored.
         patience: stop after this many epochs without a better held-out epoch (None: never).
         restore_best: return the weights of the best held-out epoch (epoch 0 included).
         select: what makes an epoch best: ``"loss"`` (lowest held-out loss, then metric) or
@@ -180,9 +202,14 @@ def finetune(
         resume: continue from ``checkpoint`` if it exists (same settings required).
     """
     opts = _options(**{k: v for k, v in locals().items() if k not in ("model", "data", "teacher",
-                                                                        "progress", "checkpoint",
-                                                                        "resume")})  # fmt: skip
+                                                                        "val_data", "progress",
+                                                                        "checkpoint", "resume")})  # fmt: skip
+    opts["val_data"] = val_data is not None
     task = data.task
+    if hidden_weight > 0 and teacher is None:
+        raise ConfigError(
+            "hidden-state distillation needs the FP32 model: pass teacher=..., or hidden_weight=0"
+        )
     if needs_teacher(task, distill) and teacher is None:
         raise ConfigError(
             "classifier distillation needs the FP32 model: pass teacher=..., or distill=False to "
@@ -196,10 +223,16 @@ def finetune(
     net = copy_model(model)
     _check_calibrated(net)
     scales = [p for _, p in learn_scales(net)] if lsq else []
-    teach = _frozen_copy(teacher) if teacher is not None and needs_teacher(task, distill) else None
+    uses_teacher = needs_teacher(task, distill, hidden_weight)
+    teach = _frozen_copy(teacher) if teacher is not None and uses_teacher else None
     loss_fn = make_loss(task, distill=distill, alpha=alpha, temperature=temperature,
                         embedding_loss=embedding_loss)  # fmt: skip
-    train_epoch, val = _split(data, val_fraction, seed, batch_size)
+    if hidden_weight > 0:
+        loss_fn = _HiddenKD(loss_fn, hidden_modules(teach, attention=hidden_attention),
+                            hidden_weight, hidden_loss)  # fmt: skip
+    train_epoch, val = _split(data, 0.0 if val_data is not None else val_fraction, seed,
+                              batch_size)  # fmt: skip
+    val = val if val_data is None else val_data
     n_steps = _steps(train_epoch(0), steps_per_epoch)
     opt = _optimizer(net, scales, opts)
     sched = cosine_schedule(opt, epochs * n_steps)
@@ -283,6 +316,10 @@ def _options(**kw: Any) -> dict[str, Any]:
         )
     if kw["select"] not in SELECT:
         raise ConfigError(f"unknown select {kw['select']!r}; use one of {', '.join(SELECT)}")
+    if kw["hidden_loss"] not in HIDDEN_LOSSES:
+        raise ConfigError(
+            f"unknown hidden loss {kw['hidden_loss']!r}; use one of {', '.join(HIDDEN_LOSSES)}"
+        )
     if kw["weight_scales"] not in WEIGHT_SCALES:
         raise ConfigError(f"unknown weight_scales {kw['weight_scales']!r}; use 'track' or 'frozen'")
     checks = [
@@ -295,6 +332,7 @@ def _options(**kw: Any) -> dict[str, Any]:
         ("lr", kw["lr"] is None or kw["lr"] > 0, "positive"),
         ("weight_decay", kw["weight_decay"] >= 0, "0 or more"),
         ("scale_lr", kw["scale_lr"] > 0, "positive"),
+        ("hidden_weight", kw["hidden_weight"] >= 0, "0 or more"),
     ]  # fmt: skip
     for name, ok, want in checks:
         if not ok:
@@ -404,10 +442,21 @@ def _steps(batches: Any, cap: int | None) -> int:
 
 
 def _validate(net: nn.Module, val: Any, task: Any) -> tuple[float | None, float | None]:
-    """The held-out ``(loss, metric)`` (None, None without a held-out split)."""
+    """The held-out ``(loss, metric)`` from one pass over ``val`` (None, None without a held-out
+    split): the loss sample-weighted as :func:`~squeezer.data.mean_loss` weights it, the metric
+    as :func:`~squeezer.data.evaluate` sums it."""
     if val is None:
         return None, None
-    return float(mean_loss(net, val, task)), float(evaluate(net, val, task))
+    loss = [0.0, 0]
+
+    def both(out: Any, targets: Any) -> tuple[float, int]:
+        n = batch_size(targets) if isinstance(targets, torch.Tensor) else batch_size(out)
+        loss[0] += float(task.loss(out, targets)) * n
+        loss[1] += n
+        return task.metric_sums(out, targets)
+
+    total, count = _accumulate(net, val, both)
+    return loss[0] / loss[1], total / count
 
 
 def _score(row: dict[str, Any], task: Any, select: str) -> tuple[float, float] | None:
@@ -447,12 +496,35 @@ def _step(net, teacher, loss_fn, x, y, rank: int, world_size: int, device):
     else:
         weight = 1.0
     x, y = to_device(x, device), to_device(y, device)
+    if isinstance(loss_fn, _HiddenKD):
+        return loss_fn.step(net, teacher, x, y) * weight, n
     out = forward(net, x)
     t = None
     if teacher is not None:
         with torch.no_grad():
             t = forward(teacher, x)
     return loss_fn(out, y, t) * weight, n
+
+
+class _HiddenKD:
+    """The output loss plus ``weight`` times the hidden-state term of one training forward of the
+    student and the teacher, their hooks on only for that forward."""
+
+    def __init__(self, loss_fn, names: list[str], weight: float, kind: str):
+        self.loss_fn, self.names, self.weight, self.kind = loss_fn, names, float(weight), kind
+
+    def __call__(self, s: Any, y: Any, t: Any) -> torch.Tensor:  # validation-free output loss
+        return self.loss_fn(s, y, t)
+
+    def step(self, net: nn.Module, teacher: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        inner = net.module if hasattr(net, "module") else net  # under DDP, hook the wrapped model
+        with HiddenStates(inner, self.names) as hs:
+            out = forward(net, x)
+        with torch.no_grad(), HiddenStates(teacher, self.names) as ht:
+            t = forward(teacher, x)
+        mask = x.get("attention_mask") if hasattr(x, "get") else None
+        extra = hidden_loss(hs.outputs, ht.outputs, mask, kind=self.kind)
+        return self.loss_fn(out, y, t) + self.weight * extra
 
 
 def _indexable(y: Any, n: int) -> bool:
