@@ -247,3 +247,23 @@ def test_token_linears_become_matmul_integer_to_float_with_their_bias(tmp_path):
     fused_out = {n.output[0] for n in fused}
     assert not [n for n in graph.node if n.op_type == "Add" and fused_out & set(n.input)]
     assert rep.max_abs_error <= rep.atol
+
+
+def test_one_sample_is_held_to_the_worst_sample_bound():
+    # the batch-1 check sees one sample, whose median is its worst: at 1.25 output steps it is
+    # inside the worst-sample bound (twice squeezer's own quantization effect) that the same
+    # sample had in the batch, so it passes; a set of such samples does not (typical > 1 step)
+    from squeezer.export.onnx import _verify
+
+    ref = [torch.tensor([[0.0, 1.0, 2.0, 2.55]])]  # one output step = 0.01
+    fp32 = [ref[0].clone()]
+    fp32[0][0, 3] -= 0.04  # squeezer moved an output by 4 steps
+    got = [ref[0].numpy() + np.array([[0.0, 0.0, 0.0125, 0.0]], dtype=np.float32)]
+    checks = _verify("rt", ref, got, fp32, None, loose=False, max_slack=1.0)
+    assert checks["max_abs_error"] == pytest.approx(0.0125, rel=1e-4)
+    with pytest.raises(ExportError, match="disagrees"):
+        _verify("rt", [ref[0].repeat(3, 1)], [np.repeat(got[0], 3, 0)], [fp32[0].repeat(3, 1)],
+                None, loose=False, max_slack=1.0)  # fmt: skip
+    # beyond the worst-sample bound (0.08) a single sample still fails
+    with pytest.raises(ExportError, match="disagrees"):
+        _verify("rt", ref, [ref[0].numpy() + 0.1], fp32, None, loose=False, max_slack=1.0)
