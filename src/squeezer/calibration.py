@@ -8,6 +8,8 @@ example input, and what the run must keep. Two ship:
 - ``"zeroshot"``: ZeroQ (arXiv:2001.00281): inputs distilled to match the model's BatchNorm
   statistics, no data at all; plans from the KL divergence each layer's quantization causes on
   those inputs. The run folder keeps the distilled inputs, so re-planning calibrates on the same.
+- ``"noise"``: seeded standard-normal inputs shaped like the model's (noise in the normalised
+  input space), planned like ``"zeroshot"``: the data-free baseline ZeroQ is measured against.
 """
 
 from __future__ import annotations
@@ -114,6 +116,34 @@ def _zeroshot(
         }
     }
     return Calibration(distilled, "kl", distilled[0][:1], ZEROSHOT_NAME, record, distilled)
+
+
+#: The name of plans made from Gaussian noise.
+NOISE_NAME = "noise mixed"
+
+
+@register_calibration("noise")
+def _noise(
+    model: nn.Module,
+    data: Dataset | None,
+    *,
+    seed: int = 0,
+    samples: int = 64,
+    input_shape: tuple[int, ...] | None = None,
+    **_: Any,
+) -> Calibration:
+    """Standard-normal inputs (one seeded draw, so re-planning redraws the same): shaped as
+    ``input_shape``, else as the data's inputs (used for nothing else), else as the model's
+    ``input_shape`` attribute."""
+    from .zeroshot import _resolve_shape
+
+    example = data.example(1) if data is not None and input_shape is None else None
+    shape, dtype = _resolve_shape(model, input_shape, example)
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn((int(samples), *shape), generator=gen, dtype=dtype)
+    batches = list(x.split(64))
+    record = {"calibration": {"source": "Gaussian noise N(0, 1)", "samples": int(samples)}}
+    return Calibration(batches, "kl", batches[0][:1], NOISE_NAME, record)
 
 
 def source(name: str) -> CalibrationSource:

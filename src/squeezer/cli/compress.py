@@ -19,10 +19,10 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--calib",
-        choices=("real", "zeroshot"),
+        choices=("real", "zeroshot", "noise"),
         default="real",
         help="real: calibrate and plan on --data (default); zeroshot: no data at all "
-        "(ZeroQ distilled inputs, KL sensitivity)",
+        "(ZeroQ distilled inputs, KL sensitivity); noise: standard-normal inputs (a baseline)",
     )
     p.add_argument(
         "--eval-data", metavar="DATA", help="with --calib zeroshot: data to report the metric on"
@@ -50,6 +50,9 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=128, help="token length of text inputs (128)")
     p.add_argument("--act-bits", type=int, default=8,
                    help="activation bits (0 keeps activations in float; default 8)")  # fmt: skip
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract each layer's mean output error on the calibration data from "
+                   "its bias (Nagel et al. 2019); default: on for conv nets")  # fmt: skip
     latency_arg(p)
     prune_args(p)
     from .finetune import finetune_args
@@ -68,10 +71,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     spec = spec_of(
         args, "compress", budget=Budget.parse(args.budget), method=args.method, calib=args.calib,
         act_bits=args.act_bits or None, hessian_samples=args.hessian_samples,
+        bias_correction=args.bias_correction,
         input_shape=parse_shape(args.input_shape), latency_backend=args.latency_backend,
         **prune_of(args),
     )  # fmt: skip
-    if args.calib == "zeroshot":  # the data is for evaluation only
+    if args.calib != "real":  # the data is for evaluation only
         spec = replace(spec, data=args.eval_data or args.data)
     result, data = compress_run(spec, args.out, progress=not args.quiet)
     if not args.quiet:
