@@ -96,8 +96,11 @@ def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
         log(
             f"heads {target:.2f}: one-shot cosine {oneshot['cosine']:.4f} ({score_s:.0f} s scoring)"
         )
-        r = finetune(p.model, data, epochs=n_epochs, lr=args.lr, batch_size=32,
-                     steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
+        # distilled from the unpruned model: its embeddings, and with --hidden its hidden states
+        r = finetune(p.model, data, teacher=fp32, epochs=n_epochs, lr=args.lr, batch_size=32,
+                     steps_per_epoch=args.steps, progress=False, seed=0,
+                     hidden_weight=args.hidden, hidden_loss=args.hidden_loss,
+                     hidden_attention=args.hidden_attention)  # fmt: skip
         model = r.model
         fid = fidelity(model, data, pas, pas_ref)
         log(f"heads {target:.2f}: cosine {fid['cosine']:.4f} after {r.seconds:.0f} s fine-tuning")
@@ -108,6 +111,7 @@ def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
             "neurons": [b.neurons for b in encoder_blocks(model)],
             "params": param_count(model), "oneshot": oneshot, **fid,
             "finetune_s": r.seconds, "score_s": score_s, "epochs": n_epochs,
+            "hidden": args.hidden, "best_epoch": r.best_epoch,
             "arch": architecture(model), "history": [dict(h) for h in r.history], "model": model,
         })  # fmt: skip
     return rows
@@ -222,6 +226,11 @@ def main() -> None:
     ap.add_argument("--ltp-epochs", default="2", help="hard-model epochs per token ratio")
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--hidden", type=float, default=0.0,
+                    help="hidden-state distillation weight for head pruning (0: embeddings only)")  # fmt: skip
+    ap.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse")
+    ap.add_argument("--hidden-attention", action="store_true",
+                    help="--hidden also matches every block's attention output")  # fmt: skip
     ap.add_argument("--importance", default="hessian")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--runs", type=int, default=10)

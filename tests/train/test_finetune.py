@@ -333,3 +333,96 @@ def test_given_held_out_batches_replace_the_split_of_the_training_data(monkeypat
     assert (r.history[0]["val_loss"], r.history[0]["val_metric"]) == pytest.approx(
         finetune_module._validate(net, held, Classification()))
     assert all(h["val_metric"] is not None for h in r.history)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hidden-state distillation (encoders)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_hidden_states_are_read_by_hooks_that_are_always_removed():
+    pytest.importorskip("transformers")
+    from tiny_bert import tiny_encoder, token_data
+
+    from squeezer.train.distill import HiddenStates, hidden_loss, hidden_modules
+
+    enc = tiny_encoder(0)
+    assert hidden_modules(enc) == ["model.encoder.layer.0", "model.encoder.layer.1"]
+    names = hidden_modules(enc, attention=True)
+    assert names == ["model.encoder.layer.0.attention", "model.encoder.layer.0",
+                     "model.encoder.layer.1.attention", "model.encoder.layer.1"]  # fmt: skip
+    x = token_data(6, seed=3)
+    with torch.no_grad(), HiddenStates(enc, names) as hs:
+        assert _hooks(enc) == 4
+        enc(**x)
+    assert _hooks(enc) == 0 and list(hs.outputs) == names
+    assert all(h.shape == (6, 12, 32) for h in hs.outputs.values())
+    with pytest.raises(RuntimeError), HiddenStates(enc, names):  # removed on an error too
+        raise RuntimeError("boom")
+    assert _hooks(enc) == 0
+    # the student equal to the teacher: no loss, either distance
+    for kind in ("mse", "cosine"):
+        same = hidden_loss(hs.outputs, hs.outputs, x["attention_mask"], kind=kind)
+        assert float(same) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="no module"):
+        HiddenStates(nn.Linear(2, 2), names)
+
+
+def test_hidden_loss_reads_real_tokens_only_and_its_gradient_reaches_the_first_block():
+    pytest.importorskip("transformers")
+    from tiny_bert import tiny_encoder, token_data
+
+    from squeezer.train.distill import HiddenStates, hidden_loss, hidden_modules
+
+    teacher, student = tiny_encoder(0), tiny_encoder(1)
+    x = token_data(8, seed=3)
+    mask = x["attention_mask"]
+    names = hidden_modules(teacher)
+    with torch.no_grad(), HiddenStates(teacher, names) as ht:
+        teacher(**x)
+    with HiddenStates(student, names) as hs:
+        student(**x)
+    loss = hidden_loss(hs.outputs, ht.outputs, mask)
+    assert float(loss.detach()) > 0
+    # what the student does on padding does not count
+    moved = {k: v + 5.0 * (1 - mask)[..., None] for k, v in hs.outputs.items()}
+    torch.testing.assert_close(hidden_loss(moved, ht.outputs, mask), loss)
+    assert float(hidden_loss(moved, ht.outputs, None).detach()) > float(loss.detach())
+    loss.backward()
+    q = student.model.encoder.layer[0].attention.self.query.weight
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    bad = {k: v[:, :5] for k, v in hs.outputs.items()}
+    with pytest.raises(ConfigError, match="same hidden size"):
+        hidden_loss(bad, ht.outputs, mask)
+
+
+def test_a_pruned_encoder_distils_its_hidden_states_from_the_unpruned_one():
+    pytest.importorskip("transformers")
+    from tiny_bert import tiny_encoder, token_data
+
+    from squeezer.prune import PruneSpec, prune
+    from squeezer.text import EmbeddingTask, TokenDataset, embed
+
+    enc = tiny_encoder(0)
+    x_tr, x_te = token_data(96, 1), token_data(32, 2)
+    data = TokenDataset("tiny", x_tr, embed(enc, x_tr), x_te, embed(enc, x_te), EmbeddingTask())
+    pruned = prune(enc, PruneSpec("heads", options={"heads": 0.5, "neurons": 0.5}), None).model
+    before_state = _state(pruned)
+    kw = dict(epochs=3, lr=1e-3, batch_size=16, progress=False, seed=0)
+    with pytest.raises(ConfigError, match="needs the FP32 model"):
+        finetune(pruned, data, hidden_weight=1.0, **kw)
+    with pytest.raises(ConfigError, match="hidden loss"):
+        finetune(pruned, data, teacher=enc, hidden_weight=1.0, hidden_loss="l1", **kw)
+    plain = finetune(pruned, data, **kw)
+    r = finetune(pruned, data, teacher=enc, hidden_weight=1.0, hidden_attention=True, **kw)
+    assert _hooks(r.model) == 0 and _hooks(enc) == 0 and _hooks(pruned) == 0
+    assert _same(_state(pruned), before_state)  # the caller's model untouched
+    assert r.options["hidden_weight"] == 1.0
+    before = evaluate(pruned, data.test_batches(), data.task)
+    after = evaluate(r.model, data.test_batches(), data.task)
+    assert after > before, (before, after)
+    # the hidden term changes the training: not the embedding-only run's weights
+    assert not _same(_state(r.model), _state(plain.model))

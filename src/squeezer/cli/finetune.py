@@ -23,6 +23,14 @@ def finetune_args(p: argparse.ArgumentParser, *, epochs: int | None = 5) -> None
                    help="distil from the FP32 model (default; --no-distill: labels only)")  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.95, help="weight of the KD term (0.95)")
     p.add_argument("--temperature", type=float, default=6.0, help="KD temperature (6)")
+    p.add_argument("--distill-hidden", type=float, default=0.0, metavar="W",
+                   help="add W x hidden-state distillation from the FP32 model: every encoder "
+                        "block's output (default 0: off; also for a heads/FFN-pruned encoder)")  # fmt: skip
+    p.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse",
+                   help="per-token distance of --distill-hidden: relative squared error (mse) "
+                        "or 1 - cos")  # fmt: skip
+    p.add_argument("--hidden-attention", action="store_true",
+                   help="--distill-hidden also matches every block's attention output")  # fmt: skip
     p.add_argument("--lsq", action="store_true", help="learn the quantizers' step sizes (LSQ)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop after N epochs without a better held-out epoch (lowest held-out "
@@ -35,7 +43,9 @@ def finetune_options(args: argparse.Namespace) -> dict:
     """The :func:`squeezer.train.finetune.finetune` options the flags describe."""
     return dict(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                 distill=args.distill, alpha=args.alpha, temperature=args.temperature,
-                lsq=args.lsq, patience=args.patience, val_fraction=args.val_fraction)  # fmt: skip
+                lsq=args.lsq, patience=args.patience, val_fraction=args.val_fraction,
+                hidden_weight=args.distill_hidden, hidden_loss=args.hidden_loss,
+                hidden_attention=args.hidden_attention)  # fmt: skip
 
 
 def print_finetune(out, record: dict) -> None:
