@@ -156,14 +156,17 @@ def run_minilm(args: argparse.Namespace) -> dict:
     from squeezer.runfolder import load_compressed, read_metrics
 
     out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "n_train": args.n_train,
+                           "hidden": args.hidden, "hidden_loss": args.hidden_loss,
+                           "hidden_attention": args.hidden_attention, "lsq": args.lsq,
                            "runs": {}}  # fmt: skip
     for run in args.runs:
         fp32, q, _, data = load_compressed(run)
-        if args.n_train != data.n_train:  # more training sentences than the run's; same test split
+        n_test = args.n_test or len(data.meta["test_text"])
+        if args.n_train != data.n_train or n_test != len(data.meta["test_text"]):
+            # more sentences than the run's: the same seeded split, its test part never trained on
             from squeezer.hf import load_hf
 
             _, tok = load_hf("hf:minilm")
-            n_test = len(data.meta["test_text"])
             data = load_data("sentences", model=fp32, tokenizer=tok, n_train=args.n_train or None,
                              n_test=n_test)  # fmt: skip
         m = read_metrics(run)
@@ -172,13 +175,16 @@ def run_minilm(args: argparse.Namespace) -> dict:
         ptq, _ = test_metrics(q, data)
         log(f"{name}: PTQ test cosine {ptq:.4f} ({time.perf_counter() - t:.0f} s to measure); "
             f"{data.n_train} training sentences")  # fmt: skip
-        r = finetune(q, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                     seed=0, progress=False, steps_per_epoch=args.steps)  # fmt: skip
+        r = finetune(q, data, teacher=fp32, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, seed=0, progress=False, steps_per_epoch=args.steps,
+                     hidden_weight=args.hidden, hidden_loss=args.hidden_loss,
+                     hidden_attention=args.hidden_attention, lsq=args.lsq)  # fmt: skip
         after, extra = test_metrics(r.model, data)
         curve = [(h["epoch"], h["val_metric"], h["seconds"]) for h in r.history]
         log(f"{name}: held-out cosine per epoch {[(e, round(c, 4)) for e, c, _ in curve]}; "
-            f"test cosine {ptq:.4f} -> {after:.4f} in {r.seconds:.0f} s (best epoch "
-            f"{r.best_epoch})")  # fmt: skip
+            f"s per epoch {[round(s) for _, _, s in curve[1:]]}; test cosine {ptq:.4f} -> "
+            f"{after:.4f} on {n_test} sentences in {r.seconds:.0f} s (best epoch "
+            f"{r.best_epoch}, {data.n_train} training sentences)")  # fmt: skip
         out["runs"][str(run)] = {"name": name, "avg_bits": m.get("after", {}).get("avg_bits"),
                                  "ptq": ptq, "after": after, "extra": extra,
                                  "history": list(r.history), "seconds": r.seconds,
@@ -338,6 +344,13 @@ def main() -> None:
             s.add_argument("--steps", type=int, default=None, help="at most N steps an epoch")
             s.add_argument("--n-train", type=int, default=0,
                            help="training sentences (0: all; the run's own split has 1024)")  # fmt: skip
+            s.add_argument("--n-test", type=int, default=0,
+                           help="test sentences (0: the run's; the test split has 1817)")  # fmt: skip
+            s.add_argument("--hidden", type=float, default=0.0,
+                           help="hidden-state distillation weight (0: embeddings only)")  # fmt: skip
+            s.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse")
+            s.add_argument("--hidden-attention", action="store_true")
+            s.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ)")
         if name == "export":
             s.add_argument("run", type=Path)
     args = p.parse_args()
