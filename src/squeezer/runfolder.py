@@ -62,6 +62,8 @@ class RunSpec:
         prune: the pruning request (a :class:`squeezer.prune.PruneSpec` as a dict), None for
             runs without pruning; the pruned architecture is in the folder's ``prune.json``.
         prune_finetune: epochs of fine-tuning (distilled from the unpruned model) after pruning.
+        bias_correction: biases corrected for the quantization's mean output error (None: the
+            default, on for conv nets; a finished run records what it did).
 
     Example:
         >>> s = RunSpec("compress", "zoo:digits_cnn", data="digits", budget=Budget(bits=4))
@@ -88,6 +90,7 @@ class RunSpec:
     preprocessing: dict[str, Any] | None = None
     prune: dict[str, Any] | None = None
     prune_finetune: int = 0
+    bias_correction: bool | None = None
 
     def manifest(self, **extra: Any) -> dict[str, Any]:
         """The ``manifest.json`` document: the spec's fields, flat, beside the tool's provenance

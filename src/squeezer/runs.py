@@ -50,8 +50,9 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
             method=spec.method or "hessian", calib=spec.calib,
             act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
             progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
-            latency=_latency(spec),
+            latency=_latency(spec), bias_correction=spec.bias_correction,
         )  # fmt: skip
+        spec = replace(spec, bias_correction=result.extras["bias_correction"]["enabled"])
         if pruned:
             from .prune.stage import write_stage
 
@@ -94,7 +95,7 @@ def replan_run(
         model = load_pruned(model, run.dir)
     s = replace(run.spec, latency_backend=latency_backend or run.spec.latency_backend)
     common = {"calib": s.calib, "calib_inputs": run.calib_inputs, "act_bits": s.act_bits,
-              "seed": s.seed}  # fmt: skip
+              "seed": s.seed, "bias_correction": s.bias_correction}  # fmt: skip
     with Stage(run.dir, update=True) as stage:
         if budget is not None:
             result = replan(model, data, run.analysis, budget, latency=_latency(s), **common)
@@ -105,8 +106,9 @@ def replan_run(
             from .prune.stage import read_record
 
             result = replace(result, extras={**result.extras, "prune": read_record(run.dir)})
-        write_compress_run(stage, replace(run.redo(budget), latency_backend=s.latency_backend),
-                           result, data)  # fmt: skip
+        redo = replace(run.redo(budget), latency_backend=s.latency_backend,
+                       bias_correction=result.extras["bias_correction"]["enabled"])  # fmt: skip
+        write_compress_run(stage, redo, result, data)
     return result, data
 
 

@@ -22,6 +22,7 @@ def quantize(
     calib: Iterable[Any] | None = None,
     *,
     max_calib_batches: int | None = None,
+    bias_correction: bool = False,
 ) -> nn.Module:
     """A new model whose layers are quantized as ``config`` says; ``model`` stays untouched.
 
@@ -37,6 +38,8 @@ def quantize(
         calib: batches for activation ranges: ``(inputs, targets)`` pairs or bare inputs. Needed when
             any layer quantizes its activations.
         max_calib_batches: stop calibrating after this many batches.
+        bias_correction: then subtract each layer's mean output error on ``calib`` from its bias
+            (Nagel et al. 2019; :func:`squeezer.quant.bias_correction.correct_bias`).
 
     Example:
         >>> from squeezer.config import LayerQuant, QuantConfig
@@ -65,6 +68,12 @@ def quantize(
                 "(or use --calib zeroshot on the command line)"
             )
         calibrate(qmodel, calib, max_batches=max_calib_batches)
+    if bias_correction:
+        if calib is None:
+            raise ConfigError("bias correction needs calibration data: pass calib=batches")
+        from .bias_correction import correct_bias
+
+        correct_bias(qmodel, calib, max_batches=max_calib_batches)
     return qmodel
 
 
@@ -88,9 +97,11 @@ def quantized_structure(model: nn.Module, plan: Plan) -> nn.Module:
 def load_quantized(model: nn.Module, plan: Plan, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild a quantized model saved with ``qmodel.state_dict()`` or with
     :func:`squeezer.quant.storage.packed_state_dict` (packed codes, scales, ranges)."""
+    from .bias_correction import add_saved_biases
     from .storage import unpack_into
 
     qmodel = quantized_structure(model, plan)
+    add_saved_biases(qmodel, state_dict)  # biases bias correction gave layers without one
     state_dict = unpack_into(qmodel, state_dict)
     result = qmodel.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -110,7 +121,6 @@ def calibrate(qmodel: nn.Module, calib: Iterable[Any], *, max_batches: int | Non
     """
     act = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
     was_training = qmodel.training
-    device = model_device(qmodel)
     qmodel.eval()
     # Observe float activations: weights in float too, so each range matches the float model.
     wq = [m.weight_quantizer for m in qmodel.modules() if isinstance(m, QuantMixin)]
@@ -120,12 +130,7 @@ def calibrate(qmodel: nn.Module, calib: Iterable[Any], *, max_batches: int | Non
             w.enabled = False
         for a in act:
             a.observing = True
-        for batch in calib:
-            inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            forward(qmodel, to_device(inputs, device))
-            n += 1
-            if max_batches is not None and n >= max_batches:
-                break
+        n = feed(qmodel, calib, max_batches=max_batches)
     finally:
         for w in wq:
             w.enabled = True
@@ -136,3 +141,18 @@ def calibrate(qmodel: nn.Module, calib: Iterable[Any], *, max_batches: int | Non
         raise ConfigError("the calibration data held no batches; pass at least one batch")
     for a in act:
         a.freeze()
+
+
+@torch.no_grad()
+def feed(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None) -> int:
+    """Run the inputs of ``batches`` (``(inputs, targets)`` pairs or bare inputs) through
+    ``model`` on its device, at most ``max_batches`` of them; returns how many ran."""
+    device = model_device(model)
+    n = 0
+    for batch in batches:
+        inputs = batch[0] if isinstance(batch, tuple | list) else batch
+        forward(model, to_device(inputs, device))
+        n += 1
+        if max_batches is not None and n >= max_batches:
+            break
+    return n
