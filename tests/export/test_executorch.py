@@ -189,3 +189,35 @@ def test_missing_executorch_is_a_clear_error(monkeypatch, tmp_path):
     assert not executorch_available()
     with pytest.raises(ExportError, match=r"squeezer\[executorch\]"):
         export_executorch(torch.nn.Linear(2, 2), tmp_path / "m.pte", torch.zeros(1, 2))
+
+
+@needs_executorch
+def test_bert_with_attention_mask_lowers(tmp_path):
+    """A BERT encoder with dict inputs (ids and attention mask) lowers and agrees: XNNPACK's
+    quantizer turned the ``+ 0`` of transformers' mask arithmetic into a float constant (float
+    mask indices: "tensors used as indices must be long ..."), and quantized the attention-mask
+    sum with its observed range (float's minimum in it: every attention score flattened)."""
+    pytest.importorskip("transformers")
+    from tiny_bert import tiny_encoder, token_data
+
+    enc = tiny_encoder()
+    data = token_data(48, seed=0)
+    q = quantize(enc, uniform_plan(enc, 8, act_bits=8), calib=[(data, None)])
+    r = export_executorch(q, tmp_path / "m.pte", data, samples=16, float_model=enc, runs=2,
+                          warmup=1, batches=(1, 4))  # fmt: skip
+    linears = {k: v for k, v in r.layers.items() if "embeddings" not in k}
+    assert len(linears) == 12 and all(v == "xnnpack-int8-w8" for v in linears.values())
+    # squeezer's weight scales on the 12 Linears and input scales on the 8 tensors they read
+    # (query, key and value read one); only the Linears' outputs observed
+    assert (r.squeezer_qparams, r.observed) == (20, 12)
+    assert not any("linear" in op or "mm" in op for op in r.outside_delegate)
+    assert r.max_abs_error <= 2 * r.atol and r.median_sample_error <= r.atol
+    # the masked padding matters: the program follows each sentence's own mask
+    from squeezer.export.executorch import PteModule
+
+    m = PteModule.load(tmp_path / "m.pte")
+    x = {k: v[:4] for k, v in data.items()}
+    full = {"input_ids": x["input_ids"], "attention_mask": torch.ones_like(x["attention_mask"])}
+    with torch.no_grad():
+        want, unmasked = q(**x), q(**full)
+    assert (m(**x) - want).abs().max() < (m(**x) - unmasked).abs().max()

@@ -369,8 +369,12 @@ def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
     args, kwargs = _call(xb)
     quantizer = et["XNNPACKQuantizer"]()
     quantizer.set_global(et["config"](is_per_channel=True)).set_filter_function(
-        lambda node: _module_of(node) not in float_layers and _floating(node)
+        lambda node: _module_of(node) not in float_layers
+        and _floating(node)
+        and (node.target not in _ELEMENTWISE or _int8_chain(node))
     )
+    transform = quantizer.transform_for_annotation
+    quantizer.transform_for_annotation = lambda gm: _integer_constants(transform(gm))
     try:
         gm = torch.export.export(twin, args, kwargs).module()
         prepared = et["prepare"](gm, quantizer)
@@ -472,6 +476,54 @@ def _floating(node) -> bool:
     mask indices) is never quantized."""
     val = node.meta.get("val")
     return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
+
+
+_ELEMENTWISE = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
+_PASS_THROUGH = ("relu", "hardtanh", "clamp", "getitem")
+
+
+def _int8_chain(node) -> bool:
+    """Whether an ``add``/``mul`` joins int8 tensors only: each operand made by a Conv/Linear
+    (or such a join), through ReLUs. Only there does quantizing it keep XNNPACK's int8 chain
+    (a ResNet's residual sum). Elsewhere its range is one squeezer never rounds to and
+    possibly huge: an attention-mask sum spans float's minimum, which would flatten every
+    score; a GELU's ``x * 0.5`` would round its input again."""
+    for arg in node.args:
+        while getattr(arg, "op", None) == "call_function" and any(
+            k in str(arg.target) for k in _PASS_THROUGH
+        ):
+            arg = arg.args[0]
+        if getattr(arg, "op", None) != "call_function":
+            return False
+        if not any(k in str(arg.target) for k in ("conv", "linear")) and not (
+            arg.target in _ELEMENTWISE and _int8_chain(arg)
+        ):
+            return False
+    return True
+
+
+def _integer_constants(gm):
+    """Undo the float type XNNPACKQuantizer's ``transform_for_annotation`` gives the scalar
+    operands of integer arithmetic. It turns every scalar operand of ``add``/``mul`` into a
+    float32 0-dim tensor, also in integer index arithmetic (transformers' attention-mask code
+    adds 0 to an ``arange``), which makes the sum float and the ``aten.index`` it feeds fail
+    ("tensors used as indices must be long, int, byte or bool tensors"). Such a constant is
+    cast to the dtype the node computed in the exported graph."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _floating(node):
+            continue
+        if node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor):
+            continue
+        dtype = node.meta["val"].dtype
+        for arg in node.args:
+            if getattr(arg, "op", None) != "get_attr":
+                continue
+            const = getattr(gm, arg.target)
+            if const.dim() == 0 and const.is_floating_point() and float(const) == int(const):
+                setattr(gm, arg.target, const.to(dtype))
+                arg.meta["val"] = arg.meta["val"].to(dtype)
+    gm.recompile()
+    return gm
 
 
 def _module_of(node) -> str | None:
