@@ -342,6 +342,57 @@ def test_latency_table_in_onnxruntime():
         assert row[2] == row[8] > 0 and row[32] > 0  # no sub-byte kernels: 2 bits time as 8
 
 
+def test_block_units_group_each_blocks_layers():
+    from squeezer.layer_timing import block_units
+
+    enc = nn.Module()
+    enc.layers = nn.ModuleList(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(3)
+    )
+    enc.head = nn.Linear(8, 2)
+    names = [f"layers.{i}.{j}" for i in range(3) for j in (0, 2)] + ["head"]
+    # the encoder layer (the ModuleList's item), not its inner Sequential's single layers
+    assert block_units(enc, names) == [
+        ["layers.0.0", "layers.0.2"], ["layers.1.0", "layers.1.2"], ["layers.2.0", "layers.2.2"],
+        ["head"],
+    ]  # fmt: skip
+    assert block_units(enc, ["layers.0.0", "head"]) == [["layers.0.0"], ["head"]]
+
+
+def test_block_level_latency_table_times_blocks_and_shares_by_weight_size():
+    pytest.importorskip("onnxruntime")
+    from squeezer import quantize
+    from squeezer.layer_timing import context_latency_costs
+    from squeezer.templates import uniform_plan
+
+    net = nn.Sequential(
+        nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32)),
+        nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)),
+        nn.Linear(32, 4),
+    ).eval()
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize(net, uniform_plan(net, 8, act_bits=8), calib=[(x, None)])
+    layers = ["0.0", "0.2", "1.0", "1.2", "2"]
+    with pytest.raises(ConfigError, match="unknown latency-table unit"):
+        context_latency_costs(net, q, x, (8, 32), layers, unit="stage", runs=2)
+    table, base, edges, rec = context_latency_costs(net, q, x, (8, 32), layers, unit="block",
+                                                    runs=5)  # fmt: skip
+    # 3 units (two blocks and the head): the int8 graph, 3 singles and 2 neighbouring pairs
+    assert (rec["unit"], rec["units"], rec["exports"]) == ("block", 3, 6)
+    assert len(rec["variants_ms"]) == 5 and len(edges) == 2
+    assert set(table) == set(layers) and base > 0
+    # one block's cost split by weight size (both Linears of block 0 hold 32 x 128 weights)
+    assert table["0.0"][32] == pytest.approx(table["0.2"][32])
+    assert table["1.0"][32] == pytest.approx(table["1.2"][32])
+    assert all(row[8] == 0.0 for row in table.values())
+    # every single-block variant is predicted at exactly what was measured
+    (a, _, b01), (_, _, b12) = edges
+    pred = base + table["0.0"][32] + table["0.2"][32] + b01
+    assert pred == pytest.approx(rec["variants_ms"]["0.0,0.2"], rel=1e-6, abs=1e-9)
+    pred = base + table["1.0"][32] + table["1.2"][32] + b01 + b12
+    assert pred == pytest.approx(rec["variants_ms"]["1.0,1.2"], rel=1e-6, abs=1e-9)
+
+
 def test_moved_names_still_work_with_a_deprecation_warning():
     import importlib
 

@@ -200,6 +200,7 @@ def context_latency_costs(
     runs: int = 50,
     requantize: bool = True,
     progress: bool = False,
+    unit: str = "layer",
 ) -> tuple[dict[str, dict[int, float]], float, tuple[tuple[str, str, float], ...], dict[str, Any]]:
     """A latency table measured on the exported model in ONNX Runtime: what each layer adds when
     it runs in float instead of int8, and what the boundary between a float and an int8 neighbour
@@ -209,8 +210,13 @@ def context_latency_costs(
     It is exported (as ``squeezer export`` does, with ``requantize``) and timed; so is a copy with
     each unit in float (a unit: a layer, or a group of tied layers, which a plan moves together),
     and one with each pair of units that run one after the other in float, all sessions in the
-    same interleaved rounds. The model behind the table: latency = int8 graph + Σ c_u over the
-    units in float + Σ b_e over neighbouring pairs with exactly one in float. With Δ_u a single
+    same interleaved rounds. ``unit="block"`` times blocks instead (:func:`block_units`: one
+    unit per item of a ``ModuleList``/``Sequential`` holding several of ``layers``, e.g. one
+    per encoder layer: 12 exports for MiniLM's 36 Linears instead of 72); a block's cost is
+    shared among its layers by weight size (a plan may still split a block; the check of
+    :func:`fit_to_latency` measures what it chose). The model behind the table: latency = int8
+    graph + Σ c_u over the units in float + Σ b_e over neighbouring pairs with exactly one in
+    float. With Δ_u a single
     variant's extra time and P_uv a pair's, b_uv = (Δ_u + Δ_v − P_uv) / 2 (never below 0) and
     c_u = Δ_u − Σ b over u's pairs (negative where float is faster: a first conv whose input
     quantize costs more than its int8 kernel saves). So the all-int8 plan, every single and every
@@ -231,7 +237,12 @@ def context_latency_costs(
     missing = [k for k in layers if k not in floats]
     if missing:
         raise ConfigError(f"the model has no layers {missing[:3]} to time")
+    if unit not in ("layer", "block"):
+        raise ConfigError(f"unknown latency-table unit {unit!r}; use 'layer' or 'block'")
     units = [[k for k in g if k in layers] for g in groups]
+    if unit == "block":
+        units += block_units(model, layers)
+        units = _merged(units)
     units = [u for u in units if u]
     tied = {k for g in units for k in g}
     units += [[k] for k in layers if k not in tied]
@@ -243,9 +254,9 @@ def context_latency_costs(
     sessions: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         with progress_bar(len(todo) + 1, "latency table (exports)", enabled=progress) as bar:
-            for name, unit in todo:
+            for name, members in todo:
                 variant = copy_model(qmodel)
-                for k in unit:
+                for k in members:
                     set_module(variant, k, copy.deepcopy(floats[k]))
                 path = Path(tmp) / f"v{len(sessions)}.onnx"
                 sessions[name] = _exported_session(variant, path, example, requantize, threads)
@@ -266,12 +277,53 @@ def context_latency_costs(
         unit_edges[nv] += b
     table: dict[str, dict[int, float]] = {}
     for u in units:
-        c = (single[",".join(u)] - unit_edges[",".join(u)]) / len(u)
+        c = single[",".join(u)] - unit_edges[",".join(u)]
+        sizes = {k: floats[k].weight.numel() for k in u}
         for k in u:
-            table[k] = {int(b): (c if b >= 16 else 0.0) for b in bits}
-    record = {"method": "in-context", "int8_ms": base, "whole_fp32_ms": times["fp32"],
+            share = c * sizes[k] / sum(sizes.values())
+            table[k] = {int(b): (share if b >= 16 else 0.0) for b in bits}
+    record = {"method": "in-context", "unit": unit, "units": len(units), "exports": len(todo),
+              "int8_ms": base, "whole_fp32_ms": times["fp32"],
               "variants_ms": {n: v for n, v in times.items() if n not in ("int8", "fp32")}}  # fmt: skip
     return table, base, tuple(edges), record
+
+
+def block_units(model: nn.Module, layers: Sequence[str]) -> list[list[str]]:
+    """``layers`` grouped by block: the item of the innermost ``nn.ModuleList`` or
+    ``nn.Sequential`` that holds more than one of them (an encoder layer's Linears, a ResNet
+    block's convs). A layer in no such item is a unit of its own.
+
+    Example:
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+        >>> block_units(net, ["0.0", "0.1", "1"])
+        [['0.0', '0.1'], ['1']]
+    """
+    containers = [
+        fqn for fqn, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential)
+    ]
+    blocks: dict[str, list[str]] = {}
+    for k in layers:
+        best = k
+        for c in containers:
+            prefix = f"{c}." if c else ""
+            if not k.startswith(prefix):
+                continue
+            item = prefix + k[len(prefix) :].split(".")[0]
+            inside = [x for x in layers if x == item or x.startswith(item + ".")]
+            if len(inside) > 1 and len(item) > (0 if best == k else len(best)):
+                best = item
+        blocks.setdefault(best, []).append(k)
+    return list(blocks.values())
+
+
+def _merged(groups: list[list[str]]) -> list[list[str]]:
+    """Groups that share a layer joined into one (order of first appearance kept)."""
+    out: list[list[str]] = []
+    for g in groups:
+        hit = [u for u in out if set(u) & set(g)]
+        joined = [k for u in hit for k in u] + [k for k in g if not any(k in u for u in hit)]
+        out = [u for u in out if u not in hit] + [joined]
+    return out
 
 
 def _first_calls(
