@@ -369,9 +369,11 @@ def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
     args, kwargs = _call(xb)
     quantizer = et["XNNPACKQuantizer"]()
     quantizer.set_global(et["config"](is_per_channel=True)).set_filter_function(
-        lambda node: _module_of(node) not in float_layers
-        and _floating(node)
-        and (node.target not in _ELEMENTWISE or _int8_chain(node))
+        lambda node: (
+            _module_of(node) not in float_layers
+            and _floating(node)
+            and (node.target not in _ELEMENTWISE or _int8_chain(node))
+        )
     )
     transform = quantizer.transform_for_annotation
     quantizer.transform_for_annotation = lambda gm: _integer_constants(transform(gm))
