@@ -359,7 +359,7 @@ def test_block_units_group_each_blocks_layers():
     assert block_units(enc, ["layers.0.0", "head"]) == [["layers.0.0"], ["head"]]
 
 
-def test_block_level_latency_table_times_blocks_and_shares_by_weight_size():
+def test_block_level_latency_table_times_blocks_and_shares_by_weight_size(monkeypatch):
     pytest.importorskip("onnxruntime")
     from squeezer import quantize
     from squeezer.layer_timing import context_latency_costs
@@ -391,6 +391,13 @@ def test_block_level_latency_table_times_blocks_and_shares_by_weight_size():
     assert pred == pytest.approx(rec["variants_ms"]["0.0,0.2"], rel=1e-6, abs=1e-9)
     pred = base + table["1.0"][32] + table["1.2"][32] + b01 + b12
     assert pred == pytest.approx(rec["variants_ms"]["1.0,1.2"], rel=1e-6, abs=1e-9)
+    # "auto" (what compress and plan use): layers while they need at most MAX_LAYER_EXPORTS
+    # exports (5 layers: 10), blocks past that
+    from squeezer import layer_timing
+
+    monkeypatch.setattr(layer_timing, "MAX_LAYER_EXPORTS", 8)
+    *_, rec = context_latency_costs(net, q, x, (8, 32), layers, runs=2)
+    assert (rec["unit"], rec["units"]) == ("block", 3)
 
 
 def test_moved_names_still_work_with_a_deprecation_warning():

@@ -200,7 +200,7 @@ def context_latency_costs(
     runs: int = 50,
     requantize: bool = True,
     progress: bool = False,
-    unit: str = "layer",
+    unit: str = "auto",
 ) -> tuple[dict[str, dict[int, float]], float, tuple[tuple[str, str, float], ...], dict[str, Any]]:
     """A latency table measured on the exported model in ONNX Runtime: what each layer adds when
     it runs in float instead of int8, and what the boundary between a float and an int8 neighbour
@@ -216,7 +216,9 @@ def context_latency_costs(
     shared among its layers by weight size (a plan may still split a block; the check of
     :func:`fit_to_latency` measures what it chose). The model behind the table: latency = int8
     graph + Σ c_u over the units in float + Σ b_e over neighbouring pairs with exactly one in
-    float. With Δ_u a single
+    float. ``unit="auto"`` (the default, what ``compress``/``plan`` use) takes blocks only
+    where layers would need more than :data:`MAX_LAYER_EXPORTS` exports.
+    With Δ_u a single
     variant's extra time and P_uv a pair's, b_uv = (Δ_u + Δ_v − P_uv) / 2 (never below 0) and
     c_u = Δ_u − Σ b over u's pairs (negative where float is faster: a first conv whose input
     quantize costs more than its int8 kernel saves). So the all-int8 plan, every single and every
@@ -237,15 +239,15 @@ def context_latency_costs(
     missing = [k for k in layers if k not in floats]
     if missing:
         raise ConfigError(f"the model has no layers {missing[:3]} to time")
-    if unit not in ("layer", "block"):
-        raise ConfigError(f"unknown latency-table unit {unit!r}; use 'layer' or 'block'")
-    units = [[k for k in g if k in layers] for g in groups]
-    if unit == "block":
-        units += block_units(model, layers)
-        units = _merged(units)
-    units = [u for u in units if u]
+    if unit not in ("auto", "layer", "block"):
+        raise ConfigError(f"unknown latency-table unit {unit!r}; use 'auto', 'layer' or 'block'")
+    units = [u for u in ([k for k in g if k in layers] for g in groups) if u]
     tied = {k for g in units for k in g}
     units += [[k] for k in layers if k not in tied]
+    if unit == "auto":
+        unit = "block" if 2 * len(units) > MAX_LAYER_EXPORTS else "layer"
+    if unit == "block":
+        units = _merged(units + block_units(model, layers))
     order = {k: pos for k, (pos, _) in _first_calls(model, example, floats).items()}
     units.sort(key=lambda u: min(order.get(k, len(order)) for k in u))
     pairs = list(zip(units, units[1:], strict=False))
@@ -286,6 +288,12 @@ def context_latency_costs(
               "int8_ms": base, "whole_fp32_ms": times["fp32"],
               "variants_ms": {n: v for n, v in times.items() if n not in ("int8", "fp32")}}  # fmt: skip
     return table, base, tuple(edges), record
+
+
+#: ``unit="auto"``: the most exports a per-layer table may take (int8 graph, one variant per
+#: unit, one per neighbouring pair) before blocks are timed instead. A ResNet-20's 16 units take
+#: 32; MiniLM's 36 Linears would take 72 exports of a 90 MB model.
+MAX_LAYER_EXPORTS = 40
 
 
 def block_units(model: nn.Module, layers: Sequence[str]) -> list[list[str]]:
