@@ -107,12 +107,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from ..report import text_table
     from ..zoo import MODELS
+    from ..zoo.registry import model_options
+
+    def options(e) -> str:
+        return ",".join(f"{k}={v}" for k, v in model_options(e.factory).items() if k != "seed")
 
     print(text_table(
-        [[f"zoo:{e.name}", e.data, "x".join(map(str, e.input_shape)), e.description]
+        [[f"zoo:{e.name}", e.data, "x".join(map(str, e.input_shape)), options(e), e.description]
          for e in MODELS.values()],
-        ["model", "data", "input", "description"],
+        ["model", "data", "input", "options", "description"],
     ))  # fmt: skip
+    print("\noptions ride in the name: zoo:NAME,KEY=VALUE,... (e.g. zoo:sqnxt23,classes=10); "
+          "pretrained weights: zoo:NAME:TAG")  # fmt: skip
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data import Dataset, evaluate, forward
+from ..data import Dataset, batch_size as batch_length, evaluate, forward
 from ..graph import copy_model
 from ..progress import progress
 from .optim import cosine_schedule, make_optimizer
@@ -41,12 +41,18 @@ def fit(
     net.train()
     opt = make_optimizer(optimizer, net, lr=lr, weight_decay=weight_decay)
     batches = data.train_batches(batch_size, shuffle=True, seed=seed)
+    # BatchNorm cannot train on a batch of one sample (no variance), which the last batch of an
+    # epoch is when the split is one more than a multiple of batch_size: that sample sits out
+    # the epoch (the order is drawn anew each epoch, so it is a different one each time)
+    norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     steps = epochs * len(batches)
     sched = cosine_schedule(opt, steps)
     loss = torch.tensor(0.0)
     with progress(total=epochs, desc="train", unit="epoch", enabled=show_progress) as bar:
         for _ in range(epochs):
             for x, y in batches:
+                if norms and batch_length(x) < 2:
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss = data.task.loss(forward(net, x), y)
                 loss.backward()

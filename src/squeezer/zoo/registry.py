@@ -3,6 +3,8 @@ architectures of published papers, the reference figures the implementation must
 
 from __future__ import annotations
 
+import ast
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +69,7 @@ def preprocessing_of(spec: str) -> dict[str, Any] | None:
         >>> preprocessing_of("zoo:efficientnet_lite0") is None
         True
     """
-    name, _, tag = str(spec).removeprefix("zoo:").partition(":")
+    name, _, tag = str(spec).removeprefix("zoo:").split(",")[0].partition(":")
     entry = MODELS.get(name)
     if not str(spec).startswith("zoo:") or not tag or entry is None or not entry.preprocessing:
         return None
@@ -83,8 +85,16 @@ def create(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
     """A freshly initialised model ``name`` (weights drawn from ``seed``, without touching the global
     random state) with its ``input_shape`` attribute set: the registered shape, unless the factory
     set its own (one that depends on its arguments, e.g. ``image_size``). ``NAME:TAG`` loads the
-    entry's ``pretrained[TAG]`` weights instead (e.g. ``efficientnet_lite0:imagenet``)."""
-    name, _, tag = name.partition(":")
+    entry's ``pretrained[TAG]`` weights instead (e.g. ``efficientnet_lite0:imagenet``). Factory
+    arguments can ride in the name as ``NAME,KEY=VALUE,...`` (``zoo:sqnxt23,classes=10,width=1.5``
+    on the command line, where the spec is all a run folder records of the model).
+
+    Example:
+        >>> create("squeezenet1_1,classes=10").classifier[1].out_channels
+        10
+    """
+    base, *options = str(name).split(",")
+    name, _, tag = base.partition(":")
     if name not in MODELS:
         raise UnsupportedModelError(
             f"no built-in model {name!r}; choose one of {', '.join(list_models())}"
@@ -93,6 +103,7 @@ def create(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
     if tag and tag not in entry.pretrained:
         have = ", ".join(f"zoo:{name}:{t}" for t in entry.pretrained) or f"none (use zoo:{name})"
         raise UnsupportedModelError(f"zoo:{name} has no weights {tag!r}; pretrained: {have}")
+    kwargs = {**_options(name, options, entry.factory), **kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = entry.factory(**kwargs)
@@ -101,3 +112,40 @@ def create(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
     if getattr(model, "input_shape", None) is None:
         model.input_shape = entry.input_shape
     return model
+
+
+def model_options(factory: Callable[..., nn.Module]) -> dict[str, Any]:
+    """The keyword arguments a zoo factory takes, with their defaults (``squeezer zoo`` lists
+    them)."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+    }
+
+
+def _options(name: str, options: list[str], factory: Callable[..., nn.Module]) -> dict[str, Any]:
+    """``["classes=10", "width=1.5"]`` -> ``{"classes": 10, "width": 1.5}``, checked against the
+    factory's keyword arguments; a one-line UnsupportedModelError otherwise."""
+    known, out = model_options(factory), {}
+    for text in options:
+        key, eq, value = text.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UnsupportedModelError(
+                f"zoo:{name}: model options are KEY=VALUE after a comma (e.g. zoo:{name},"
+                f"{next(iter(known), 'classes')}=...), got {text!r}"
+            )
+        if key not in known:
+            have = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+            raise UnsupportedModelError(f"zoo:{name} has no option {key!r}; its options: {have}")
+        out[key] = _literal(value.strip())
+    return out
+
+
+def _literal(text: str) -> Any:
+    """A command-line option value: int, float, bool or None where it reads as one, else text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
