@@ -202,21 +202,35 @@ def _workload(name: str, batch: int):
     return model.train(), x, y
 
 
-def _measure(step, params, reps: int) -> tuple[float, int]:
+def _peak(step, params) -> int:
+    """The measured allocation peak of one step, after two warm-up steps (gradients allocated,
+    kernels chosen / compiled)."""
     from squeezer.train.remat import allocation_peak
 
-    for _ in range(2):  # warm-up: gradients allocated, kernels chosen / compiled
+    for _ in range(2):
         step()
-    times = []
-    for _ in range(reps):
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    _zero(params)
     peak, _, _ = allocation_peak(step)
-    return statistics.median(times), peak
+    return peak
+
+
+def _zero(params) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+
+
+def _round_robin(steps: dict, reps: int) -> dict:
+    """Median step time of every method, timed interleaved: one step of each per round, so a
+    change in the machine's load reaches them all alike."""
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, (step, params) in steps.items():
+            _zero(params)
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _checkpoint_step(model, loss_fn, x, y, groups: int):
@@ -252,7 +266,14 @@ def _checkpoint_step(model, loss_fn, x, y, groups: int):
 
 
 def bench_remat(args: argparse.Namespace) -> dict:
-    from squeezer.train.remat import remat, store_all
+    """Per model: the eager store-everything peak P; for each fraction f, squeezer's schedule
+    under f·P, torch.utils.checkpoint with the uniform group count whose measured peak is the
+    largest within f·P, and torch.compile's min-cut partitioner at activation_memory_budget f;
+    every peak measured, step times round-robin."""
+    import copy
+
+    from squeezer.train.remat import remat, solve, store_all
+    from squeezer.train.remat.solve import peak_floor
 
     loss_fn = nn.functional.cross_entropy
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -264,63 +285,76 @@ def bench_remat(args: argparse.Namespace) -> dict:
         def plain(model=model, x=x, y=y):
             loss_fn(model(x), y).backward()
 
-        t_all, p_all = _measure(plain, params, args.reps)
-        rows = [
-            dict(
-                model=name,
-                method="store everything (eager)",
-                budget=None,
-                seconds=t_all,
-                peak=p_all,
-            )
-        ]
-        print(json.dumps(rows[-1]), flush=True)
-        rm_full = remat(model, loss_fn, (x, y), segments=args.segments, reps=3)
-        modelled_all = store_all(rm_full.graph).peak
-        t, p = _measure(
-            lambda rm=rm_full, x=x, y=y: rm.step(x, y), list(rm_full.model.parameters()), args.reps
+        p_all = _peak(plain, params)
+        steps = {"eager": (plain, params)}
+        rows = {
+            "eager": dict(model=name, method="eager, store everything", budget=None, peak=p_all)
+        }
+        rm = remat(model, loss_fn, (x, y), segments=args.segments, reps=3)
+        graph = rm.graph
+        full = store_all(graph)
+        floor = peak_floor(graph)
+        p = _peak(lambda rm=rm, x=x, y=y: rm.step(x, y), list(rm.model.parameters()))
+        steps["squeezer store-all"] = (
+            lambda rm=rm, x=x, y=y: rm.step(x, y),
+            list(rm.model.parameters()),
         )
-        rows.append(dict(model=name, method="squeezer store-all schedule", budget=None, seconds=t, peak=p,
-                         modelled=modelled_all))  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+        rows["squeezer store-all"] = dict(
+            model=name, method="squeezer store-all schedule", budget=None, peak=p,
+            modelled=full.peak, nodes=graph.n, floor=floor,
+        )  # fmt: skip
+        print(json.dumps(rows["squeezer store-all"]), flush=True)
         for f in fractions:
-            t0 = time.perf_counter()
-            try:
-                # By default the budget is a fraction of the *measured* eager peak, so it must hold
-                # there; --budget-of model takes it of squeezer's modelled store-all peak instead.
-                budget = int(f * (p_all if args.budget_of == "eager" else modelled_all))
-                rm = remat(model, loss_fn, (x, y), budget=budget, segments=args.segments,
-                           time_limit=args.time_limit, reps=3)  # fmt: skip
-            except Exception as exc:  # no schedule fits: the table says so
-                rows.append(
-                    dict(model=name, method="squeezer MILP", budget=f, error=str(exc)[:160])
-                )
-                print(json.dumps(rows[-1]), flush=True)
+            budget = int(f * p_all)
+            key = f"squeezer {f}"
+            target, tries = budget, []
+            # Solved on the model, held in the measurement: while the measured peak exceeds the
+            # budget, solve again with the target shrunk by the measured overshoot.
+            for _ in range(args.attempts):
+                s = solve(graph, target, time_limit=args.time_limit)
+                if s is None:
+                    tries.append(dict(target=target, error="no schedule"))
+                    break
+                r = copy.copy(rm)  # the same traced step and graph, its own schedule
+                r.set_schedule(s)
+                p = _peak(lambda r=r, x=x, y=y: r.step(x, y), list(r.model.parameters()))
+                tries.append(dict(target=target, peak=p, modelled=s.peak, method=s.method))
+                rows[key] = dict(
+                    model=name, method=f"squeezer {s.method}", budget=f, peak=p, modelled=s.peak,
+                    target=target, solve=s.solve_seconds, gap=s.gap, recomputed=s.recomputed,
+                    cost=s.cost / full.cost,
+                )  # fmt: skip
+                steps[key] = (lambda r=r, x=x, y=y: r.step(x, y), list(r.model.parameters()))
+                if p <= budget:
+                    break
+                target = int(target * budget / p)
+            if key not in rows:
+                rows[key] = dict(model=name, method="squeezer", budget=f, error="no schedule",
+                                 floor=floor)  # fmt: skip
+            rows[key]["tries"] = tries
+            print(json.dumps(rows[key]), flush=True)
+        # torch.utils.checkpoint: the measured peak of every uniform group count
+        sweep = {}
+        for groups in range(2, args.max_groups + 1):
+            step, got = _checkpoint_step(model, loss_fn, x, y, groups)
+            if got in sweep:
                 continue
-            setup = time.perf_counter() - t0
-            t, p = _measure(
-                lambda rm=rm, x=x, y=y: rm.step(x, y), list(rm.model.parameters()), args.reps
-            )
-            rows.append(dict(model=name, method=f"squeezer {rm.schedule.method}", budget=f,
-                             budget_of=args.budget_of, seconds=t,
-                             peak=p, modelled=rm.schedule.peak, solve=rm.schedule.solve_seconds,
-                             setup=setup, recomputed=rm.schedule.recomputed))  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-        step, groups = _checkpoint_step(
-            model, loss_fn, x, y, max(2, round(math.sqrt(args.segments * 2)))
-        )
-        t, p = _measure(step, params, args.reps)
-        rows.append(dict(model=name, method=f"torch.utils.checkpoint, {groups} uniform groups",
-                         budget=None, seconds=t, peak=p))  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+            sweep[got] = (_peak(step, params), step)
+        print(json.dumps({"model": name, "checkpoint peaks": {g: v[0] for g, v in sweep.items()}}))
+        for f in fractions:
+            within = [(pk, g) for g, (pk, _) in sweep.items() if pk <= f * p_all]
+            pk, g = max(within) if within else min((pk, g) for g, (pk, _) in sweep.items())
+            key = f"checkpoint {f}"
+            rows[key] = dict(model=name, method=f"torch.utils.checkpoint, {g} groups", budget=f,
+                             peak=pk, groups=g)  # fmt: skip
+            steps[key] = (sweep[g][1], params)
         if args.compile:
-            import torch._dynamo
             import torch._functorch.config as fconfig
 
-            for f in [1.0, *fractions]:
-                torch._dynamo.reset()
+            for f in fractions:
                 fconfig.activation_memory_budget = f
-                cm = torch.compile(model)
+                twin = copy.deepcopy(model)  # its own module: compiled once, at this budget
+                cm = torch.compile(twin)
 
                 def cstep(cm=cm, x=x, y=y):
                     loss_fn(cm(x), y).backward()
@@ -328,16 +362,26 @@ def bench_remat(args: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 cstep()
                 compile_s = time.perf_counter() - t0
-                t, p = _measure(cstep, params, args.reps)
-                rows.append(dict(model=name, method="torch.compile min-cut", budget=f, seconds=t,
-                                 peak=p, compile=compile_s))  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
+                key = f"compile {f}"
+                p = _peak(cstep, list(twin.parameters()))
+                rows[key] = dict(model=name, method="torch.compile min-cut", budget=f, peak=p,
+                                 compile=compile_s)  # fmt: skip
+                steps[key] = (cstep, list(twin.parameters()))
             fconfig.activation_memory_budget = 1.0
-            torch._dynamo.reset()
-        for r in rows:
-            r["store_all_peak"] = p_all
-            r["store_all_seconds"] = t_all
-        out["rows"] += rows
+        for step, ps in steps.values():  # warm: the first rounds are then not outliers
+            step()
+            _zero(ps)
+        times = _round_robin(steps, args.reps)
+        for key, row in rows.items():
+            row["seconds"] = times.get(key)
+            row["vs_eager"] = None if key not in times else times[key] / times["eager"]
+            row["of_eager"] = row.get("peak", 0) / p_all
+            row["holds"] = (
+                row["budget"] is not None and "peak" in row and row["peak"] <= row["budget"] * p_all
+            )
+            print(json.dumps(row), flush=True)
+        out["rows"] += list(rows.values())
+        del steps
     return out
 
 
@@ -392,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", default="resnet,encoder")
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--fractions", default="0.5,0.3")
-    r.add_argument("--segments", type=int, default=16)
+    r.add_argument("--segments", type=int, default=1000, help="at most one per traced call")
+    r.add_argument("--attempts", type=int, default=3, help="solves per budget (see above)")
+    r.add_argument("--max-groups", type=int, default=16, help="checkpoint group counts swept")
     r.add_argument("--time-limit", type=float, default=60.0)
     r.add_argument("--reps", type=int, default=5)
     r.add_argument("--no-compile", dest="compile", action="store_false")
-    r.add_argument("--budget-of", choices=("eager", "model"), default="eager")
     s = sub.add_parser("solve", help="MILP solve time against graph size")
     s.add_argument("--model", default="resnet")
     s.add_argument("--batch", type=int, default=32)

@@ -61,6 +61,8 @@ class Solution:
     objective: float
     optimal: bool
     gap: float
+    #: The best proven lower bound on the objective (equal to it when optimal).
+    bound: float = math.nan
 
 
 @dataclass
@@ -108,12 +110,14 @@ class Program:
         rel_gap: float = 0.0,
         threads: int = 1,
         seed: int = 0,
+        start: Sequence[float] | None = None,
     ) -> Solution | None:
         """Solve (with ``objective`` in place of ``cost`` if given); None if infeasible.
 
         ``rel_gap=0`` asks for proven optimality. With ``time_limit`` (seconds) the best point
         found by then is returned with ``optimal=False``; a limit reached with no point at all
-        raises RuntimeError.
+        raises RuntimeError. ``start``: a feasible point (one value per column) HiGHS starts its
+        search from, so a time limit still returns at least that point.
         """
         import highspy
 
@@ -153,6 +157,10 @@ class Program:
                 for i in self.integer
             ]
         h.passModel(lp)
+        if start is not None:
+            given = highspy.HighsSolution()
+            given.col_value = [float(v) for v in start]
+            h.setSolution(given)
         h.run()
         status = h.getModelStatus()
         S = highspy.HighsModelStatus
@@ -163,10 +171,24 @@ class Program:
         if not optimal and not limited:
             raise RuntimeError(f"HiGHS stopped with status {h.modelStatusToString(status)}")
         x = np.asarray(h.getSolution().col_value, dtype=np.float64)
+        value = float(h.getInfo().objective_function_value)
+        if start is not None and abs(float(obj @ x) - value) > 1e-7 * max(1.0, abs(value)):
+            # HiGHS 1.16, given a start, can return the start as its point with the objective
+            # of a better one it found. Proven optimal: solve again without the start; cut
+            # short: the start is the point, at its own objective.
+            if optimal:
+                return self.solve(
+                    objective, time_limit=time_limit, rel_gap=rel_gap, threads=threads, seed=seed
+                )
+            value = float(obj @ x)
         if limited and (
             x.size != n or not np.isfinite(x).all() or not h.getInfo().primal_solution_status
         ):
             raise RuntimeError("HiGHS reached its time limit before finding a feasible point")
         info = h.getInfo()
-        gap = float(getattr(info, "mip_gap", 0.0)) if any(self.integer) else 0.0
-        return Solution(x, float(info.objective_function_value), optimal, gap)
+        objective_value = value
+        if any(self.integer):
+            gap, bound = float(info.mip_gap), float(info.mip_dual_bound)
+        else:
+            gap, bound = 0.0, objective_value
+        return Solution(x, objective_value, optimal, gap, bound)

@@ -196,3 +196,91 @@ def test_time_limit_falls_back_to_a_fitting_schedule():
     s = solve(graph, budget, time_limit=0.01)
     assert s is not None and s.peak <= budget
     assert s.method in ("milp (time limit)", "lp-rounding", "milp")
+
+
+def _split_chain(k: int, seed: int) -> TrainGraph:
+    """A chain whose forwards also have an output part that only the next forward reads (as a
+    BatchNorm's output feeding a ReLU): no backward saves its input."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(100 + seed)
+    nodes = []
+    for nd in _chain(k, seed).nodes:
+        if nd.kind == "F" and nd.segment < k - 1:
+            nd = replace(nd, output=int(rng.integers(3, 12)))
+        if nd.kind == "B":  # reads its own forward and the gradient from the segment after
+            nd = replace(nd, deps=tuple(d for d in nd.deps if d != nd.segment - 1))
+        nodes.append(nd)
+    return TrainGraph(tuple(nodes))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_milp_with_output_parts_equals_exhaustive_search(seed):
+    graph = _split_chain(3, seed)
+    full = store_all(graph)
+    # the output part is not held until the node's own backward: store-all peaks lower than
+    # with it counted in the node's memory
+    merged = TrainGraph(
+        tuple(__import__("dataclasses").replace(n, memory=n.memory + n.output, output=0)
+              for n in graph.nodes)
+    )  # fmt: skip
+    assert full.peak < store_all(merged).peak
+    from squeezer.train.remat.solve import peak_floor
+
+    checked = 0
+    for budget in np.unique(np.linspace(peak_floor(graph), full.peak, 8).astype(int)).tolist():
+        exact = _brute_force(graph, budget)
+        found = solve(graph, budget)
+        if not np.isfinite(exact):
+            assert found is None, (budget, found)
+            continue
+        assert found is not None and found.optimal and found.peak <= budget
+        assert found.cost == pytest.approx(exact, abs=1e-9), (budget, found)
+        checked += 1
+    assert checked >= 2
+
+
+def test_checkpoint_schedules_are_valid_and_bound_the_milp():
+    from squeezer.train.remat.solve import checkpointed
+
+    graph = _split_chain(6, 0)
+    full = store_all(graph)
+    for groups in range(1, 7):
+        s = checkpointed(graph, groups)
+        simulate(
+            graph, *__import__("squeezer.train.remat.solve", fromlist=["m"]).matrices(s, graph.n)
+        )
+        best = solve(graph, s.peak)
+        assert best is not None and best.cost <= s.cost + 1e-9 and best.peak <= s.peak
+    assert checkpointed(graph, 6).cost == pytest.approx(full.cost)
+
+
+def test_per_op_graph_models_the_measured_peak_and_keeps_gradients():
+    from squeezer.train.remat import allocation_peak
+
+    torch.manual_seed(0)
+    net = _ResNet(8)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))
+    plain = __import__("copy").deepcopy(net).train()
+
+    def eager():
+        nn.functional.cross_entropy(plain(x), y).backward()
+
+    eager()
+    measured, _, _ = allocation_peak(eager)
+    rm = remat(net, nn.functional.cross_entropy, (x, y), segments=1000, reps=1)
+    assert rm.graph.n > 40  # one segment per traced call
+    modelled = store_all(rm.graph).peak
+    # within 8% on this tiny net (0.4% on resnet_cifar at batch 32, docs/benchmarks.md)
+    assert abs(modelled - measured) <= 0.08 * measured, (modelled, measured)
+    rm.set_schedule(solve(rm.graph, int(0.7 * modelled), time_limit=10))
+    assert rm.schedule.recomputed > 0
+    for p in plain.parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    eager()
+    torch.manual_seed(1)
+    rm.step(x, y)
+    ours, ref = _grads(rm.model), _grads(plain)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -24,7 +24,7 @@ from torch import fx, nn
 from ...errors import ConfigError
 from ...graph import copy_model
 from .graph import LossFn, Segment, TrainGraph, measure, run_nodes, segment, trace
-from .solve import Schedule, matrices, simulate, solve, store_all
+from .solve import Schedule, matrices, peak_floor, simulate, solve, store_all
 
 
 @contextlib.contextmanager
@@ -114,22 +114,12 @@ class Rematerialized(nn.Module):
             b = 2 * k - 1 - s
             last = max(t for t in range(b + 1) if R[t, s])
             self._graph_run.add((last, s))
-        # An output that its own segment's backward does not read is dead after its last read
-        # by a consumer (a forward, or a backward that saved it): its storage is released then,
-        # though the value is formally held until freed (the model counts it: conservative).
-        last_read: dict[tuple[int, str], tuple[int, int]] = {}
-        for t, stage in enumerate(self._plan):
-            for pos, (i, _) in enumerate(stage):
-                node = self.graph.nodes[i]
-                seg = self.segments[node.segment]
-                names = seg.inputs if node.kind == "F" else seg.saves_input
-                for name in names:
-                    if seg.inputs[name] >= 0:
-                        last_read[seg.inputs[name], name] = (t, pos)
-        self._release: dict[tuple[int, int], list[tuple[int, str]]] = {}
-        for (p, name), at in last_read.items():
-            if name not in self.segments[p].pinned and name != self._loss_name:
-                self._release.setdefault(at, []).append((p, name))
+        # The outputs a segment's own backward does not read are released where the schedule
+        # frees the node's output part (after their last reader), though the node is held on.
+        self._loose = [
+            [o for o in seg.outputs if o not in seg.pinned and o != self._loss_name]
+            for seg in self.segments
+        ]
 
     def forward(self, inputs: Any) -> Any:
         return self.model(inputs)
@@ -262,15 +252,16 @@ class Rematerialized(nn.Module):
                 )
                 if held is not None and i not in self._keep[t]:
                     drop(i)
-            for pos, (node_index, freed) in enumerate(stage):
+            for node_index, freed, released in stage:
                 node = self.graph.nodes[node_index]
                 if node.kind == "F":
                     run_forward(node.segment, (t, node.segment) in self._graph_run)
                 else:
                     run_backward(node.segment)
-                for p, name in self._release.get((t, pos), ()):
-                    if p in fwd:
-                        release(fwd[p]["values"].get(name), skip=(p, name))
+                for i in released:
+                    p = self.graph.nodes[i].segment
+                    for name in self._loose[p] if p in fwd else ():
+                        release(fwd[p]["values"][name], skip=(p, name))
                 for i in freed:
                     drop(i)
         fwd.clear()
@@ -343,10 +334,11 @@ def remat(
     else:
         found = solve(graph, int(budget), time_limit=time_limit, rounding=rounding)
         if found is None:
-            floor = max(nd.memory + nd.transient for nd in graph.nodes)
+            floor = peak_floor(graph)
             raise ConfigError(
                 f"no schedule found that fits {budget} bytes (store-all needs {full.peak}; no "
-                f"node computes in less than {floor}; the MILP is infeasible or found no point "
+                f"schedule peaks below {floor}, what one node needs at once; the MILP is "
+                f"infeasible or found no point "
                 f"in {time_limit:g} s and the LP rounding none that fits): raise the budget, the "
                 "time limit, or the number of segments"
             )

@@ -9,7 +9,10 @@ Rematerialization", arXiv:1910.02653):
 
 - ``F_s``, its forward with autograd: its value is the segment's outputs *and* the tensors its
   autograd graph saved for backward (the "internals"), so keeping ``F_s`` means keeping what its
-  backward needs, and recomputing it means running the segment again;
+  backward needs, and recomputing it means running the segment again. The value has two parts:
+  ``memory``, what ``B_s`` reads (the internals and the outputs its own graph saved), and
+  ``output``, the outputs only later segments read: those live until their last reader, not until
+  ``B_s`` (a BatchNorm's output feeding a ReLU is gone once the ReLU has run);
 - ``B_s``, its backward: its value is the gradient with respect to the segment's inputs. It needs
   ``F_s``, the backwards of the segments that read its outputs, and the forward values of those of
   its inputs that its autograd graph saved (the executor hands them over by reference, so a saved
@@ -46,8 +49,10 @@ class Node:
         kind: ``"F"`` or ``"B"``.
         deps: indices of the nodes whose values it reads.
         cost: measured compute time in seconds.
-        memory: bytes of its value while kept.
+        memory: bytes of its value while kept (of a forward: the part its own backward reads).
         transient: extra bytes the allocator held at the peak of computing it.
+        output: of a forward, the bytes of the outputs its own backward does not read: they are
+            held only while a later reader (any user but its own backward) still needs them.
     """
 
     name: str
@@ -57,6 +62,7 @@ class Node:
     cost: float
     memory: int
     transient: int = 0
+    output: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,25 @@ class TrainGraph:
     backwards in reverse), as plain data that round-trips through JSON."""
 
     nodes: tuple[Node, ...]
-    version: int = 1
+    version: int = 2
 
     @property
     def n(self) -> int:
         return len(self.nodes)
+
+    def own_backward(self) -> list[int]:
+        """``own_backward()[i]``: the index of forward ``i``'s backward (-1 for a backward)."""
+        b = {nd.segment: j for j, nd in enumerate(self.nodes) if nd.kind == "B"}
+        return [b.get(nd.segment, -1) if nd.kind == "F" else -1 for nd in self.nodes]
+
+    def output_users(self) -> list[list[int]]:
+        """``output_users()[i]``: the users of forward ``i`` that read its ``output`` part (all
+        but its own backward; none for a backward)."""
+        own = self.own_backward()
+        return [
+            [j for j in us if j != own[i]] if self.nodes[i].kind == "F" else []
+            for i, us in enumerate(self.users())
+        ]
 
     def users(self) -> list[list[int]]:
         """``users()[i]``: the nodes that read node ``i``'s value, ascending."""
@@ -85,7 +105,7 @@ class TrainGraph:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainGraph:
         nodes = tuple(Node(**{**n, "deps": tuple(n["deps"])}) for n in d["nodes"])
-        return cls(nodes, d.get("version", 1))
+        return cls(nodes, d.get("version", 2))
 
     @staticmethod
     def chain(
@@ -448,11 +468,7 @@ def measure(
         outs = [
             state["local"][o] for o in seg.outputs if isinstance(state["local"][o], torch.Tensor)
         ]
-        out_bytes = storage_bytes(outs, skip=params | set(in_ptr))
         saved = state["saved"]
-        internal = storage_bytes(
-            saved, skip=params | set(in_ptr) | {o.untyped_storage().data_ptr() for o in outs}
-        )
         seg.saves_input = tuple(
             sorted(
                 {
@@ -473,6 +489,19 @@ def measure(
             or state["local"][o].untyped_storage().data_ptr() in own
             or ptrs[state["local"][o].untyped_storage().data_ptr()] > 1
         )
+        # What B_s reads (internals, pinned outputs) is held until B_s; the other outputs only
+        # until their last reader.
+        pinned = [
+            state["local"][o] for o in seg.pinned if isinstance(state["local"][o], torch.Tensor)
+        ]
+        loose = [state["local"][o] for o in seg.outputs if o not in seg.pinned]
+        kept = storage_bytes(pinned, skip=params | set(in_ptr))
+        internal = storage_bytes(
+            saved, skip=params | set(in_ptr) | {o.untyped_storage().data_ptr() for o in outs}
+        )
+        out_bytes = storage_bytes(
+            loose, skip=params | set(in_ptr) | {o.untyped_storage().data_ptr() for o in pinned}
+        )
         backward()  # warm-up: parameter gradients exist from now on, as in training
         t_f = _median_time(forward, reps)
         t_b = []
@@ -485,12 +514,14 @@ def measure(
         )
         if transients:  # what the allocator peaked at beyond the value the node leaves
             peak, _, _ = allocation_peak(forward)
-            w_f = max(0, peak - (out_bytes + internal))
+            w_f = max(0, peak - (kept + internal + out_bytes))
             peak, _, _ = allocation_peak(backward, setup=forward_and_grads)
             w_b = max(0, peak - grad_bytes)
         state.clear()
         deps = tuple(sorted({p for p in seg.inputs.values() if p >= 0}))
-        fwd.append(Node(f"F{seg.index}", seg.index, "F", deps, t_f, out_bytes + internal, w_f))
+        fwd.append(
+            Node(f"F{seg.index}", seg.index, "F", deps, t_f, kept + internal, w_f, out_bytes)
+        )
         bwd[seg.index] = Node(
             f"B{seg.index}", seg.index, "B", (), statistics.median(t_b), grad_bytes, w_b
         )
