@@ -45,7 +45,7 @@ from torch import nn
 from squeezer.data import evaluate, load_data
 from squeezer.pipeline import compress, test_metrics
 from squeezer.train import fit
-from squeezer.train.finetune import finetune
+from squeezer.train.finetune import BN_CLASSIFIER_RECIPE, finetune
 from squeezer.zoo import create
 
 NETS = {"digits": ("digits_resnet_deep", "digits"), "mnist1d": ("mnist1d_resnet", "mnist1d")}
@@ -66,22 +66,40 @@ def mean_spread(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {(max(xs) - min(xs)) / 2:.2f}"
 
 
-def trained(net_key: str, epochs: int, cache: Path | None) -> tuple[nn.Module, Any]:
-    """The FP32 net trained by squeezer's ``fit`` (seed 0), cached by name and epochs."""
+def held_out(data: Any, fraction: float = 0.1, seed: int = 0) -> tuple[Any, Any]:
+    """``(fit_data, val)``: the training split without a seeded ``fraction`` of it, and that part
+    as batches. The FP32 net trains on ``fit_data`` only, so the fine-tuning runs validate (and
+    pick their best epoch) on samples neither the teacher nor the student ever trained on."""
+    from dataclasses import replace
+
+    from squeezer.data import Batches
+
+    n = data.n_train
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    va, tr = order[: round(n * fraction)].sort().values, order[round(n * fraction):].sort().values
+    fit_data = replace(data, x_train=data.x_train[tr], y_train=data.y_train[tr])
+    return fit_data, Batches(data.x_train[va], data.y_train[va], 256)
+
+
+def trained(net_key: str, epochs: int, cache: Path | None) -> tuple[nn.Module, Any, Any]:
+    """The FP32 net trained by squeezer's ``fit`` (seed 0) on the training split less the
+    fine-tuning held-out part, cached by name and epochs; with the data (that training split)
+    and the held-out batches."""
     name, data_name = NETS[net_key]
-    data = load_data(data_name)
+    data, val = held_out(load_data(data_name))
     net = create(name)
-    f = cache / f"{name}-{epochs}ep.pt" if cache else None
+    f = cache / f"{name}-{epochs}ep-heldout.pt" if cache else None
     if f is not None and f.is_file():
         net.load_state_dict(torch.load(f, weights_only=True))
-        return net.eval(), data
+        return net.eval(), data, val
     t = time.perf_counter()
     net, info = fit(net, data, epochs=epochs, seed=0)
-    log(f"trained {name} {epochs} epochs in {time.perf_counter() - t:.0f} s: {info}")
+    log(f"trained {name} {epochs} epochs on {data.n_train} samples in "
+        f"{time.perf_counter() - t:.0f} s: {info}")  # fmt: skip
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         torch.save(net.state_dict(), f)
-    return net.eval(), data
+    return net.eval(), data, val
 
 
 def top1(model: nn.Module, data: Any) -> float:
@@ -98,7 +116,7 @@ def run_cnn(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "lsq": args.lsq,
                            "batch_size": args.batch_size, "seeds": args.seeds, "nets": {}}  # fmt: skip
     for key in args.nets:
-        net, data = trained(key, args.fp32_epochs, args.cache)
+        net, data, val = trained(key, args.fp32_epochs, args.cache)
         fp32 = top1(net, data)
         log(f"{key}: FP32 top-1 {fp32:.2f}")
         rows: dict[str, Any] = {}
@@ -113,7 +131,8 @@ def run_cnn(args: argparse.Namespace) -> dict:
                 q = res.qmodel
                 ptq = top1(q, data)
                 kw = dict(epochs=args.epochs, lr=args.lr, seed=seed, progress=False,
-                          lsq=args.lsq, batch_size=args.batch_size)  # fmt: skip
+                          lsq=args.lsq, batch_size=args.batch_size, freeze_bn=args.freeze_bn,
+                          val_data=val)  # fmt: skip
                 qat = finetune(q, data, distill=False, **kw)
                 kd = finetune(q, data, teacher=net, **kw)
                 a_qat, a_kd = top1(qat.model, data), top1(kd.model, data)
@@ -248,7 +267,7 @@ def calibrate_brevitas(model: nn.Module, batches: Any) -> nn.Module:
 def run_peer(args: argparse.Namespace) -> dict:
     import brevitas
 
-    net, data = trained(args.net, args.fp32_epochs, args.cache)
+    net, data, val = trained(args.net, args.fp32_epochs, args.cache)
     fp32 = top1(net, data)
     bits = 4
     out: dict[str, Any] = {"net": NETS[args.net][0], "fp32": fp32, "epochs": args.epochs,
@@ -257,20 +276,30 @@ def run_peer(args: argparse.Namespace) -> dict:
         res = compress(net, data, "bits=4", method="uniform", act_bits=bits, seed=seed)
         calib = data.calibration_batches(seed=1234 + seed)
         bq = calibrate_brevitas(brevitas_model(net, bits), calib)
-        kw = dict(teacher=net, epochs=args.epochs, lr=args.lr, seed=seed, progress=False,
-                  batch_size=args.batch_size)  # fmt: skip
+        # the same recipe for both, written out (a Brevitas net is not a squeezer-quantized one,
+        # so the trainer would give it the plain defaults): squeezer's BN-classifier recipe
+        rec = {k: v for k, v in BN_CLASSIFIER_RECIPE.items() if k != "lsq"}
+        rec.update({k: getattr(args, k) for k in ("lr", "batch_size", "freeze_bn")
+                    if getattr(args, k) is not None})  # fmt: skip
+        out["recipe"] = rec
+        kw = dict(teacher=net, epochs=args.epochs, seed=seed, progress=False, val_data=val, **rec)
         for tool, q in (("squeezer", res.qmodel), ("brevitas", bq)):
             ptq = top1(q, data)
             # Brevitas' scales are parameters already (learned by the same optimizer)
-            r = finetune(q, data, lsq=args.lsq and tool == "squeezer", **kw)
+            lsq = tool == "squeezer" and args.lsq is not False
+            r = finetune(q, data, lsq=lsq, **kw)
             after = top1(r.model, data)
             per_epoch = statistics.median(h["seconds"] for h in r.history[1:])
             out["rows"].append({"tool": tool, "seed": seed, "ptq": ptq, "after": after,
                                 "s_per_epoch": per_epoch, "best_epoch": r.best_epoch})  # fmt: skip
             log(f"{tool} seed {seed}: PTQ {ptq:.2f} -> QAT+KD {after:.2f}, "
                 f"{per_epoch:.2f} s/epoch (median), best epoch {r.best_epoch}")  # fmt: skip
-    print(f"\n{out['net']} W4A4, QAT + KD {args.epochs} epochs, lr {args.lr}, batch "
-          f"{args.batch_size}, LSQ {args.lsq}, FP32 {fp32:.2f}")  # fmt: skip
+    print(f"\n{out['net']} W4A4, QAT + KD {args.epochs} epochs, {out['recipe']}, FP32 {fp32:.2f}")
+    print("| tool | seed | PTQ | QAT + KD | s / epoch (median) |")
+    print("|---|---|---|---|---|")
+    for r in out["rows"]:
+        print(f"| {r['tool']} | {r['seed']} | {r['ptq']:.2f} | {r['after']:.2f} | "
+              f"{r['s_per_epoch']:.2f} |")  # fmt: skip
     print("| tool | PTQ | QAT + KD | s / epoch (median of seeds' medians) |")
     print("|---|---|---|---|")
     for tool in ("squeezer", "brevitas"):
@@ -330,8 +359,11 @@ def main() -> None:
             s.add_argument("--seeds", **seeds)
             s.add_argument("--fp32-epochs", type=int, default=30)
             s.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench")
-            s.add_argument("--lsq", action="store_true", help="squeezer learns its step sizes")
-            s.add_argument("--batch-size", type=int, default=64)
+            s.add_argument("--lsq", action=argparse.BooleanOptionalAction, default=None,
+                           help="squeezer learns its step sizes (default: the trainer's)")
+            s.add_argument("--batch-size", type=int, default=None, help="default: the trainer's")
+            s.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                           help="BatchNorm statistics frozen (default: the trainer's)")
         if name == "cnn":
             s.add_argument("--nets", type=lambda s: s.split(","), default=list(NETS))
             s.add_argument("--plans", type=lambda s: s.split(","), default=list(PLANS),

@@ -125,7 +125,7 @@ def test_qat_with_distillation_recovers_accuracy(w3a4, digits):
 
 def test_weight_scales_track_the_weights_or_stay_frozen(w3a4, digits):
     net, _, q = w3a4
-    kw = dict(teacher=net, epochs=1, steps_per_epoch=5, lr=1e-2, progress=False,
+    kw = dict(teacher=net, epochs=1, steps_per_epoch=5, lr=1e-2, lsq=False, progress=False,
               restore_best=False)  # fmt: skip
     scales = {n: b for n, b in _state(q).items() if n.endswith("weight_quantizer.scale")}
     frozen = _state(finetune(q, digits, weight_scales="frozen", **kw).model)
@@ -426,3 +426,23 @@ def test_a_pruned_encoder_distils_its_hidden_states_from_the_unpruned_one():
     assert after > before, (before, after)
     # the hidden term changes the training: not the embedding-only run's weights
     assert not _same(_state(r.model), _state(plain.model))
+
+
+def test_a_quantized_bn_classifier_takes_the_cnn_recipe_everything_else_the_plain_one(w3a4, digits):
+    from squeezer.train.finetune import BN_CLASSIFIER_RECIPE, PLAIN_RECIPE
+
+    net, _, q = w3a4
+    assert any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in q.modules())
+    kw = dict(teacher=net, epochs=1, steps_per_epoch=1, progress=False)
+
+    def picked(r):
+        return {k: r.options[k] for k in BN_CLASSIFIER_RECIPE}
+
+    assert picked(finetune(q, digits, **kw)) == BN_CLASSIFIER_RECIPE
+    # a float model (pruning's recovery) and lsq=False keep the plain defaults (lr 1e-4 ...)
+    plain = {**PLAIN_RECIPE, "lr": 1e-4}
+    assert picked(finetune(net, digits, **kw)) == plain
+    assert picked(finetune(q, digits, lsq=False, **kw)) == plain
+    # any setting given wins over the recipe
+    r = finetune(q, digits, lr=3e-4, batch_size=16, freeze_bn=True, **kw)
+    assert picked(r) == {"lr": 3e-4, "lsq": True, "batch_size": 16, "freeze_bn": True}
