@@ -307,6 +307,10 @@ def _cases(f):
             model("zoo:digits_cnn", "--hessian-samples", "0"),
             "--hessian-samples",
         ),  # fmt: skip
+        "no Hessian batch": (
+            model("zoo:digits_cnn", "--hessian-batch-size", "0"), "--hessian-batch-size",
+        ),
+        "no Hessian probes": (model("zoo:digits_cnn", "--hessian-probes", "0"), "--hessian-probes"),
         "one activation bit": (model("zoo:digits_cnn", "--act-bits", "1"), "--act-bits"),
         "max-len 1": (model("zoo:digits_cnn", "--max-len", "1"), "--max-len"),
         "input shape text": ([*c, "--calib", "zeroshot", "--input-shape", "a,b"], "--input-shape"),

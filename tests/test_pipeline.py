@@ -141,3 +141,23 @@ def test_latency_table_on_the_exported_model(trained_digits_cnn, digits):
     assert Costs.from_json(costs.to_json()).latency_edges == costs.latency_edges
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model untouched
+
+
+def test_hessian_batch_size_and_probes_reach_the_analysis(digits, monkeypatch):
+    # --hessian-batch-size / --hessian-probes replace the template's analysis settings, and
+    # only those (the samples, stopping rule and top_k stay the template's)
+    import squeezer.pipeline as pipeline
+    from squeezer.zoo import create
+
+    seen = {}
+    real = pipeline.analyze
+
+    def spy(model, loss, batches, **kw):
+        seen["batch"] = max(len(y) for _, y in batches)
+        seen.update(kw)
+        return real(model, loss, batches, **kw)
+
+    monkeypatch.setattr(pipeline, "analyze", spy)
+    compress(create("digits_cnn"), digits, "bits=4", hessian_samples=64, hessian_batch_size=16,
+             hessian_probes=5)  # fmt: skip
+    assert seen["batch"] == 16 and seen["max_probes"] == 5 and seen["min_probes"] <= 5

@@ -137,6 +137,19 @@ class Result:
 # Stages
 
 
+def with_analysis(
+    template: LayerTemplate, batch_size: int | None = None, probes: int | None = None
+) -> LayerTemplate:
+    """``template`` with its analysis run in batches of ``batch_size`` samples and at most
+    ``probes`` Hutchinson probes (None keeps the template's)."""
+    s = template.analysis
+    if batch_size is not None:
+        s = replace(s, batch_size=int(batch_size))
+    if probes is not None:
+        s = replace(s, max_probes=int(probes), min_probes=min(s.min_probes, int(probes)))
+    return template if s is template.analysis else replace(template, analysis=s)
+
+
 def analyse(
     model: nn.Module,
     data: Dataset,
@@ -428,6 +441,8 @@ def compress(
     calib: str = "real",
     act_bits: int | None = 8,
     hessian_samples: int | None = None,
+    hessian_batch_size: int | None = None,
+    hessian_probes: int | None = None,
     extra_variants: tuple[Plan, ...] = (),
     template: str | None = None,
     latency: LatencyOptions | None = None,
@@ -449,6 +464,9 @@ def compress(
         calib: a key of :data:`CALIBRATION_SOURCES`: ``"real"`` (default) or ``"zeroshot"``.
         act_bits: activation bits (None: float activations).
         hessian_samples: training samples the Hessian averages over (default: the template's).
+        hessian_batch_size: samples per Hessian-vector product batch (default: the template's;
+            lower it when a large model's analysis runs out of memory).
+        hessian_probes: most Hutchinson probes per trace (default: the template's).
         extra_variants: more plans to quantize and evaluate beside the chosen one.
         template: a layer template name (default: the one matching the model).
         latency: how a latency budget's per-layer table is measured (default: ONNX Runtime, one
@@ -469,7 +487,7 @@ def compress(
     if method not in ("hessian", "uniform"):
         raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
     model = split_attention(model)
-    tpl = template_for(model, template)
+    tpl = with_analysis(template_for(model, template), hessian_batch_size, hessian_probes)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     calibration = source(calib)(

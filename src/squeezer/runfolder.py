@@ -53,6 +53,8 @@ class RunSpec:
         calib: the calibration source (``"real"``, ``"zeroshot"``).
         act_bits: activation bits (None: float activations).
         hessian_samples: training samples of the Hessian analysis (None: the template's).
+        hessian_batch_size, hessian_probes: batch size and most probes of the Hessian analysis
+            (None: the template's).
         calib_samples: distilled inputs of a zero-shot run.
         input_shape: one input's shape, for zero-shot runs of models that do not declare it.
         latency_backend: where a latency budget's per-layer table is measured.
@@ -83,6 +85,8 @@ class RunSpec:
     calib: str = "real"
     act_bits: int | None = 8
     hessian_samples: int | None = None
+    hessian_batch_size: int | None = None
+    hessian_probes: int | None = None
     calib_samples: int = 64
     input_shape: tuple[int, ...] | None = None
     latency_backend: str = "onnxruntime"
@@ -207,6 +211,10 @@ def _check_numbers(spec: RunSpec) -> None:
         ("--act-bits", spec.act_bits, spec.act_bits is None or 2 <= spec.act_bits <= 16),
         ("--hessian-samples", spec.hessian_samples,
          spec.hessian_samples is None or spec.hessian_samples >= 1),
+        ("--hessian-batch-size", spec.hessian_batch_size,
+         spec.hessian_batch_size is None or spec.hessian_batch_size >= 1),
+        ("--hessian-probes", spec.hessian_probes,
+         spec.hessian_probes is None or spec.hessian_probes >= 1),
         ("--input-shape", spec.input_shape,
          spec.input_shape is None or (len(spec.input_shape) > 0 and min(spec.input_shape) >= 1)),
         ("--seed", spec.seed, spec.seed >= 0),
@@ -214,7 +222,8 @@ def _check_numbers(spec: RunSpec) -> None:
     for flag, value, ok in checks:
         if not ok:
             limits = {"--max-len": "at least 2", "--act-bits": "2..16 (0 keeps float)",
-                      "--hessian-samples": "at least 1", "--seed": "0 or more",
+                      "--hessian-samples": "at least 1", "--hessian-batch-size": "at least 1",
+                      "--hessian-probes": "at least 1", "--seed": "0 or more",
                       "--input-shape": "positive sizes, e.g. 1,8,8"}  # fmt: skip
             raise ConfigError(f"{flag} {value} is out of range; give {limits[flag]}")
 

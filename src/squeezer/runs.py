@@ -49,6 +49,7 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
             model if pruned is None else pruned.model, data, spec.budget,
             method=spec.method or "hessian", calib=spec.calib,
             act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
+            hessian_batch_size=spec.hessian_batch_size, hessian_probes=spec.hessian_probes,
             progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
             latency=_latency(spec), bias_correction=spec.bias_correction,
         )  # fmt: skip

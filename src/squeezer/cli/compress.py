@@ -40,6 +40,13 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         help="training samples the Hessian traces average over (default: 512; 64 sentences for "
         "BERT-family encoders)",
     )
+    p.add_argument("--hessian-batch-size", type=int, default=None, metavar="N",
+                   help="samples per Hessian-vector product (default 128; lower it if a large "
+                   "model's analysis runs out of memory: EfficientNet-Lite0 at 224x224 holds "
+                   "~1.7 GB per 8 images)")  # fmt: skip
+    p.add_argument("--hessian-probes", type=int, default=None, metavar="N",
+                   help="most Hutchinson probes per trace (default 100; each costs one "
+                   "Hessian-vector product over the samples)")  # fmt: skip
     p.add_argument(
         "--method",
         choices=("hessian", "uniform"),
@@ -71,6 +78,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     spec = spec_of(
         args, "compress", budget=Budget.parse(args.budget), method=args.method, calib=args.calib,
         act_bits=args.act_bits or None, hessian_samples=args.hessian_samples,
+        hessian_batch_size=args.hessian_batch_size, hessian_probes=args.hessian_probes,
         bias_correction=args.bias_correction,
         input_shape=parse_shape(args.input_shape), latency_backend=args.latency_backend,
         **prune_of(args),
