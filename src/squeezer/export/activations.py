@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .codes import _code_dtype, _full_range_8bit
-from .common import COMMUTING_OPS
+from .common import commutes
 from .layers import _Act
 from .onnx_graph import _Graph
 
@@ -166,6 +166,7 @@ def _planner(
         for i, x in enumerate(n.input):
             consumers.setdefault(x, []).append((n, i))
     capable = _int8_nodes(nodes, inits, act_of, outputs) if calib is not None else set()
+    constants = _constants(nodes, inits)
     memo: dict[str, _Wanted] = {}
 
     def wanted(t: str) -> _Wanted:
@@ -180,7 +181,7 @@ def _planner(
         for c, i in consumers[t]:
             if i == 0 and id(c) in act_of:
                 hard.add(act_of[id(c)])
-            elif i == 0 and c.op_type in COMMUTING_OPS and len([o for o in c.output if o]) == 1:
+            elif i == 0 and commutes(c, constants) and len([o for o in c.output if o]) == 1:
                 act, kind = wanted(c.output[0])
                 if kind == "layer":
                     hard.add(act)
@@ -208,6 +209,15 @@ def _planner(
         return memo[t]
 
     return consumers, wanted
+
+
+def _constants(nodes: list, inits: Mapping[str, Any]) -> dict[str, Any]:
+    """Initializers and the outputs of Constant nodes, by name (TensorProtos)."""
+    out = dict(inits)
+    for n in nodes:
+        if n.op_type == "Constant":
+            out.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+    return out
 
 
 def _int8_inputs(graph: _Graph, nodes: list, act_of: Mapping[int, _Act]) -> list[str]:
@@ -239,6 +249,7 @@ def _int8_nodes(
     for n in nodes:
         for i, x in enumerate(n.input):
             readers.setdefault(x, []).append((n, i))
+    constants = _constants(nodes, inits)
     pools = {n.output[0] for n in nodes if n.op_type in ("GlobalAveragePool", "AveragePool")}
     maybe = {
         n.output[0]: n
@@ -259,7 +270,7 @@ def _int8_nodes(
             if c.output[0] in capable:
                 continue
             outs = [o for o in c.output if o]
-            if c.op_type in COMMUTING_OPS and i == 0 and len(outs) == 1:
+            if commutes(c, constants) and i == 0 and len(outs) == 1:
                 if used_in_int8(outs[0], capable, seen):
                     continue
             return False

@@ -17,6 +17,27 @@ MS_DOMAIN = "com.microsoft"
 COMMUTING_OPS = frozenset(
     {"Relu", "MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 )
+
+
+def commutes(node: Any, constants: Any = None) -> bool:
+    """Whether fake quantization commutes with ``node``: one of :data:`COMMUTING_OPS`, or a Pad
+    that copies values (edge, reflect) or pads with the constant 0 (absent, or a zero
+    initializer or Constant in ``constants``, name -> TensorProto), which every activation grid
+    holds exactly. EfficientNet's "same"
+    padding before its strided depthwise convs is such a Pad: quantized before it, ONNX Runtime
+    runs the Pad and the conv feeding it in int8 (float otherwise)."""
+    if node.op_type in COMMUTING_OPS:
+        return True
+    if node.op_type != "Pad":
+        return False
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+    if mode in ("edge", "reflect") or len(node.input) < 3 or not node.input[2]:
+        return True
+    if mode != "constant" or constants is None or node.input[2] not in constants:
+        return False
+    from onnx import numpy_helper
+
+    return not numpy_helper.to_array(constants[node.input[2]]).any()
 #: Default tolerance of the typical sample: max(steps × one 8-bit step of squeezer's output range,
 #: share × max |squeezer − FP32|), as (steps, share), keyed by whether the export rounds more than
 #: squeezer does (``requantize``, or an ``accuracy_level`` below fp32): its extra rounding may
