@@ -58,3 +58,19 @@ def test_bad_finetune_input_exits_2_with_one_line(tmp_path, run, capsys):
     assert main(["finetune", str(run), "--epochs", "0", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "epochs=0" in err[1]
+
+
+def test_cli_leaves_the_recipe_to_the_trainer_unless_told():
+    # the command line passes None for what the user did not set, so a quantized BN classifier
+    # gets BN_CLASSIFIER_RECIPE from the CLI as from Python; explicit flags win
+    import argparse
+
+    from squeezer.cli.finetune import finetune_args, finetune_options
+
+    p = argparse.ArgumentParser()
+    finetune_args(p)
+    opts = finetune_options(p.parse_args([]))
+    assert opts["lr"] is None and opts["batch_size"] is None
+    assert opts["lsq"] is None and opts["freeze_bn"] is None
+    told = finetune_options(p.parse_args(["--no-lsq", "--freeze-bn", "--batch-size", "16"]))
+    assert told["lsq"] is False and told["freeze_bn"] is True and told["batch_size"] == 16

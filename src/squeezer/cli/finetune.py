@@ -15,9 +15,11 @@ def finetune_args(p: argparse.ArgumentParser, *, epochs: int | None = 5) -> None
     if epochs is not None:
         p.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate, cosine-decayed (default 1e-4 for adamw; CNNs at 4 bits "
-                        "recover more with --lr 1e-3 --lsq)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
+                   help="peak learning rate, cosine-decayed (default: 1e-3 for a quantized "
+                        "classifier with BatchNorm, else 1e-4)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (default: 32 for a quantized classifier with BatchNorm, "
+                        "else 64)")  # fmt: skip
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
                    help="distil from the FP32 model (default; --no-distill: labels only)")  # fmt: skip
@@ -31,7 +33,12 @@ def finetune_args(p: argparse.ArgumentParser, *, epochs: int | None = 5) -> None
                         "or 1 - cos")  # fmt: skip
     p.add_argument("--hidden-attention", action="store_true",
                    help="--distill-hidden also matches every block's attention output")  # fmt: skip
-    p.add_argument("--lsq", action="store_true", help="learn the quantizers' step sizes (LSQ)")
+    p.add_argument("--lsq", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn the quantizers' step sizes (LSQ; default: on for a quantized "
+                        "classifier with BatchNorm, else off)")  # fmt: skip
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep BatchNorm statistics and affine frozen (default: frozen, except "
+                        "for a quantized classifier with BatchNorm)")  # fmt: skip
     p.add_argument("--patience", type=int, default=None,
                    help="stop after N epochs without a better held-out epoch (lowest held-out "
                         "loss, the metric breaking ties)")  # fmt: skip
@@ -43,7 +50,7 @@ def finetune_options(args: argparse.Namespace) -> dict:
     """The :func:`squeezer.train.finetune.finetune` options the flags describe."""
     return dict(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                 distill=args.distill, alpha=args.alpha, temperature=args.temperature,
-                lsq=args.lsq, patience=args.patience, val_fraction=args.val_fraction,
+                lsq=args.lsq, freeze_bn=args.freeze_bn, patience=args.patience, val_fraction=args.val_fraction,
                 hidden_weight=args.distill_hidden, hidden_loss=args.hidden_loss,
                 hidden_attention=args.hidden_attention)  # fmt: skip
 
