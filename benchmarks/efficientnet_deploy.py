@@ -137,8 +137,7 @@ def ort_static(fp32: bytes, calib: list[torch.Tensor], work: str) -> str:
     weights, uint8 activations, min-max calibration on ``calib`` (the run's calibration batches)."""
     import sys
 
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -227,7 +227,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--hidden", type=float, default=0.0,
-                    help="hidden-state distillation weight for head pruning (0: embeddings only)")  # fmt: skip
+                    help="hidden-state distillation weight for head pruning "
+                         "(0: embeddings only)")  # fmt: skip
     ap.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse")
     ap.add_argument("--hidden-attention", action="store_true",
                     help="--hidden also matches every block's attention output")  # fmt: skip

@@ -116,3 +116,16 @@ def test_to_integer_uses_the_corrected_bias(trained_digits_cnn, digits):
     step = float(q(x).max() - q(x).min()) / 255
     assert float((imodel(x) - q(x)).abs().median()) <= step  # the integer model is q, not plain
     assert float((imodel(x) - plain(x)).abs().median()) > float((imodel(x) - q(x)).abs().median())
+
+
+def test_default_is_on_for_conv_nets_and_off_for_transformers_with_a_patch_conv():
+    from torch import nn
+
+    from squeezer.pipeline import default_bias_correction
+    from squeezer.zoo import create
+
+    assert default_bias_correction(create("digits_cnn"))
+    assert not default_bias_correction(create("digits_transformer"))
+    vit_like = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.LayerNorm(4))
+    assert not default_bias_correction(vit_like)
+    assert not default_bias_correction(nn.Sequential(nn.Linear(4, 4)))

@@ -18,4 +18,4 @@ def test_a_last_batch_of_one_sample_does_not_stop_a_batchnorm_net(digits):
                         nn.Linear(16, 10))  # fmt: skip
     trained, info = fit(net, data, epochs=2, batch_size=64, seed=0)
     assert torch.isfinite(torch.tensor(info["final_loss"]))
-    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), trained.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(net.parameters(), trained.parameters(), strict=True))

@@ -50,7 +50,8 @@ def finetune_options(args: argparse.Namespace) -> dict:
     """The :func:`squeezer.train.finetune.finetune` options the flags describe."""
     return dict(lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                 distill=args.distill, alpha=args.alpha, temperature=args.temperature,
-                lsq=args.lsq, freeze_bn=args.freeze_bn, patience=args.patience, val_fraction=args.val_fraction,
+                lsq=args.lsq, freeze_bn=args.freeze_bn, patience=args.patience,
+                val_fraction=args.val_fraction,
                 hidden_weight=args.distill_hidden, hidden_loss=args.hidden_loss,
                 hidden_attention=args.hidden_attention)  # fmt: skip
 

@@ -216,7 +216,9 @@ def _constants(nodes: list, inits: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(inits)
     for n in nodes:
         if n.op_type == "Constant":
-            out.update({n.output[0]: a.t for a in n.attribute if a.name == "value"})
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
     return out
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..config import Plan, QuantConfig
-from ..data import forward, to_device
 from ..errors import ConfigError
-from ..graph import copy_model, model_device, quantizable_layers, set_module, split_attention
+from ..graph import copy_model, quantizable_layers, set_module, split_attention
+from .feeding import feed
 from .modules import ActQuantizer, QuantMixin, to_quant_module
 
 
@@ -141,18 +141,3 @@ def calibrate(qmodel: nn.Module, calib: Iterable[Any], *, max_batches: int | Non
         raise ConfigError("the calibration data held no batches; pass at least one batch")
     for a in act:
         a.freeze()
-
-
-@torch.no_grad()
-def feed(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None) -> int:
-    """Run the inputs of ``batches`` (``(inputs, targets)`` pairs or bare inputs) through
-    ``model`` on its device, at most ``max_batches`` of them; returns how many ran."""
-    device = model_device(model)
-    n = 0
-    for batch in batches:
-        inputs = batch[0] if isinstance(batch, tuple | list) else batch
-        forward(model, to_device(inputs, device))
-        n += 1
-        if max_batches is not None and n >= max_batches:
-            break
-    return n

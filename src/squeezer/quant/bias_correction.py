@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .apply import feed
+from .feeding import feed
 from .modules import QuantEmbedding, QuantMixin
 
 

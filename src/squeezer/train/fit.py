@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data import Dataset, batch_size as batch_length, evaluate, forward
+from ..data import Dataset, evaluate, forward
+from ..data import batch_size as batch_length
 from ..graph import copy_model
 from ..progress import progress
 from .optim import cosine_schedule, make_optimizer
