@@ -30,18 +30,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import SplitAttention
 from .budget import Budget
 from .calibration import CALIBRATION_SOURCES, Calibration, register_calibration, source
 from .config import Plan
 from .costs import Costs, plan_costs
-from .data import Dataset, evaluate, forward, mean_loss
-from .errors import ConfigError, DataError
+from .data import Dataset, forward, mean_loss
+from .errors import ConfigError
+from .evaluation import layer_table as layer_table
+from .evaluation import test_metrics as test_metrics
 from .graph import float_weights, quantizable_layers, split_attention
 from .measure import average_bits, bops, latency, model_bytes, profile_layers
 from .plan import FrontierPoint, pareto_frontier, plan
 from .quant.apply import quantize
-from .quant.modules import QuantMixin
+from .quant.bias_correction import default_bias_correction as default_bias_correction
 from .sensitivity import Sensitivity, sensitivity
 from .spectrum import Spectrum, analyze
 from .templates import LayerTemplate, template_for, uniform_plan
@@ -340,24 +341,6 @@ def uniform_for(model: nn.Module, template: LayerTemplate, budget: Budget, act_b
     return Plan(p.layers, meta={**p.meta, "budget": str(budget), "template": template.name})
 
 
-def default_bias_correction(model: nn.Module) -> bool:
-    """Whether runs correct biases unless told: for conv nets (the model has a convolution).
-
-    Measured (docs/benchmarks.md, "W8A8 with bias correction"): on EfficientNet-Lite0 it raises
-    W8A8 agreement with FP32, and it does not hurt the digits and MNIST-1D nets; models without
-    convolutions (MLPs, encoders, whose token positions include padding) keep their biases, and
-    so do vision transformers, whose one convolution is the patch embedding (LayerNorm or
-    attention marks them: the correction moved a tiny ViT's ONNX export 2 output steps from the
-    simulation, where 0.5 is the rule).
-    """
-    conv = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-    transformer = (nn.LayerNorm, nn.MultiheadAttention, SplitAttention)
-    mods = list(model.modules())
-    return any(isinstance(m, conv) for m in mods) and not any(
-        isinstance(m, transformer) for m in mods
-    )
-
-
 def apply(
     model: nn.Module,
     data: Dataset | None,
@@ -603,52 +586,3 @@ def _evaluate(
         bops=sum(bops(profiles, plan).values()),
         extra=extra,
     )
-
-
-@torch.no_grad()
-def test_metrics(model: nn.Module, data: Dataset) -> tuple[float, dict[str, float]]:
-    """The task's metric on the test split and, for tasks that define ``metrics``, the metrics
-    that need every test output at once (Spearman, top-10 for embeddings), from one pass. The
-    metric is summed batch by batch exactly as :func:`squeezer.data.evaluate` sums it."""
-    task_metrics = getattr(data.task, "metrics", None)
-    if task_metrics is None:
-        return evaluate(model, data.test_batches(), data.task), {}
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = [(forward(model, x), y) for x, y in data.test_batches()]
-    finally:
-        model.train(was_training)
-    sums = [data.task.metric_sums(o, y) for o, y in pairs]
-    if not sums:
-        raise DataError("no evaluation data: the test split is empty")
-    metric = sum(t for t, _ in sums) / sum(c for _, c in sums)
-    outs = torch.cat([o for o, _ in pairs])
-    targets = torch.cat([y for _, y in pairs])
-    return metric, {k: float(v) for k, v in task_metrics(outs, targets).items()}
-
-
-@torch.no_grad()
-def layer_table(model: nn.Module, qmodel: nn.Module, plan: Plan, profiles: dict) -> list[dict]:
-    """Per-layer rows: FQN, type, params, MACs, bits, activation bits, ‖Q(W) − W‖/‖W‖."""
-    qlayers = dict(qmodel.named_modules())
-    rows = []
-    for fqn, prof in profiles.items():
-        spec = plan.layers.get(fqn)
-        q = qlayers.get(fqn)
-        rel = None
-        if isinstance(q, QuantMixin):
-            w = q.weight
-            rel = float((q.qweight() - w).norm() / w.norm().clamp_min(1e-30))
-        rows.append(
-            {
-                "fqn": fqn,
-                "type": prof.type,
-                "params": prof.params,
-                "macs": prof.macs,
-                "bits": spec.bits if spec else 32,
-                "act_bits": spec.act_bits if spec else None,
-                "rel_error": rel,
-            }
-        )
-    return rows

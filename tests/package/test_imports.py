@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_version", "errors", "progress", "threads", "distributed", "atomic", "milp", "factory"),
     ("budget", "config", "attention", "graph"),
     ("stream", "data", "quant", "measure", "hvp", "estimators", "encoders", "text", "models", "hf",
-     "zoo", "images",
+     "zoo", "images", "evaluation",
      "ties"),  # fmt: skip
     ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
      "qbert", "integer", "export", "calibration", "train", "prune"),  # fmt: skip

@@ -60,7 +60,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -70,13 +69,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..atomic import write_bytes_atomic
 from ..data import Classification, _accumulate, _index, batch_size, forward, to_device
-from ..distributed import all_reduce_sum, is_active, world
+from ..distributed import all_reduce_sum, world
 from ..errors import ConfigError
 from ..graph import copy_model, model_device
 from ..progress import progress as progress_bar
 from ..quant.modules import ActQuantizer, QuantMixin
+from .checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import _load_checkpoint, _row, _save_checkpoint, _snapshot, _State
 from .distill import (
     HIDDEN_LOSSES,
     HiddenStates,
@@ -102,7 +102,6 @@ PLAIN_RECIPE: dict[str, Any] = {"lr": None, "lsq": False, "batch_size": 64, "fre
 
 WEIGHT_SCALES = ("track", "frozen")
 SELECT = ("loss", "metric")
-CHECKPOINT_FORMAT = "squeezer-finetune-checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -575,89 +574,6 @@ def _indexable(y: Any, n: int) -> bool:
 def _summed(total: torch.Tensor, world_size: int) -> torch.Tensor:
     """``total`` summed over the ranks."""
     return total if world_size == 1 else all_reduce_sum(total.clone())
-
-
-# --------------------------------------------------------------------------------------------------
-# State, best epoch and checkpoints
-
-
-@dataclass
-class _State:
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_score: tuple[float, float] | None = None
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    done: bool = False
-
-    def update_best(self, score: tuple[float, float] | None, net: nn.Module, keep: bool) -> None:
-        if score is None:
-            return
-        if self.best_score is None or tuple(score) < tuple(self.best_score):
-            self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
-            if keep:
-                self.best_state = _snapshot(net)
-        else:
-            self.bad_epochs += 1
-
-
-def _row(epoch: int, loss: float | None, val_loss: float | None, metric: float | None, lr: float,
-         secs: float) -> dict:  # fmt: skip
-    return {"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_metric": metric,
-            "lr": float(lr), "seconds": secs}  # fmt: skip
-
-
-def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def _save_checkpoint(path: Path, state: _State, opts: dict, net, opt, sched, rank: int) -> None:
-    """The whole training state, written atomically by rank 0 (the others wait for it)."""
-    if rank == 0:
-        doc = {
-            "format": CHECKPOINT_FORMAT,
-            "options": opts,
-            "state": {k: v for k, v in vars(state).items() if k != "best_state"},
-            "best_state": state.best_state,
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        buf = io.BytesIO()
-        torch.save(doc, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, buf.getvalue())
-    if is_active():
-        torch.distributed.barrier()
-
-
-def _load_checkpoint(path: Path, opts: dict, net, opt, sched) -> _State:
-    """Restore the training state from ``path``; its settings must be this run's."""
-    try:
-        doc = torch.load(path, map_location=model_device(net), weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"cannot read the checkpoint {path} ({type(exc).__name__}); delete it "
-                          "to start afresh") from None  # fmt: skip
-    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a squeezer fine-tuning checkpoint; delete it or choose "
-                          "another path")  # fmt: skip
-    diff = [k for k in opts if doc["options"].get(k) != opts[k]]
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"the checkpoint {path} was written with {k}={doc['options'].get(k)!r}, this run has "
-            f"{k}={opts[k]!r}; resume with the same settings, or delete the checkpoint"
-        )
-    net.load_state_dict(doc["model"])
-    opt.load_state_dict(doc["optimizer"])
-    sched.load_state_dict(doc["scheduler"])
-    torch.set_rng_state(doc["rng"])
-    state = _State(**doc["state"])
-    state.best_state = doc["best_state"]
-    return state
 
 
 __all__ = ["BN_CLASSIFIER_RECIPE", "FINETUNE_LR", "PLAIN_RECIPE", "FinetuneResult", "finetune"]
