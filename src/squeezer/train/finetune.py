@@ -75,7 +75,6 @@ from ..errors import ConfigError
 from ..graph import copy_model, model_device
 from ..progress import progress as progress_bar
 from ..quant.modules import ActQuantizer, QuantMixin
-from .checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import _load_checkpoint, _row, _save_checkpoint, _snapshot, _State
 from .distill import (
     HIDDEN_LOSSES,
