@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from squeezer.cli import main
 from squeezer.data import evaluate
