@@ -171,6 +171,42 @@ def print_cnn(out: dict) -> None:
 # MiniLM run folders
 
 
+def sentences_data(fp32: nn.Module, n_train: int | None, n_test: int, max_len: int,
+                   cache: Path | None) -> Any:  # fmt: skip
+    """The ``sentences`` data set with ``fp32``'s embeddings as targets, cached on disk by the
+    model's weights, the sentences and ``max_len``: embedding the whole corpus with the FP32 model
+    is the slow step, and every plan of a model (and every re-run) needs the same targets."""
+    import hashlib
+
+    from squeezer.hf import load_hf
+    from squeezer.text import EmbeddingTask, TokenDataset, split_sentences, stdlib_sentences
+
+    train, test = split_sentences(stdlib_sentences(), seed=0)
+    h = hashlib.sha256(json.dumps([max_len, train[:n_train], test[:n_test]]).encode())
+    for k, v in sorted(fp32.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    f = cache / f"sentences-{h.hexdigest()[:20]}.pt" if cache else None
+    if f is not None and f.is_file():
+        b = torch.load(f, weights_only=True)
+        log(f"FP32 embeddings of {len(b['y_train'])} + {len(b['y_test'])} sentences from {f.name}")
+        return TokenDataset("sentences", b["x_train"], b["y_train"], b["x_test"], b["y_test"],
+                            EmbeddingTask(), b["meta"])  # fmt: skip
+    t = time.perf_counter()
+    _, tok = load_hf("hf:minilm")
+    data = load_data("sentences", model=fp32, tokenizer=tok, n_train=n_train, n_test=n_test,
+                     max_len=max_len)  # fmt: skip
+    log(f"tokenized and embedded {data.n_train} + {n_test} sentences with FP32 in "
+        f"{time.perf_counter() - t:.0f} s")  # fmt: skip
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        blob = {k: getattr(data, k) for k in ("x_train", "y_train", "x_test", "y_test")}
+        tmp = f.with_suffix(".part")
+        torch.save({**blob, "meta": data.meta}, tmp)
+        tmp.replace(f)
+    return data
+
+
 def run_minilm(args: argparse.Namespace) -> dict:
     from squeezer.runfolder import load_compressed, read_metrics
 
@@ -183,11 +219,8 @@ def run_minilm(args: argparse.Namespace) -> dict:
         n_test = args.n_test or len(data.meta["test_text"])
         if args.n_train != data.n_train or n_test != len(data.meta["test_text"]):
             # more sentences than the run's: the same seeded split, its test part never trained on
-            from squeezer.hf import load_hf
-
-            _, tok = load_hf("hf:minilm")
-            data = load_data("sentences", model=fp32, tokenizer=tok, n_train=args.n_train or None,
-                             n_test=n_test)  # fmt: skip
+            data = sentences_data(fp32, args.n_train or None, n_test, data.meta["max_len"],
+                                  args.cache)  # fmt: skip
         m = read_metrics(run)
         name = m.get("after", {}).get("name", Path(run).name)
         t = time.perf_counter()
@@ -372,6 +405,9 @@ def main() -> None:
             s.add_argument("--net", choices=tuple(NETS), default="digits")
         if name == "minilm":
             s.add_argument("runs", nargs="+", type=Path)
+            s.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench",
+                           help="where the FP32 embeddings of the corpus are kept")  # fmt: skip
+            s.add_argument("--threads", type=int, default=1)
             s.add_argument("--batch-size", type=int, default=32)
             s.add_argument("--steps", type=int, default=None, help="at most N steps an epoch")
             s.add_argument("--n-train", type=int, default=0,
@@ -386,7 +422,7 @@ def main() -> None:
         if name == "export":
             s.add_argument("run", type=Path)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(args, "threads", 1))
     t = time.perf_counter()
     out = {"cnn": run_cnn, "peer": run_peer, "minilm": run_minilm, "export": run_export}[args.part](
         args
