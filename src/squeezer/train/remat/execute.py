@@ -89,6 +89,9 @@ class Rematerialized(nn.Module):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self._loss_name = out.args[0].name
         self.set_schedule(schedule)
+        #: ``probe(event, stage, node, fwd, bwd)``, called with ``"run"`` before each node and
+        #: ``"done"`` after it and its frees (the held values by segment); for audits.
+        self.probe: Callable[..., None] | None = None
         self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         modules = dict(gm.named_modules())
         self._seg_modules = [
@@ -254,6 +257,8 @@ class Rematerialized(nn.Module):
                     drop(i)
             for node_index, freed, released in stage:
                 node = self.graph.nodes[node_index]
+                if self.probe is not None:
+                    self.probe("run", t, node_index, fwd, bwd)
                 if node.kind == "F":
                     run_forward(node.segment, (t, node.segment) in self._graph_run)
                 else:
@@ -264,6 +269,8 @@ class Rematerialized(nn.Module):
                         release(fwd[p]["values"][name], skip=(p, name))
                 for i in freed:
                     drop(i)
+                if self.probe is not None:
+                    self.probe("done", t, node_index, fwd, bwd)
         fwd.clear()
         bwd.clear()
         assert loss is not None

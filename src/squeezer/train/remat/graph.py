@@ -221,6 +221,8 @@ class Segment:
     #: Outputs whose storage the segment's own graph saved or shares (needed by its backward).
     pinned: tuple[str, ...] = ()
     grad_inputs: set[str] = field(default_factory=set)
+    #: Inputs that are views of a storage an earlier segment than their producer made: that one.
+    bases: dict[str, int] = field(default_factory=dict)
 
 
 def trace(
@@ -343,6 +345,17 @@ def segment(
     for a in out_node.all_input_nodes:
         last_use[a.name] = len(calls)
 
+    # The call that made each value's storage (a view's or an in-place result's is its base's).
+    fixed = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+    fixed |= {env[p.name].untyped_storage().data_ptr() for p in placeholders
+              if isinstance(env[p.name], torch.Tensor)}  # fmt: skip
+    first: dict[int, int] = {}
+    maker: dict[str, int] = {}
+    for i, node in enumerate(calls):
+        v = env[node.name]
+        if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in fixed:
+            maker[node.name] = first.setdefault(v.untyped_storage().data_ptr(), i)
+
     # Bytes crossing a cut before call p, whether every crossing value can be handed over, and
     # whether the cut is clean (every crossing value already saved for backward before it).
     crossing = []
@@ -355,14 +368,23 @@ def segment(
             if isinstance(t, torch.Tensor):
                 size += t.numel() * t.element_size()
                 clean &= any(i < p for i in saver.get(t.untyped_storage().data_ptr(), ()))
-        crossing.append((p, ok, size, clean))
+        # The earliest call that made the storage of a value produced at or after call j.
+        crossing.append((p, ok, size, clean, {position[v]: maker.get(v, p) for v in live}))
     total = sum(times)
     cum = [sum(times[:p]) for p in range(len(calls) + 1)]
     cuts: list[int] = []
     k = max(1, min(segments, len(calls)))
+
+    def joins(c: tuple, start: int) -> bool:
+        # A value crossing the cut that views (or overwrote) a storage an earlier segment made
+        # would keep that segment's storage alive beyond what the model counts for it: a view
+        # goes in its base's segment.
+        return all(m >= start for j, m in c[4].items() if j >= start)
+
     for j in range(1, k):
         target, half = total * j / k, total / (2 * k)
-        valid = [c for c in crossing if c[1] and (not cuts or c[0] > cuts[-1])]
+        start = cuts[-1] if cuts else 0
+        valid = [c for c in crossing if c[1] and c[0] > start and joins(c, start)]
         window = [c for c in valid if abs(cum[c[0]] - target) <= half]
         clean = [c for c in valid if c[3] and abs(cum[c[0]] - target) <= 2 * half]
         if clean:  # the clean cut nearest the target share of the work
@@ -428,6 +450,22 @@ def measure(
         for name, p in seg.inputs.items():
             if p >= 0 and isinstance(env[name], torch.Tensor) and env[name].requires_grad:
                 consumers[p].add(seg.index)
+    # The segment that made each storage: a view (a reshape, a transpose, an unbind) crossing
+    # into a later segment keeps its base alive, which the base's maker holds and the model counts.
+    made: dict[int, int] = {}
+    for seg in segs:
+        for o in seg.outputs:
+            if isinstance(env[o], torch.Tensor):
+                ptr = env[o].untyped_storage().data_ptr()
+                if ptr not in params:
+                    made.setdefault(ptr, seg.index)
+    for seg in segs:
+        seg.bases = {
+            n: made[ptr]
+            for n, p in seg.inputs.items()
+            if p >= 0 and isinstance(env[n], torch.Tensor)
+            and made.get(ptr := env[n].untyped_storage().data_ptr(), p) != p
+        }  # fmt: skip
     fwd: list[Node] = []
     bwd: dict[int, Node] = {}
     for seg in segs:
@@ -518,7 +556,7 @@ def measure(
             peak, _, _ = allocation_peak(backward, setup=forward_and_grads)
             w_b = max(0, peak - grad_bytes)
         state.clear()
-        deps = tuple(sorted({p for p in seg.inputs.values() if p >= 0}))
+        deps = tuple(sorted({p for p in seg.inputs.values() if p >= 0} | set(seg.bases.values())))
         fwd.append(
             Node(f"F{seg.index}", seg.index, "F", deps, t_f, kept + internal, w_f, out_bytes)
         )
@@ -534,6 +572,7 @@ def measure(
         seg = segs[s]
         deps = {index_f[s]} | {index_b[c] for c in consumers[s]}
         deps |= {index_f[seg.inputs[n]] for n in seg.saves_input if seg.inputs[n] >= 0}
+        deps |= {index_f[seg.bases[n]] for n in seg.saves_input if n in seg.bases}
         b = bwd[s]
         nodes.append(Node(b.name, s, "B", tuple(sorted(deps)), b.cost, b.memory, b.transient))
     return TrainGraph(tuple(nodes))
