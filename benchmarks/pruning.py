@@ -5,7 +5,9 @@ Torch-Pruning (DepGraph) on the zoo's BN ResNets, and LEAP against magnitude pru
     python benchmarks/pruning.py structured [--models digits_resnet_deep,mnist1d_resnet]
         [--dense-epochs 40] [--finetune 20] [--seed 0] [--threads 1] [--json FILE]
     python benchmarks/pruning.py leap [--ratios 0.5,0.7,0.9] [--finetune 10] [--json FILE]
-    python benchmarks/pruning.py joint [--models digits_resnet_deep] [--budgets 0.3,0.4,0.5]
+    python benchmarks/pruning.py joint [--models digits_resnet_deep] [--budgets 0.3,0.4]
+        [--latency-budgets 0.25,0.5] [--omega hessian|measured] [--finetune 20]
+    python benchmarks/pruning.py joint-zeros [--budgets 0.3,0.4,0.5]   (magnitude zeros, no FT)
     python benchmarks/pruning.py large [--model mnist1d_resnet] [--widths 8,16,32]
 
 Every variant is pruned from the same trained dense net to at most 50% of its MACs (squeezer's
@@ -60,6 +62,15 @@ def _dense(name: str, data, epochs: int, seed: int, cache: Path, width: int | No
     cache.mkdir(parents=True, exist_ok=True)
     save_weights(model, path)
     return model.eval()
+
+
+def _data_and_dense(name: str, args: argparse.Namespace):
+    """The data set of a zoo net and the net trained on it (cached)."""
+    from squeezer.data import load_data
+
+    data = load_data(DATA_OF[name], seed=args.seed)
+    torch.manual_seed(args.seed)
+    return data, _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
 
 
 def _recover(model: nn.Module, teacher: nn.Module, data, args) -> tuple[nn.Module, float]:
@@ -274,11 +285,171 @@ def bench_large(args: argparse.Namespace) -> dict:
     return {"widths": widths, "unit_bytes": unit, "dense_epochs": args.dense_epochs, "rows": rows}
 
 
+def _joint_setup(name: str, dense: nn.Module, data, args) -> tuple:
+    """The structured joint table of ``dense``: channel groups at ``--ratios``, bits ``--bits``,
+    Ω (``--omega``), sizes, and the per-layer ONNX Runtime latency table at batch 32."""
+    from squeezer.layer_timing import exported_latency
+    from squeezer.prune import PruneSpec
+    from squeezer.prune import joint as jp
+    from squeezer.prune.structured import hessian_traces
+    from squeezer.quant.apply import quantize
+    from squeezer.templates import uniform_plan
+
+    bits = tuple(int(b) for b in args.bits.split(","))
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    spec = PruneSpec("structured", 0.0, seed=args.seed)
+    template = next(iter(uniform_plan(dense, max(bits), act_bits=8).layers.values()))
+    t = time.perf_counter()
+    traces = hessian_traces(dense, data, spec)
+    space = jp.joint_space(dense, data.example(2), ratios=ratios, traces=traces)
+    if args.omega == "hessian":
+        omega = jp.omega_hessian(space, traces, bits, template)
+    else:
+        omega = jp.omega_measured(space, data, bits, template, seed=args.seed)
+    t_omega = time.perf_counter() - t
+    example = data.example(32)
+    t = time.perf_counter()
+    latency = jp.latency_rows(space, example, bits, threads=args.threads, runs=args.runs)
+    int8 = quantize(dense, uniform_plan(dense, 8, act_bits=8),
+                    calib=data.calibration_batches(seed=args.seed))  # fmt: skip
+    whole = exported_latency(int8, example, threads=args.threads, runs=args.runs)
+    table = jp.joint_table(space, omega, bits, template, latency=latency, whole_latency_ms=whole,
+                           meta={"omega": args.omega})  # fmt: skip
+    info = {"int8_model": int8, "omega_s": t_omega, "latency_table_s": time.perf_counter() - t,
+            "int8_dense_ms": whole, "groups": {g: list(r) for g, r in table.groups.items()}}  # fmt: skip
+    return space, table, template, info
+
+
+def _extreme(table, key: str, top: bool) -> float:
+    """The cost ``key`` with every group at its largest ratio (top) or none, at 8 bits."""
+    groups = {g: (max(r) if top else 0.0) for g, r in table.groups.items()}
+    layers = {}
+    for k, (og, ig) in table.layers.items():
+        layers[k] = (8, groups.get(og, 0.0) if og else 0.0, groups.get(ig, 0.0) if ig else 0.0)
+    return table.total(key, groups, layers)
+
+
 def bench_joint(args: argparse.Namespace) -> dict:
+    """Bits and structured sparsity under one budget (:func:`squeezer.plan_joint.plan_structured`):
+    joint against bits only (no channel removed) and prune only (8 bits), each plan pruned for real,
+    fine-tuned ``--finetune`` epochs with distillation from the dense net (as the structured rows;
+    plans that remove nothing are not fine-tuned), then quantized (8-bit activations, min-max
+    per-channel weights, calibration on 512 training samples), evaluated and exported to ONNX
+    Runtime, timed at batch 32. Size budgets are fractions of the all-8-bit size; latency budgets
+    are points between the prune-only floor and the int8 dense model's measured latency."""
+    from squeezer.errors import InfeasibleBudgetError
+    from squeezer.plan_joint import plan_structured
+
+    modes = {"joint": None, "bits only": lambda c: c[1] == 0 and c[2] == 0,
+             "prune only (8 bit)": lambda c: c[0] == 8}  # fmt: skip
+    rows = []
+    for name in args.models.split(","):
+        data, dense = _data_and_dense(name, args)
+        acc = _accuracy(dense, data)
+        space, table, template, info = _joint_setup(name, dense, data, args)
+        models: dict[str, nn.Module] = {"int8 dense": info.pop("int8_model")}
+        int8_bytes = _extreme(table, "size_bytes", False)
+        lo, hi = _extreme(table, "latency_ms", True), info["int8_dense_ms"]
+        budgets = [("size", f, {"size_bytes": f * int8_bytes}) for f in _floats(args.budgets)]
+        budgets += [("latency", f, {"latency_ms": lo + f * (hi - lo)})
+                    for f in _floats(args.latency_budgets)]  # fmt: skip
+        budgets += [("size+latency", f, {"size_bytes": args.combined_size * int8_bytes,
+                                          "latency_ms": lo + f * (hi - lo)})
+                    for f in _floats(args.combined_latency)]  # fmt: skip
+        print(json.dumps({"model": name, "dense": acc, "int8_bytes": int8_bytes,
+                          "latency_floor_ms": lo, **info}), flush=True)  # fmt: skip
+        done: dict[str, dict] = {}
+        example = data.example(32)
+        for kind, frac, limits in budgets:
+            for mode, allowed in modes.items():
+                row = {"model": name, "dense": acc, "budget": kind, "frac": frac,
+                       "limits": limits, "mode": mode}  # fmt: skip
+                try:
+                    ch = plan_structured(table, limits, allowed=allowed)
+                except InfeasibleBudgetError as e:
+                    row["infeasible"] = str(e)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    continue
+                key = json.dumps([ch.groups, ch.bits()], sort_keys=True)
+                if key not in done:
+                    done[key] = _joint_variant(dense, data, space, ch, template, args, example)
+                    models[key] = done[key].pop("qmodel")
+                n = {k: m.weight.numel() for k, m in quantizable(dense).items()}
+                row.update(done[key], omega=ch.omega, predicted=dict(ch.achieved),
+                           avg_bits=sum(n[k] * b for k, b in ch.bits().items()) / sum(n.values()),
+                           groups=ch.groups)  # fmt: skip
+                print(json.dumps({k: v for k, v in row.items() if k != "groups"}), flush=True)
+                rows.append({**row, "variant": key})
+        times = _round_robin(models, example, args)
+        for row in rows:
+            if row.get("model") == name and "variant" in row:
+                row["ort_b32_ms"] = times[row["variant"]]
+                row["int8_dense_b32_ms"] = times["int8 dense"]
+                print(json.dumps({"mode": row["mode"], "budget": row["budget"], "frac": row["frac"],
+                                  "ort_b32_ms": row["ort_b32_ms"],
+                                  "int8_dense_b32_ms": times["int8 dense"]}), flush=True)  # fmt: skip
+    return {"bits": args.bits, "ratios": args.ratios, "omega": args.omega, "seed": args.seed,
+            "dense_epochs": args.dense_epochs, "finetune_epochs": args.finetune, "rows": rows}  # fmt: skip
+
+
+def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+    from squeezer.graph import quantizable_layers
+
+    return quantizable_layers(model)
+
+
+def _joint_variant(dense, data, space, ch, template, args, example) -> dict:
+    """Prune by the choice, fine-tune (if anything was removed), quantize, evaluate, time."""
+    from squeezer.measure import model_bytes
+    from squeezer.prune import PruneSpec
+    from squeezer.prune import joint as jp
+    from squeezer.quant.apply import quantize
+
+    t = time.perf_counter()
+    p = jp.apply_choice(dense, space, ch, PruneSpec("structured", 0.0, seed=args.seed))
+    model, secs = p.model, 0.0
+    pruned_acc = _accuracy(model, data)
+    if any(ch.groups.values()):
+        model, secs = _recover(model, dense, data, args)
+    plan = jp.bits_plan(model, ch, template)
+    q = quantize(model, plan, calib=data.calibration_batches(seed=args.seed))
+    out = {"accuracy": _accuracy(q, data), "float_pruned": pruned_acc,
+           "float_finetuned": _accuracy(model, data), "size_bytes": model_bytes(model, plan),
+           "macs_ratio": _macs(model, example) / _macs(dense, example),
+           "finetune_s": secs, "variant_s": time.perf_counter() - t, "qmodel": q}  # fmt: skip
+    return out
+
+
+def _round_robin(models: dict[str, nn.Module], example, args) -> dict[str, float]:
+    """Median ms at batch 32 of every quantized variant exported as ``squeezer export`` does,
+    timed round-robin in one run (ONNX Runtime, ``--threads``)."""
+    import tempfile
+    import warnings
+
+    from squeezer.export import export_onnx, latency_table, ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for i, (key, q) in enumerate(models.items()):
+            path = Path(tmp) / f"v{i}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_onnx(copy.deepcopy(q).eval(), path, example, verify=False,
+                            threads=args.threads)  # fmt: skip
+            sessions[key] = ort_session(path, threads=args.threads)
+        table = latency_table(sessions, {32: example}, threads=args.threads, runs=args.runs)
+    return {k: v["median_ms"] for k, v in table["batch_32"].items()}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(f) for f in text.split(",") if f]
+
+
+def bench_joint_zeros(args: argparse.Namespace) -> dict:
     """Bits and sparsity under one size budget: the joint (bits, prune ratio) ILP against the
     same ILP restricted to ratio 0 (bits only) and to 8 bits (prune only), at budgets given as
     fractions of the all-8-bit size; no fine-tuning in any row (post-training, same calibration)."""
-    from squeezer.data import load_data
 
     bits = tuple(int(b) for b in args.bits.split(","))
     ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -287,9 +458,7 @@ def bench_joint(args: argparse.Namespace) -> dict:
              "prune only (8 bit)": lambda c: c[0] == 8}  # fmt: skip
     rows = []
     for name in args.models.split(","):
-        data = load_data(DATA_OF[name], seed=args.seed)
-        torch.manual_seed(args.seed)
-        dense = _dense(name, data, args.dense_epochs, args.seed, Path(args.cache))
+        data, dense = _data_and_dense(name, args)
         caps = _int8_bytes(dense, bits, ratios)
         rows += _joint_rows(name, dense, data, [f * caps for f in budgets], bits, ratios, modes,
                             args.seed, {"budget_frac_of_int8": budgets})  # fmt: skip
@@ -312,9 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     jo = sub.add_parser("joint")
     jo.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
     jo.add_argument("--bits", default="2,3,4,8")
-    jo.add_argument("--ratios", default="0,0.25,0.5,0.75")
-    jo.add_argument("--budgets", default="0.3,0.4,0.5", help="size limits, x all-8-bit size")
+    jo.add_argument("--ratios", default="0,0.25,0.5", help="candidate ratios per channel group")
+    jo.add_argument("--omega", choices=("hessian", "measured"), default="hessian")
+    jo.add_argument("--budgets", default="0.3,0.4", help="size limits, x all-8-bit size")
+    jo.add_argument("--latency-budgets", default="0.25,0.5",
+                    help="latency limits: floor + f x (int8 dense - floor)")  # fmt: skip
+    jo.add_argument("--combined-size", type=float, default=0.4)
+    jo.add_argument("--combined-latency", default="0.5", help="with --combined-size")
     jo.add_argument("--dense-epochs", type=int, default=40)
+    jz = sub.add_parser("joint-zeros", help="the unstructured (magnitude zeros) joint ILP")
+    jz.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
+    jz.add_argument("--bits", default="2,3,4,8")
+    jz.add_argument("--ratios", default="0,0.25,0.5,0.75")
+    jz.add_argument("--budgets", default="0.3,0.4,0.5", help="size limits, x all-8-bit size")
+    jz.add_argument("--dense-epochs", type=int, default=40)
     la = sub.add_parser("large")
     la.add_argument("--model", default="mnist1d_resnet")
     la.add_argument("--widths", default="8,16,32")
@@ -322,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--ratios", default="0,0.25,0.5,0.75,0.9")
     la.add_argument("--budgets", default="0.25,0.5,1", help="x the narrowest net's 8-bit size")
     la.add_argument("--dense-epochs", type=int, default=15)
-    for p in (s, le, jo, la):
+    for p in (s, le, jo, jz, la):
         p.add_argument("--finetune", type=int, default=20, help="fine-tuning epochs (KD)")
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--seed", type=int, default=0)
@@ -335,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     benches = {"structured": bench_structured, "leap": bench_leap, "joint": bench_joint,
-               "large": bench_large}  # fmt: skip
+               "joint-zeros": bench_joint_zeros, "large": bench_large}  # fmt: skip
     out = benches[args.what](args)
     if args.json:
         from squeezer.atomic import write_json

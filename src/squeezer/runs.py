@@ -45,14 +45,19 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
     model, data = load_inputs(spec)
     with Stage(out) as stage:
         pruned = _prune(model, data, spec, progress)
-        result = compress(
-            model if pruned is None else pruned.model, data, spec.budget,
-            method=spec.method or "hessian", calib=spec.calib,
-            act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
-            hessian_batch_size=spec.hessian_batch_size, hessian_probes=spec.hessian_probes,
-            progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
-            latency=_latency(spec), bias_correction=spec.bias_correction,
-        )  # fmt: skip
+        if pruned is not None and pruned.plan is not None:  # the joint plan chose the bits too
+            result = apply_plan(pruned.model, data, pruned.plan, calib=spec.calib,
+                                act_bits=spec.act_bits, seed=spec.seed,
+                                bias_correction=spec.bias_correction)  # fmt: skip
+        else:
+            result = compress(
+                model if pruned is None else pruned.model, data, spec.budget,
+                method=spec.method or "hessian", calib=spec.calib,
+                act_bits=spec.act_bits, hessian_samples=spec.hessian_samples, seed=spec.seed,
+                hessian_batch_size=spec.hessian_batch_size, hessian_probes=spec.hessian_probes,
+                progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
+                latency=_latency(spec), bias_correction=spec.bias_correction,
+            )  # fmt: skip
         spec = replace(spec, bias_correction=result.extras["bias_correction"]["enabled"])
         if pruned:
             from .prune.stage import write_stage
@@ -71,7 +76,9 @@ def _prune(model, data, spec: RunSpec, progress: bool):
     from .prune.stage import prune_stage
 
     return prune_stage(model, data, PruneSpec.from_dict(spec.prune), seed=spec.seed,
-                       finetune_epochs=spec.prune_finetune, progress=progress)  # fmt: skip
+                       finetune_epochs=spec.prune_finetune, progress=progress,
+                       budget=spec.budget, act_bits=spec.act_bits,
+                       threads=torch.get_num_threads())  # fmt: skip
 
 
 def replan_run(

@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("stream", "data", "quant", "measure", "hvp", "estimators", "encoders", "text", "models", "hf",
      "zoo", "images", "evaluation",
      "ties"),  # fmt: skip
-    ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "templates",
+    ("spectrum", "measured", "sensitivity", "zeroshot", "costs", "layer_timing", "plan", "plan_joint",
+     "templates",
      "qbert", "integer", "export", "calibration", "train", "prune"),  # fmt: skip
     ("pipeline",),
     ("report", "runfolder", "deploy", "runs"),

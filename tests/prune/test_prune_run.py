@@ -13,15 +13,6 @@ from squeezer.data import evaluate
 from squeezer.runfolder import load_compressed
 
 
-@pytest.fixture
-def weights(tmp_path, trained_digits_cnn):
-    from squeezer.models import save_weights
-
-    w = tmp_path / "w.safetensors"
-    save_weights(trained_digits_cnn[0], w)
-    return w
-
-
 def _compress(out, weights, *extra):
     return main(["compress", "zoo:digits_cnn", "--weights", str(weights), "--data", "digits",
                  "--out", str(out), "--quiet", *extra])  # fmt: skip

@@ -20,8 +20,16 @@ def prune_args(p: argparse.ArgumentParser) -> None:
                    "encoders), tokens (learned token pruning of encoders, PyTorch only), "
                    "unstructured (magnitude zeros), nm (N:M zeros), leap (learned "
                    "thresholds); zeros give no speed-up on dense runtimes")  # fmt: skip
-    g.add_argument("--prune-ratio", type=float, default=0.5, metavar="R",
-                   help="fraction removed of the --prune-target (default 0.5)")  # fmt: skip
+    g.add_argument("--prune-ratio", default="0.5", metavar="R",
+                   help="fraction removed of the --prune-target (default 0.5), or auto with "
+                   "--prune structured: one plan picks each channel group's ratio "
+                   "(--prune-ratios) and each layer's bits under --budget size=...,latency=...")  # fmt: skip
+    g.add_argument("--prune-ratios", default="0,0.25,0.5", metavar="R,R,...",
+                   help="candidate ratios per channel group for --prune-ratio auto "
+                   "(default 0,0.25,0.5)")  # fmt: skip
+    g.add_argument("--prune-omega", choices=("hessian", "measured"), default="hessian",
+                   help="the loss estimate of --prune-ratio auto: 1/2 Tr(H)/n |dW|^2 (default) "
+                   "or the loss increase measured per layer and choice")  # fmt: skip
     g.add_argument("--prune-target", choices=("macs", "params", "weights"), default=None,
                    help="what the ratio is a fraction of (default: macs for structured and "
                    "heads, weights for zeroing methods)")  # fmt: skip
@@ -64,6 +72,33 @@ def prune_of(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--prune-nm takes N:M such as 2:4, got {args.prune_nm!r}") from None
     macs_first = ("structured", "heads", "tokens")
     target = args.prune_target or ("macs" if args.prune in macs_first else "weights")
-    spec = PruneSpec(args.prune, args.prune_ratio, target=target, importance=args.prune_importance,
-                     scope=args.prune_scope, n=n, m=m, seed=args.seed)  # fmt: skip
+    ratio, options = _ratio(args)
+    spec = PruneSpec(args.prune, ratio, target=target, importance=args.prune_importance,
+                     scope=args.prune_scope, n=n, m=m, seed=args.seed, options=options)  # fmt: skip
     return {"prune": spec.to_dict(), "prune_finetune": args.prune_finetune}
+
+
+def _ratio(args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+    """The ratio and options of ``--prune-ratio`` (a number, or ``auto``: the joint plan)."""
+    if args.prune_ratio != "auto":
+        try:
+            return float(args.prune_ratio), {}
+        except ValueError:
+            raise ConfigError(
+                f"--prune-ratio takes a number in [0, 1) or auto, got {args.prune_ratio!r}"
+            ) from None
+    if args.prune != "structured":
+        raise ConfigError(
+            f"--prune-ratio auto plans structured channel ratios only, not --prune {args.prune}; "
+            "use --prune structured, or a number such as --prune-ratio 0.5"
+        )
+    if getattr(args, "method", None) == "uniform":
+        raise ConfigError("--prune-ratio auto plans bits per layer; drop --method uniform")
+    try:
+        ratios = [float(r) for r in args.prune_ratios.split(",")]
+    except ValueError:
+        raise ConfigError(f"--prune-ratios takes numbers such as 0,0.25,0.5, got "
+                          f"{args.prune_ratios!r}") from None  # fmt: skip
+    if 0.0 not in ratios or any(not 0 <= r < 1 for r in ratios):
+        raise ConfigError(f"--prune-ratios must lie in [0, 1) and include 0, got {args.prune_ratios}")
+    return 0.0, {"auto": True, "ratios": ratios, "omega": args.prune_omega}

@@ -282,6 +282,12 @@ def _traces(model: nn.Module, data: Dataset | None, spec: PruneSpec) -> dict[str
         return None
     if data is None:
         raise ConfigError("Hessian importance (importance='hessian') needs data")
+    return hessian_traces(model, data, spec)
+
+
+def hessian_traces(model: nn.Module, data: Dataset, spec: PruneSpec) -> dict[str, float]:
+    """Per-layer Hessian traces Tr(H_l) (Hutchinson; ``options`` ``hessian_samples``,
+    ``hessian_probes``; seeded by ``spec.seed``)."""
     from ..spectrum import analyze_dataset
 
     samples = int(spec.options.get("hessian_samples", 512))
@@ -291,6 +297,20 @@ def _traces(model: nn.Module, data: Dataset | None, spec: PruneSpec) -> dict[str
         min_probes=min(10, probes), seed=spec.seed,
     )  # fmt: skip
     return dict(spec_.layer_trace)
+
+
+def traced_graph(
+    model: nn.Module, example: Any, skip: tuple[str, ...] = ()
+) -> tuple[nn.Module, DependencyGraph]:
+    """An eval-mode copy of ``model`` and its dependency graph on ``example``, the channels of
+    the layers in ``skip`` pinned."""
+    work = copy_model(model).eval()
+    graph = build(work, example)
+    for e, uses in graph.channels().items():
+        if any(u.fqn in set(skip) for u in uses):
+            graph.pinned.add(e)
+    graph._groups = {}
+    return work, graph
 
 
 def prune_structured(model: nn.Module, spec: PruneSpec, data: Dataset | None = None) -> Pruned:
@@ -306,13 +326,7 @@ def prune_structured(model: nn.Module, spec: PruneSpec, data: Dataset | None = N
     if spec.target == "weights":
         raise ConfigError("structured pruning targets macs or params, not weights")
     example = _example(model, data, spec)
-    work = copy_model(model).eval()
-    graph = build(work, example)
-    skip = set(spec.skip)
-    for e, uses in graph.channels().items():
-        if any(u.fqn in skip for u in uses):
-            graph.pinned.add(e)
-    graph._groups = {}
+    work, graph = traced_graph(model, example, spec.skip)
     scores = channel_scores(graph, spec.importance, _traces(model, data, spec))
     counter = _Counter(work, graph, example)
     removed = select(graph, counter, scores, spec)

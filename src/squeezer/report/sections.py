@@ -237,8 +237,12 @@ def _pruning(run: Run) -> tuple[str, str] | None:
     if not rec:
         return None
     spec, st = rec.get("spec", {}), rec.get("stats", {})
+    joint = rec.get("joint") or {}
+    asked = (f"joint plan: a ratio per channel group of {spec.get('options', {}).get('ratios')} "
+             f"and bits per layer under {joint.get('limits')}" if joint
+             else f"remove {spec.get('ratio')} of the {spec.get('target')}")  # fmt: skip
     rows = [["method", f"{spec.get('method')} ({spec.get('importance')}, {spec.get('scope')})"],
-            ["asked", f"remove {spec.get('ratio')} of the {spec.get('target')}"]]  # fmt: skip
+            ["asked", asked]]  # fmt: skip
     for key in ("macs", "params", "weights"):
         if st.get(f"{key}_before") is not None:
             rows.append([key, f"{fmt_num(st[f'{key}_before'])} → {fmt_num(st[f'{key}_after'])}"])
@@ -258,10 +262,13 @@ def _pruning(run: Run) -> tuple[str, str] | None:
                      f"{a:.4g} ms → {b:.4g} ms ({a / b:.2f}×)"])  # fmt: skip
     md, body = table(["", ""], rows)
     arch = rec.get("architecture") or {}
-    layers = [[k, f"{100 * r:.1f}%", json.dumps(arch.get(k, {}))]
+    bits = {k: c["bits"] for k, c in (joint.get("layers") or {}).items()}
+    layers = [[k, f"{100 * r:.1f}%", *([str(bits.get(k, ""))] if bits else []),
+               json.dumps(arch.get(k, {}))]
               for k, r in (rec.get("ratios") or {}).items()]  # fmt: skip
     if layers:
-        m2, b2 = table(["layer", "weights removed", "new shape (changed arguments)"], layers)
+        head = ["layer", "weights removed", *(["bits"] if bits else []), "new shape (changed arguments)"]
+        m2, b2 = table(head, layers)
         md, body = md + "\n" + m2, body + b2
     return md, body
 
