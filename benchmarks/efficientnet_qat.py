@@ -117,9 +117,8 @@ def ptq(args) -> dict:
 
 
 def keep(args) -> dict:
-    """W8A8 + bias correction (BatchNorm folded) with the ``--float`` layers' weights in float:
-    their input still quantized to 8 bits (simulation), or the whole layer in float (a plan
-    that leaves it out: what an export deploys)."""
+    """W8A8 + bias correction (BatchNorm folded), and the same with the ``--float`` layers left
+    out of the plan (weights and inputs in float, as an export deploys them)."""
     _, folded, _, x_test, ref, calib = setup(args)
     full = w8a8(folded)
     rows = {
@@ -129,11 +128,6 @@ def keep(args) -> dict:
     }
     log(f"all W8A8: {rows['all W8A8']}")
     names = ", ".join(args.float)
-    q = quantize(folded, full, calib=calib, bias_correction=True)
-    for fqn, m in q.named_modules():
-        if fqn in args.float:
-            m.weight_quantizer.enabled = False
-    rows[f"weights of {names} in float, their inputs A8"] = score(ref, predictions(q, x_test, 32))
     part = Plan({k: v for k, v in full.layers.items() if k not in args.float}, meta=full.meta)
     q = quantize(folded, part, calib=calib, bias_correction=True)
     rows[f"{names} in float"] = score(ref, predictions(q, x_test, 32))
