@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from squeezer.config import LayerQuant, Plan
+from squeezer.config import Budget, LayerQuant, Plan
+from squeezer.costs import plan_costs
 from squeezer.errors import ConfigError
+from squeezer.plan import plan
 from squeezer.quant.apply import quantize
 from squeezer.quant.primitives import fake_quantize, observe, quantize_weight
 from squeezer.sensitivity import (
@@ -75,7 +77,7 @@ def test_trace_omega_is_the_hawq_v2_formula():
     assert s.params == {"0": 128, "2": 64} and s.method == "trace"
 
 
-def test_eigen_omega_uses_top_eigenvalue_and_clamps_negative():
+def test_eigen_omega_uses_top_eigenvalue_and_floors_negative():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     spec = SimpleNamespace(layer_top_eigenvalue={"0": 2.0, "2": -1.0})
@@ -83,7 +85,27 @@ def test_eigen_omega_uses_top_eigenvalue_and_clamps_negative():
     w = net[0].weight.detach()
     wq, _ = quantize_weight(w, 4)
     assert s.omega["0"][4] == pytest.approx(0.5 * 2.0 * float((wq - w).pow(2).sum()), rel=1e-6)
-    assert s.omega["2"][4] == 0.0 and s.meta["negative_curvature"] == ["2"]
+    w2 = net[2].weight.detach()
+    wq2, _ = quantize_weight(w2, 4)
+    # a negative top eigenvalue is no evidence of insensitivity: the least positive other one
+    assert s.omega["2"][4] == pytest.approx(0.5 * 2.0 * float((wq2 - w2).pow(2).sum()), rel=1e-6)
+    assert s.meta["negative_curvature"] == ["2"]
+
+
+def test_a_negative_trace_estimate_does_not_send_its_layer_to_the_fewest_bits():
+    """A noisy negative trace (-0.85 +- 12 was seen on EfficientNet-Lite0) used to give Ω = 0 at
+    every width, and the integer program then chose 2 bits for it under bits=8."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    spec = SimpleNamespace(layer_trace={"0": 3.0, "2": -0.85}, layer_params={"0": 128, "2": 64},
+                           layer_trace_stderr={"0": 0.1, "2": 12.0})  # fmt: skip
+    s = sensitivity(net, spec, bits=(2, 4, 8))
+    w = net[2].weight.detach()
+    wq, _ = quantize_weight(w, 2, granularity="channel")
+    assert s.omega["2"][2] == pytest.approx(0.5 * 12.0 / 64 * float((wq - w).pow(2).sum()), rel=1e-6)
+    assert s.omega["2"][2] > s.omega["2"][4] > s.omega["2"][8] > 0
+    chosen = plan(s, Budget(bits=8), costs=plan_costs(net, bits=(2, 4, 8))).bits()
+    assert chosen == {"0": 8, "2": 8}
 
 
 def _ranks(v: list[float]) -> torch.Tensor:

@@ -393,7 +393,7 @@ def sensitivity(
         }
     attr = {"trace": "layer_trace", "eigen": "layer_top_eigenvalue"}.get(method)
     if attr is not None:
-        # Clamped to zero curvature in Ω: a noisy trace estimate or a saddle direction.
+        # Floored in Ω (see _floored): a noisy trace estimate or a saddle direction.
         table = getattr(spectrum, attr, None) or {}
         meta["negative_curvature"] = [k for k in chosen if float(table.get(k, 0.0)) < 0]
     return Sensitivity(
@@ -428,26 +428,38 @@ def _spectrum_value(req: SensitivityRequest, attr: str, fqn: str, method: str) -
     return float(table[fqn])
 
 
+def _floored(curvature: dict[str, float]) -> dict[str, float]:
+    """Non-positive curvatures (per parameter) replaced by the least positive one of the others.
+
+    A zero Ω at every width would leave the integer program indifferent, and it then gives the
+    layer the fewest bits; a noisy or saddle estimate is no evidence the layer is insensitive."""
+    positive = [v for v in curvature.values() if v > 0]
+    floor = min(positive) if positive else 1e-12
+    return {k: v if v > 0 else floor for k, v in curvature.items()}
+
+
 @register_sensitivity("trace")
 def _trace(req: SensitivityRequest) -> dict[str, dict[int, float]]:
-    """HAWQ-V2: ½ Tr(H_i)/n_i · ‖Q_b(W_i) − W_i‖²; a negative trace estimate is clamped to 0."""
-    out = {}
+    """HAWQ-V2: ½ Tr(H_i)/n_i · ‖Q_b(W_i) − W_i‖². A non-positive trace estimate is replaced by
+    its standard error where the spectrum has one, else by the least positive Tr/n of the others."""
+    stderr = getattr(req.spectrum, "layer_trace_stderr", None) or {}
+    params = getattr(req.spectrum, "layer_params", None) or {}
+    avg = {}
     for fqn, m in req.layers.items():
         tr = _spectrum_value(req, "layer_trace", fqn, "trace")
-        n = int((getattr(req.spectrum, "layer_params", None) or {}).get(fqn, m.weight.numel()))
-        avg = max(tr, 0.0) / n
-        out[fqn] = {b: 0.5 * avg * req.perturbation(fqn, b) for b in req.bits}
-    return out
+        if tr <= 0:
+            tr = float(stderr.get(fqn, 0.0))
+        avg[fqn] = tr / int(params.get(fqn, m.weight.numel()))
+    avg = _floored(avg)
+    return {f: {b: 0.5 * avg[f] * req.perturbation(f, b) for b in req.bits} for f in req.layers}
 
 
 @register_sensitivity("eigen")
 def _eigen(req: SensitivityRequest) -> dict[str, dict[int, float]]:
-    """HAWQ-V1: ½ λ_max(H_i) · ‖Q_b(W_i) − W_i‖²; a negative top eigenvalue is clamped to 0."""
-    out = {}
-    for fqn in req.layers:
-        lam = _spectrum_value(req, "layer_top_eigenvalue", fqn, "eigen")
-        out[fqn] = {b: 0.5 * max(lam, 0.0) * req.perturbation(fqn, b) for b in req.bits}
-    return out
+    """HAWQ-V1: ½ λ_max(H_i) · ‖Q_b(W_i) − W_i‖²; a non-positive top eigenvalue is replaced by the
+    least positive one of the others."""
+    lam = _floored({f: _spectrum_value(req, "layer_top_eigenvalue", f, "eigen") for f in req.layers})
+    return {f: {b: 0.5 * lam[f] * req.perturbation(f, b) for b in req.bits} for f in req.layers}
 
 
 @register_sensitivity("measured")
