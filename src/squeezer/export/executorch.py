@@ -53,6 +53,7 @@ from .executorch_qparams import (
     _integer_constants,
     _module_of,
 )
+from .executorch_split import split_wide_channels
 from .layers import _collect_layers, _float_twin, _Layer
 from .onnx import CHECK_FIELDS, _outputs, _verify
 
@@ -217,9 +218,16 @@ def export_executorch(
         for fqn, m in twin.named_modules()
         if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and fqn not in int8
     }
+    # Linears whose int8 output only XNNPACK rounds: their wide channels stay in float
+    lay, st, sc = dict(layers), dict(status), dict(scales)
+    observed = _observed_linears(et, twin, example, lay, st, sc, float_layers)
+    for fqn, n_wide in split_wide_channels(twin, observed, layers, _rows(example, 0, 64)).items():
+        lay[f"{fqn}.q"], st[f"{fqn}.q"], sc[f"{fqn}.q"] = layers[fqn], status[fqn], scales[fqn]
+        int8.add(f"{fqn}.q")
+        float_layers |= {fqn, f"{fqn}.f", f"{fqn}.place"}
+        status[fqn] += f" ({n_wide} wide output channels in float)"
     programs = {
-        b: _program(et, twin, example, b, layers, status, scales, int8, float_layers)
-        for b in batches
+        b: _program(et, twin, example, b, lay, st, sc, int8, float_layers) for b in batches
     }
     data, n_fixed, n_observed, outside = programs[1]
 
@@ -370,11 +378,9 @@ def _flat(x: torch.Tensor | Mapping) -> list[torch.Tensor]:
     return list(x.values()) if isinstance(x, Mapping) else [x]
 
 
-def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
-    """The lowered program for batches of ``b``: ``(bytes, squeezer's quantizers, observed
-    quantizers, ops outside the delegate)``."""
-    xb = _rows(example, 0, b)
-    args, kwargs = _call(xb)
+def _quantizer(et, float_layers):
+    """XNNPACK's quantizer on the lowered layers only (``float_layers``: modules whose ops stay
+    float), integer arithmetic kept integer."""
     quantizer = et["XNNPACKQuantizer"]()
     quantizer.set_global(et["config"](is_per_channel=True)).set_filter_function(
         lambda node: (
@@ -385,6 +391,26 @@ def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
     )
     transform = quantizer.transform_for_annotation
     quantizer.transform_for_annotation = lambda gm: _integer_constants(transform(gm))
+    return quantizer
+
+
+def _observed_linears(et, twin, example, layers, status, scales, float_layers) -> set[str]:
+    """The lowered layers whose output XNNPACK quantizes and no squeezer quantizer reads (from
+    the annotation alone, without calibration)."""
+    try:
+        gm = torch.export.export(twin, *_call(_rows(example, 0, 1))).module()
+        prepared = et["prepare"](gm, _quantizer(et, float_layers))
+    except Exception as exc:  # the torch.export / PT2E stack raises many kinds
+        raise ExportError(f"ExecuTorch lowering failed ({first_line(exc)})") from exc
+    return _fix_qparams(prepared, layers, status, scales)[2]
+
+
+def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
+    """The lowered program for batches of ``b``: ``(bytes, squeezer's quantizers, observed
+    quantizers, ops outside the delegate)``."""
+    xb = _rows(example, 0, b)
+    args, kwargs = _call(xb)
+    quantizer = _quantizer(et, float_layers)
     try:
         gm = torch.export.export(twin, args, kwargs).module()
         prepared = et["prepare"](gm, quantizer)
@@ -392,7 +418,7 @@ def _program(et, twin, example, b, layers, status, scales, int8, float_layers):
             for i in range(0, min(batch_size(example), 64), b):
                 a, k = _call(_rows(example, i, i + b))
                 prepared(*a, **k)
-        n_fixed, n_observed = _fix_qparams(prepared, layers, status, scales)
+        n_fixed, n_observed, _ = _fix_qparams(prepared, layers, status, scales)
         converted = et["convert"](prepared)
         data, outside = _lower(et, converted, xb)
         left = [op for op in outside if any(k in op for k in ("convolution", "linear", "mm"))]

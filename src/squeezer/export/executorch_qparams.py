@@ -74,11 +74,17 @@ def _module_of(node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
-def _fix_qparams(prepared, layers: Mapping[str, _Layer], status, scales) -> tuple[int, int]:
-    """Give the observers of each lowered layer's weight and input squeezer's parameters.
-    Returns (observers with squeezer's parameters, observers left with observed ranges)."""
+def _fix_qparams(
+    prepared, layers: Mapping[str, _Layer], status, scales
+) -> tuple[int, int, set[str]]:
+    """Give the observers of each lowered layer's weight and input squeezer's parameters, and
+    the others (tensors squeezer keeps in float) their whole observed range: XNNPACK's default
+    histogram observer clips, which squeezer never does there (it clipped MiniLM's FFN input
+    to GELU at 5 where it reaches 25). Returns (observers with squeezer's parameters, observers
+    left with observed ranges, the lowered layers whose output has an observed range)."""
     modules = dict(prepared.named_modules())
     fixed: dict[int, tuple] = {}
+    lowered = []
     for node in prepared.graph.nodes:
         if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
             continue
@@ -97,10 +103,35 @@ def _fix_qparams(prepared, layers: Mapping[str, _Layer], status, scales) -> tupl
         a = layer.act
         shift = -128 if a.qmin == 0 else 0  # uint8 codes -> int8 codes, same real values
         _set(fixed, x_obs, fqn, a.scale, a.zero_point + shift, a.qmin + shift, a.qmax + shift)
+        lowered.append((fqn, node))
     observers = {
-        id(m) for m in modules.values() if type(m).__name__.endswith(("Observer", "FakeQuantize"))
+        id(m): m
+        for m in modules.values()
+        if type(m).__name__.endswith(("Observer", "FakeQuantize"))
     }
-    return len(fixed), len(observers - set(fixed))
+    for key, obs in observers.items():
+        if key not in fixed:
+            _whole_range(obs)
+    observed = {
+        fqn
+        for fqn, node in lowered
+        for user in node.users
+        if (m := _observer(prepared, user)) is not None and id(m) not in fixed
+    }
+    return len(fixed), len(set(observers) - set(fixed)), observed
+
+
+def _whole_range(obs) -> None:
+    """Affine int8 parameters covering all an observer saw (and 0), not a clipped range."""
+    lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+    if not isinstance(lo, torch.Tensor) or lo.numel() != 1 or not torch.isfinite(lo + hi):
+        return
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = int(obs.quant_min), int(obs.quant_max)
+    scale = max((hi - lo) / (qmax - qmin), 2**-12)
+    zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    qp = (torch.tensor([scale]), torch.tensor([zp]))
+    obs.calculate_qparams = lambda qp=qp: qp
 
 
 def _observer(modules, node):
