@@ -112,8 +112,10 @@ def joint_space(
     left whole, so each layer's output and input axis belongs to at most one group.
 
     Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
-        ...                     nn.Flatten(), nn.LazyLinear(2))  # doctest: +SKIP
+        >>> net = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> s = joint_space(net, torch.zeros(2, 1, 8, 8))
+        >>> s.layers, s.ratios("0")
+        ({'0': ('0', None), '2': (None, '0')}, (0.0, 0.5))
     """
     if any(not 0 <= r < 1 for r in ratios) or 0.0 not in ratios:
         raise ConfigError(f"joint prune ratios must lie in [0, 1) and include 0, got {list(ratios)}")
