@@ -35,6 +35,8 @@ import torch
 from torch import fx, nn
 
 from ...errors import ConfigError, UnsupportedModelError
+from .memory import allocation_peak as allocation_peak
+from .memory import storage_bytes as storage_bytes
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -134,56 +136,6 @@ class TrainGraph:
 
 
 # ----------------------------------------------------------------------------- memory measurement
-def allocation_peak(
-    fn: Callable[[], Any], setup: Callable[[], Any] | None = None
-) -> tuple[int, int, Any]:
-    """Run ``fn`` under the profiler and return ``(peak, end, result)``: the largest number of
-    bytes of CPU allocations live at once above what was live when ``fn`` started, and the net
-    bytes still allocated when it returned. Every allocation through PyTorch's allocator counts
-    (tensors, autograd buffers, compiled kernels' buffers), whoever made it. ``setup`` runs first,
-    inside the same profile, so that the frees ``fn`` makes of what ``setup`` allocated are seen
-    (the profiler does not report frees of blocks allocated before it started).
-
-    Example:
-        >>> peak, end, _ = allocation_peak(lambda: torch.ones(1024).sum().item())
-        >>> peak >= 4096, end
-        (True, 0)
-    """
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
-    mark = "squeezer::measured"
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        if setup is not None:
-            setup()
-        with record_function(mark):
-            result = fn()
-    events = list(prof.profiler.kineto_results.events())
-    start = min((e.start_ns() for e in events if e.name() == mark), default=0)
-    memory = sorted((e.start_ns(), int(e.nbytes())) for e in events if e.name() == "[memory]")
-    live = peak = 0
-    for t, b in memory:
-        if t >= start:
-            live += b
-            peak = max(peak, live)
-    return peak, live, result
-
-
-def storage_bytes(tensors: Sequence[torch.Tensor], skip: set[int] | None = None) -> int:
-    """Bytes of the distinct storages under ``tensors`` (minus those whose data pointer is in
-    ``skip``)."""
-    seen = set(skip or ())
-    total = 0
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() in seen:
-            continue
-        seen.add(s.data_ptr())
-        total += s.nbytes()
-    return total
-
-
-# ------------------------------------------------------------------------------------- tracing
 class _Step(nn.Module):
     """The traced unit: the model's forward and the loss."""
 
