@@ -54,6 +54,7 @@ def export_run(
     loaded: tuple | None = None,
     pack: bool = True,
     batches: Sequence[int] = (1, 32),
+    weight_codes: str = "auto",
 ):
     """Write ``run_dir``/model.onnx, checked in ONNX Runtime against the simulated model on
     ``samples`` test inputs, and with data run on the whole test split; both go into
@@ -62,7 +63,8 @@ def export_run(
     program's input shape is fixed), checked in the ExecuTorch runtime sample by sample and on a
     batch of each size, and timed at each; recorded under ``executorch`` (the optional extra
     ``squeezer[executorch]``). Returns the report and the
-    updated metrics. ``pack=False`` stores sub-8-bit ONNX weight codes a byte each.
+    updated metrics. ``pack=False`` stores sub-8-bit ONNX weight codes a byte each;
+    ``weight_codes`` is :func:`~squeezer.export.export_onnx`'s (ONNX only).
 
     Example:
         >>> report, metrics = export_run("runs/digits-w8")  # doctest: +SKIP
@@ -91,6 +93,7 @@ def export_run(
         atol=atol,
         threads=threads,
         pack=pack,
+        weight_codes=weight_codes,
     )
     entry = {**report.to_dict(), "path": "model.onnx"}
     if data is not None:

@@ -77,12 +77,16 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for got in ranks:
         assert got["world"] == 2
         assert got["state"].keys() == want.keys()
+        # Round-off only: the all-reduce sums the two slices' gradients in another order, and Adam
+        # scales a coordinate's tiny difference by 1/sqrt(v). Measured up to 1.2e-5 on an AVX2
+        # CPU (6e-6 on a weight of 0.33); a wrong share or a missing average moves weights by
+        # about lr = 1e-3 a step.
         for k, v in want.items():
-            torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=5e-5, msg=k)
         for a, b in zip(got["history"], single.history, strict=True):
             assert a["val_metric"] == pytest.approx(b["val_metric"], abs=1e-9)
             if b["train_loss"] is not None:
-                assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+                assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     # the ranks agree with each other exactly: DDP averages one gradient for both
     for k in want:
         assert torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]), k

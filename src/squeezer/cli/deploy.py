@@ -24,6 +24,14 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
         help="store sub-8-bit weight codes a byte each; by default they are packed at their width "
         "(ONNX Runtime unpacks them at load into the same int8 graph, checked on every export)",
     )
+    p.add_argument(
+        "--weight-codes",
+        choices=["auto", "int8", "uint8"],
+        default="auto",
+        help="form of 8-bit weight codes (ONNX): int8 (zero point 0) or uint8 (codes + 128, "
+        "zero point 128, the same values); auto (default) takes uint8 on x86 CPUs without VNNI, "
+        "where ONNX Runtime's uint8 x int8 kernels saturate, int8 elsewhere",
+    )
     p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
     p.add_argument("--atol", type=float, default=None, help="tolerance of the check")
 
@@ -36,7 +44,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     rep, m = export_run(args.dir, format=args.format, samples=args.samples,
                         requantize=not args.exact, atol=args.atol, threads=args.threads,
-                        pack=not args.no_pack)  # fmt: skip
+                        pack=not args.no_pack, weight_codes=args.weight_codes)  # fmt: skip
     agree = "" if rep.argmax_agreement is None else f", argmax agrees {rep.argmax_agreement:.1%}"
     (file, key), runtime = (
         FORMATS[args.format],
@@ -44,6 +52,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     packed = getattr(rep, "weights_storage", None) == "packed"  # ONNX only
     storage = ", sub-8-bit weight codes packed" if packed else ""
+    if getattr(rep, "weight_codes", "int8") == "uint8":  # ONNX only
+        storage += ", 8-bit weight codes stored as uint8"
     print(f"wrote {args.dir}/{file} (file {fmt_bytes(rep.size_bytes)} = "
           f"{rep.size_bytes / rep.theoretical_bytes:.2f}x theoretical "
           f"{fmt_bytes(rep.theoretical_bytes)}{storage}); {runtime} vs squeezer: max |Δ| "

@@ -1,5 +1,5 @@
 """The last pass of the rewrite (step 6, see :mod:`.rewrite`): :func:`_fuse_integer_matmuls` writes
-a MatMul that reads an 8-bit quantized input and int8 weight codes, with the bias Add after it, as
+a MatMul that reads an 8-bit quantized input and 8-bit weight codes, with the bias Add after it, as
 one ``MatMulIntegerToFloat`` (com.microsoft).
 
 ONNX Runtime fuses the QDQ form into the same kernel but leaves the bias as a separate Add, which
@@ -19,7 +19,7 @@ from .onnx_graph import _attr, _Graph, _producers_consumers
 
 
 def _fuse_integer_matmuls(graph: _Graph, nodes: list) -> list:
-    """``nodes`` with each MatMul that reads an 8-bit quantized activation and int8 weight codes
+    """``nodes`` with each MatMul that reads an 8-bit quantized activation and 8-bit weight codes
     (per tensor or per output column), together with the bias Add that follows it, replaced by
     one ``MatMulIntegerToFloat`` taking the integer tensors and the bias."""
     from onnx import helper
@@ -35,7 +35,7 @@ def _fuse_integer_matmuls(graph: _Graph, nodes: list) -> list:
         if not _reads_integer_tensors(graph, a_dq, b_dq, producers):
             continue
         codes, w_scale = graph.array(b_dq.input[0]), graph.array(b_dq.input[1])
-        if codes.dtype != np.int8 or codes.ndim != 2:
+        if codes.dtype not in (np.int8, np.uint8) or codes.ndim != 2:
             continue
         if w_scale.ndim == 1 and (
             _attr(b_dq, "axis", 1) not in (1, -1) or w_scale.size != codes.shape[1]

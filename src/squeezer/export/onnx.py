@@ -27,7 +27,7 @@ from ..graph import copy_model
 from .common import ATOL, OPSET, CheckedExport, _require_onnx
 from .layers import _collect_layers, _float_twin, _Layer
 from .rewrite import _rewrite
-from .runtime import ort_feeds, ort_session
+from .runtime import ort_feeds, ort_session, resolve_weight_codes, u8s8_saturates
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class ExportReport(CheckedExport):
         storage_note: why the codes are not packed, when they could have been.
         opset: the default-domain opset of the graph.
         threads: ONNX Runtime's intra-op threads during the check.
+        weight_codes: "int8" or "uint8", the form of the 8-bit weight codes of layers with uint8
+            inputs (``export_onnx``'s ``weight_codes``, resolved).
     """
 
     stored_bytes: float
@@ -57,6 +59,7 @@ class ExportReport(CheckedExport):
     storage_note: str | None = None
     opset: int = OPSET
     threads: int = 1
+    weight_codes: str = "int8"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +77,7 @@ def export_onnx(
     accuracy_level: int | None = None,
     threads: int | None = None,
     pack: bool = True,
+    weight_codes: str = "auto",
 ) -> ExportReport:
     """Export a fake-quantized model to a QDQ int8 ONNX file, verified in ONNX Runtime.
 
@@ -108,6 +112,14 @@ def export_onnx(
             size and runs the very graph of the int8 file. Kept only if ONNX Runtime's optimized
             graph of the packed file equals that of the int8 file; ``pack=False`` writes a byte a
             code.
+        weight_codes: how the 8-bit weight codes of layers with uint8 inputs are stored:
+            ``"int8"`` (zero point 0, ONNX Runtime's usual form), ``"uint8"`` (codes + 128, zero
+            point 128: the same values) or ``"auto"`` (default: uint8 on x86 CPUs without VNNI,
+            int8 elsewhere, see :func:`~squeezer.export.runtime.u8s8_saturates`). On x86 without
+            VNNI ONNX Runtime's uint8 × int8 kernels add pairs of products in int16 and saturate
+            (a ResNet's outputs move by several output steps); its uint8 × uint8 kernels do not.
+            The check runs on this CPU, so ``"int8"`` made on a CPU without VNNI fails it when
+            the sums saturate (the file is still what a VNNI target runs exactly).
 
     Returns:
         An :class:`ExportReport`.
@@ -127,6 +139,7 @@ def export_onnx(
     import onnx
 
     threads = threads or torch.get_num_threads()
+    codes_form = resolve_weight_codes(weight_codes)
     qmodel = copy_model(qmodel).eval()
     layers = _collect_layers(qmodel)
     fmodel = _float_twin(qmodel, layers)
@@ -138,6 +151,7 @@ def export_onnx(
         requantize=requantize,
         example=example,
         threads=threads,
+        weight_codes=codes_form,
     )
     lost = [
         f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
@@ -163,11 +177,20 @@ def export_onnx(
             fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
         got, one = _run_two_batches(ort_session(data, threads=threads), example, proto)
         loose = requantize or (accuracy_level or 0) > 1
-        checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
-        # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
-        first = [r[:1] for r in ref], [f[:1] for f in fp32]
-        _verify("ONNX Runtime at batch 1", first[0], one, first[1], atol, loose=loose,
-                max_slack=1.0, step=checks["output_step"])  # fmt: skip
+        try:
+            checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
+            # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
+            first = [r[:1] for r in ref], [f[:1] for f in fp32]
+            _verify("ONNX Runtime at batch 1", first[0], one, first[1], atol, loose=loose,
+                    max_slack=1.0, step=checks["output_step"])  # fmt: skip
+        except ExportError as exc:
+            if codes_form == "int8" and u8s8_saturates():
+                raise ExportError(
+                    f"{exc}. This CPU has no VNNI: ONNX Runtime's uint8 x int8 kernels saturate "
+                    "here; weight_codes='uint8' (--weight-codes uint8) stores the same values "
+                    "without it"
+                ) from exc
+            raise
     write_bytes_atomic(path, data)
     plan = Plan({fqn: layer.spec for fqn, layer in layers.items()})
     return ExportReport(
@@ -182,6 +205,7 @@ def export_onnx(
         storage_note=note,
         opset=OPSET,
         threads=threads,
+        weight_codes=codes_form,
     )
 
 

@@ -52,11 +52,15 @@ def _rewrite(
     requantize: bool = False,
     example: Any = None,
     threads: int = 1,
+    weight_codes: str = "int8",
 ):
     """The QDQ/MatMulNBits ModelProto of the float graph ``proto`` (see the module docstring for
-    the steps). Sets each layer's ``status`` (and ``block``) to how it was written."""
+    the steps). Sets each layer's ``status`` (and ``block``) to how it was written. ``weight_codes``
+    is ``"int8"`` or ``"uint8"`` (see :func:`~.weights._unsigned`)."""
     graph = _Graph(proto)
-    nodes, act_of = _rewrite_weights(graph, layers, accuracy_level=accuracy_level)
+    nodes, act_of = _rewrite_weights(
+        graph, layers, accuracy_level=accuracy_level, weight_codes=weight_codes
+    )
     quantizers = _ActQuantizers(graph)
     calib = None
     if requantize:

@@ -8,6 +8,8 @@ ranges of graph tensors that ``requantize`` calibrates with (:func:`_observe_ran
 from __future__ import annotations
 
 import os
+import platform
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +18,48 @@ import torch
 from torch import nn
 
 from ..data import forward
-from ..errors import ExportError, first_line
+from ..errors import ConfigError, ExportError, first_line
 from .layers import _Act
+
+#: The forms of 8-bit weight codes :func:`~squeezer.export.export_onnx` can write.
+WEIGHT_CODES = ("auto", "int8", "uint8")
+
+
+def u8s8_saturates() -> bool:
+    """True if this CPU is one where ONNX Runtime's uint8 × int8 kernels can saturate: x86 without
+    VNNI (AVX-512 VNNI or AVX-VNNI). There MLAS multiplies with VPMADDUBSW, which adds two
+    products in int16: 255 · 127 · 2 = 64,770 does not fit 32,767. Where it cannot tell (no
+    /proc/cpuinfo on x86), it answers True, the safe side.
+
+    Example:
+        >>> isinstance(u8s8_saturates(), bool)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        info = None
+    return _saturates(platform.machine(), info)
+
+
+def _saturates(machine: str, cpuinfo: str | None) -> bool:
+    """:func:`u8s8_saturates` for a CPU architecture name and the text of its /proc/cpuinfo."""
+    if machine.lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return False
+    return cpuinfo is None or re.search(r"\b(avx512_vnni|avx_vnni)\b", cpuinfo) is None
+
+
+def resolve_weight_codes(weight_codes: str) -> str:
+    """``"int8"`` or ``"uint8"`` for the ``weight_codes`` asked for (``"auto"``: uint8 where
+    :func:`u8s8_saturates`, else int8)."""
+    if weight_codes not in WEIGHT_CODES:
+        raise ConfigError(
+            f"unknown weight_codes {weight_codes!r}; choose one of {', '.join(WEIGHT_CODES)}"
+        )
+    if weight_codes == "auto":
+        return "uint8" if u8s8_saturates() else "int8"
+    return weight_codes
 
 
 def ort_session(

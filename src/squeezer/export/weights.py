@@ -34,10 +34,16 @@ from .onnx_graph import _attr, _Graph, _producers_consumers, _single_consumer
 
 
 def _rewrite_weights(
-    graph: _Graph, layers: Mapping[str, _Layer], *, accuracy_level: int | None
+    graph: _Graph,
+    layers: Mapping[str, _Layer],
+    *,
+    accuracy_level: int | None,
+    weight_codes: str = "int8",
 ) -> tuple[list, dict[int, _Act]]:
     """(the graph's nodes with every matched weight in integer form, {id(node): the activation
-    quantizer of its input 0} for the layers that quantize their input)."""
+    quantizer of its input 0} for the layers that quantize their input). ``weight_codes``
+    ``"uint8"`` stores the 8-bit codes of layers with uint8 inputs shifted by 128 (see
+    :func:`_unsigned`)."""
     index = _WeightIndex(layers)
     nodes = list(graph.g.node)
     producers, consumers = _producers_consumers(nodes)
@@ -65,8 +71,26 @@ def _rewrite_weights(
                     w, bias = folded
                     dropped.add(id(bn))
                     n.output[0] = bn.output[0]
+        if weight_codes == "uint8":
+            w = _unsigned(w, layer)
         new_nodes.extend(_rewrite_node(graph, n, layer, layout, w, bias, act_of, accuracy_level))
     return new_nodes, act_of
+
+
+def _unsigned(w: _WeightCodes, layer: _Layer) -> _WeightCodes:
+    """``w`` as uint8 codes with zero point 128 (same values) when the layer runs as uint8 × int8
+    and its codes are wider than 7 bits; else ``w``. On x86 without VNNI ONNX Runtime adds
+    pairs of uint8 × int8 products in int16, which saturates above ±32,767: 2 · 255 · 64 does not,
+    2 · 255 · 127 does. Its uint8 × uint8 kernel widens to int16 first and is exact."""
+    act = layer.act
+    if act is None or _code_dtype(act.qmin, act.qmax) != np.uint8:
+        return w
+    if _code_dtype(w.qmin, w.qmax) != np.int8 or max(-w.qmin, w.qmax) <= 64:
+        return w
+    if w.scale.shape[1] != 1:  # group-wise codes are dequantized in float ops: no integer kernel
+        return w
+    codes, zero = (a.astype(np.int32) + 128 for a in (w.codes, w.zero_point))
+    return _WeightCodes(codes, w.scale, zero, w.qmin + 128, w.qmax + 128, w.per_tensor)
 
 
 def _fold_batchnorm(
@@ -113,7 +137,7 @@ def _rewrite_node(
         nb = _matmul_nbits(graph, n, layer, w, bias, accuracy_level)
         if nb is not None:
             return nb
-    dtype = _code_dtype(layer.qmin, layer.qmax)
+    dtype = _code_dtype(w.qmin, w.qmax)
     base = f"{layer.fqn}.w"
     wscale = ""
     if dtype is None:  # codes wider than 8 bits: keep the dequantized weight in float

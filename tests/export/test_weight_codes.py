@@ -1,0 +1,136 @@
+"""The form of 8-bit weight codes in the ONNX file (``export_onnx(weight_codes=...)``).
+
+Oracle: the dequantized weights. The uint8 form (codes + 128, zero point 128) holds the very values
+of the int8 form, so ONNX Runtime must agree with squeezer as closely in both where its kernels are
+exact; on x86 without VNNI its uint8 × int8 kernels add pairs of products in int16 and saturate, a
+net built to saturate them (inputs at code 255, weights at code 127) shows it, and the uint8 form
+does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from squeezer import LayerQuant, QuantConfig, quantize
+from squeezer.errors import ConfigError, ExportError
+
+pytest.importorskip("onnxruntime")
+from squeezer.export import export_onnx  # noqa: E402
+from squeezer.export.runtime import _saturates, resolve_weight_codes, u8s8_saturates  # noqa: E402
+
+from .test_onnx import optimized_ops  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _saturating_net():
+    """A 1x1 conv over 16 channels whose inputs quantize near code 255 and weights to code 127:
+    every pair of products is 2 · 255 · 127 > 32,767."""
+    net = nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(0.05)
+        net[0].weight[1].mul_(-1)
+        net[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = 0.9 + 0.1 * torch.rand(32, 16, 4, 4, generator=g)
+    x[0, :, 0, 0] = 0.0  # the input range starts at 0: zero point 0, codes up to 255
+    q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[x])
+    return q, x
+
+
+def _dequantized_weights(path) -> dict[str, np.ndarray]:
+    """{codes initializer: (codes − zero point) × scale} of each DequantizeLinear on a weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    out = {}
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".w_q"):
+            q, s = inits[n.input[0]], inits[n.input[1]]
+            z = inits[n.input[2]] if len(n.input) > 2 else np.zeros_like(s, np.int64)
+            shape = (-1,) + (1,) * (q.ndim - 1) if s.ndim else ()
+            out[n.input[0]] = (q.astype(np.int64) - z.reshape(shape)) * s.reshape(shape)
+    return out
+
+
+def test_uint8_codes_hold_the_int8_values_and_run_exactly(tmp_path):
+    import onnx
+
+    q, x = _saturating_net()
+    rep = export_onnx(q, tmp_path / "u8.onnx", x, weight_codes="uint8")
+    assert rep.weight_codes == "uint8"
+    assert rep.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())  # exact up to float rounding
+    inits = {i.name: i for i in onnx.load(tmp_path / "u8.onnx").graph.initializer}
+    assert inits["0.w_q"].data_type == onnx.TensorProto.UINT8
+    int8 = export_onnx(q, tmp_path / "s8.onnx", x, weight_codes="int8", verify=False)
+    assert int8.weight_codes == "int8"
+    assert inits["0.w_q"].data_type != onnx.load(tmp_path / "s8.onnx").graph.initializer[0].data_type
+    a, b = _dequantized_weights(tmp_path / "u8.onnx"), _dequantized_weights(tmp_path / "s8.onnx")
+    assert a.keys() == b.keys() and len(a) == 2
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    ops = optimized_ops(tmp_path / "u8.onnx", tmp_path)  # the same integer kernels as int8
+    assert "QLinearConv" in ops and ops == optimized_ops(tmp_path / "s8.onnx", tmp_path)
+
+
+def test_int8_codes_saturate_exactly_where_the_cpu_says_so(tmp_path):
+    q, x = _saturating_net()
+    if u8s8_saturates():
+        with pytest.raises(ExportError, match="disagrees.*no VNNI.*weight-codes uint8"):
+            export_onnx(q, tmp_path / "s8.onnx", x, weight_codes="int8")
+        assert not (tmp_path / "s8.onnx").exists()
+    else:
+        rep = export_onnx(q, tmp_path / "s8.onnx", x, weight_codes="int8")
+        assert rep.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())
+    assert export_onnx(q, tmp_path / "auto.onnx", x).weight_codes == resolve_weight_codes("auto")
+
+
+def test_token_linears_fuse_with_uint8_codes(tmp_path):
+    """MatMulIntegerToFloat takes uint8 weight codes and their zero points as well."""
+    import onnx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(64, 5, 16, generator=torch.Generator().manual_seed(1))
+    q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8, act_symmetric=False)), calib=[x])
+    rep = export_onnx(q, tmp_path / "m.onnx", x, weight_codes="uint8")
+    fused = [n for n in onnx.load(tmp_path / "m.onnx").graph.node
+             if n.op_type == "MatMulIntegerToFloat"]  # fmt: skip
+    assert len(fused) == 2 and all(len(n.input) == 7 for n in fused)
+    assert rep.max_abs_error <= rep.atol
+
+
+def test_narrow_codes_keep_int8():
+    """Codes within ±64 cannot saturate (2 · 255 · 64 < 32,767): they keep the int8 form, which
+    the sub-8-bit packing expects."""
+    from squeezer.export.codes import _WeightCodes
+    from squeezer.export.layers import _Act
+    from squeezer.export.weights import _unsigned
+
+    class _L:
+        act = _Act(scale=0.1, zero_point=0, qmin=0, qmax=255)
+
+    w = _WeightCodes(np.array([[-8, 7]]), np.ones((1, 1), np.float32), np.zeros((1, 1), np.int64),
+                     -8, 7, per_tensor=False)  # fmt: skip
+    assert _unsigned(w, _L()) is w
+    wide = _WeightCodes(np.array([[-127, 127]]), w.scale, w.zero_point, -127, 127, False)
+    u = _unsigned(wide, _L())
+    assert (u.qmin, u.qmax) == (1, 255) and u.codes.tolist() == [[1, 255]]
+    np.testing.assert_array_equal(u.dequantized(), wide.dequantized())
+
+
+def test_cpu_rule_and_bad_values():
+    assert _saturates("x86_64", "flags : fpu avx2 fma") is True
+    assert _saturates("x86_64", "flags : avx2 avx512f avx512_vnni") is False
+    assert _saturates("AMD64", "flags : avx2 avx_vnni") is False
+    assert _saturates("x86_64", None) is True  # cannot tell: the safe side
+    assert _saturates("aarch64", None) is False
+    assert resolve_weight_codes("int8") == "int8"
+    assert resolve_weight_codes("auto") == ("uint8" if u8s8_saturates() else "int8")
+    with pytest.raises(ConfigError, match="weight_codes"):
+        resolve_weight_codes("u4")
