@@ -45,6 +45,7 @@ from ..data import batch_size, forward
 from ..errors import ExportError, first_line
 from ..graph import copy_model, get_module, set_module
 from .common import CheckedExport
+from .executorch_embedding import code_embeddings
 from .executorch_qparams import (
     _ELEMENTWISE,
     _fix_qparams,
@@ -208,6 +209,8 @@ def export_executorch(
     status = {fqn: _lowering(layer) for fqn, layer in layers.items()}
     scales = {fqn: layer.scale[:, 0].astype(np.float64) for fqn, layer in layers.items()}
     twin = _float_twin(qmodel, layers)
+    coded = code_embeddings(twin, layers)  # tables as int8 codes, not FP32
+    status.update(coded)
     with torch.no_grad():
         _fold_batchnorm(twin, _rows(example, 0, 1), status, scales)
     int8 = {fqn for fqn, s in status.items() if s.startswith("xnnpack-int8")}
@@ -217,7 +220,7 @@ def export_executorch(
         fqn
         for fqn, m in twin.named_modules()
         if isinstance(m, nn.Linear | nn.modules.conv._ConvNd) and fqn not in int8
-    }
+    } | set(coded)
     # Linears whose int8 output only XNNPACK rounds: their wide channels stay in float
     lay, st, sc = dict(layers), dict(status), dict(scales)
     observed = _observed_linears(et, twin, example, lay, st, sc, float_layers)
