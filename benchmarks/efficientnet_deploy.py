@@ -12,8 +12,9 @@ on the offline photos: top-1 / top-5 agreement and KL to FP32 of W8 and W8A8, wi
 bias correction, on the same calibration crops; agreement on the crops whose FP32 top-1/top-2
 margin is over 0.1 too. ``onnx``: the run folder's ``model.onnx`` (``squeezer export RUN``)
 against ORT ``quantize_static`` (QDQ, per-channel s8 weights, u8 activations, the comparable
-settings) of the same FP32 graph calibrated on the same crops the run calibrated on, and ORT
-FP32: file sizes against the theoretical size, agreement with FP32 on the evaluation crops,
+settings; and with uint8 weights, its saturation-free form on x86 without VNNI) of the same FP32
+graph calibrated on the same crops the run calibrated on, squeezer's file with int8 weight codes
+forced where its default stores uint8 (unchecked), and ORT FP32: file sizes against the theoretical size, agreement with FP32 on the evaluation crops,
 latency at batch 1 and 32 (1 intra-op thread, medians of round-robin rounds in one process).
 """
 
@@ -132,9 +133,11 @@ def fidelity_rows(args) -> dict:
 # ONNX: squeezer's export against ORT quantize_static and ORT FP32
 
 
-def ort_static(fp32: bytes, calib: list[torch.Tensor], work: str) -> str:
+def ort_static(fp32: bytes, calib: list[torch.Tensor], work: str) -> dict[str, str]:
     """ORT's quantize_static of the FP32 graph after ``quant_pre_process``: QDQ, per-channel int8
-    weights, uint8 activations, min-max calibration on ``calib`` (the run's calibration batches)."""
+    weights (and uint8 weights, ORT's own answer where its uint8 x int8 kernels saturate: x86
+    without VNNI), uint8 activations, min-max calibration on ``calib`` (the run's calibration
+    batches). {variant name: file}."""
     import sys
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -143,7 +146,7 @@ def ort_static(fp32: bytes, calib: list[torch.Tensor], work: str) -> str:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from deploy import _Reader  # benchmarks/deploy.py: a CalibrationDataReader over feed dicts
 
-    src, pre, out = (os.path.join(work, f) for f in ("fp32.onnx", "pre.onnx", "ort_static.onnx"))
+    src, pre = (os.path.join(work, f) for f in ("fp32.onnx", "pre.onnx"))
     with open(src, "wb") as f:
         f.write(fp32)
     quant_pre_process(src, pre, skip_symbolic_shape=True)
@@ -151,9 +154,13 @@ def ort_static(fp32: bytes, calib: list[torch.Tensor], work: str) -> str:
 
     name = ort_session(src, threads=1).get_inputs()[0].name
     feeds = [{name: x.numpy()} for x in calib]
-    quantize_static(pre, out, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+    out = {}
+    for form, weight_type in (("u8s8", QuantType.QInt8), ("u8u8", QuantType.QUInt8)):
+        out[f"ORT quantize_static ({form})"] = os.path.join(work, f"ort_static_{form}.onnx")
+        quantize_static(pre, out[f"ORT quantize_static ({form})"], _Reader(feeds),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=weight_type,
+                        calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
     return out
 
 
@@ -168,7 +175,7 @@ def onnx_rows(args) -> dict:
     from squeezer.runfolder import load_compressed, read_run
 
     work = tempfile.mkdtemp()
-    times = {}
+    times, extra = {}, {}
     if args.run:  # a run folder exported by 'squeezer export RUN'
         model, qmodel, x_test, data = load_compressed(args.run)
         plan = read_run(args.run).plan
@@ -182,25 +189,31 @@ def onnx_rows(args) -> dict:
         qmodel = quantize(model, plan, calib=calib, bias_correction=True)
         path = os.path.join(work, "model.onnx")
         t = time.perf_counter()
-        export_onnx(qmodel, path, x_test[:32], requantize=True, threads=args.threads)
+        rep = export_onnx(qmodel, path, x_test[:32], requantize=True, threads=args.threads)
         times["squeezer export + check (32 crops)"] = time.perf_counter() - t
+        log(f"squeezer ONNX: {rep.weight_codes} weight codes")
+        if rep.weight_codes != "int8":  # int8 forced: saturates on this CPU, so unchecked
+            extra["squeezer ONNX, int8 codes (unchecked)"] = os.path.join(work, "model_s8.onnx")
+            export_onnx(qmodel, extra["squeezer ONNX, int8 codes (unchecked)"], x_test[:32],
+                        requantize=True, threads=args.threads, weight_codes="int8",
+                        verify=False)  # fmt: skip
     t = time.perf_counter()
     fp32 = export_float_onnx(model, x_test[:1])
     times["FP32 ONNX export"] = time.perf_counter() - t
     t = time.perf_counter()
     static = ort_static(fp32, calib, work)
-    times[f"ORT quantize_static ({sum(len(x) for x in calib)} crops)"] = time.perf_counter() - t
+    times[f"ORT quantize_static x2 ({sum(len(x) for x in calib)} crops)"] = time.perf_counter() - t
+    files = {"squeezer ONNX": path, **extra, **static}
     sessions = {"ORT FP32": ort_session(fp32, threads=args.threads),
-                "squeezer ONNX": ort_session(path, threads=args.threads),
-                "ORT quantize_static": ort_session(static, threads=args.threads)}  # fmt: skip
+                **{k: ort_session(p, threads=args.threads) for k, p in files.items()}}
     ref = predictions(model, x_test, 32)
     rows = {"squeezer fake-quant (PyTorch)": fidelity(ref, predictions(qmodel, x_test, 32))}
     for k, s in sessions.items():
         out = predictions(OrtModule(s), x_test, 32)
         rows[k] = {**fidelity(ref, out), "margin>0.1": margin_agreement(ref, out)}
         log(f"{k}: {rows[k]}")
-    sizes = {"theoretical (plan)": model_bytes(model, plan), "squeezer ONNX": os.path.getsize(path),
-             "ORT quantize_static": os.path.getsize(static), "ORT FP32": len(fp32)}  # fmt: skip
+    sizes = {"theoretical (plan)": model_bytes(model, plan), "ORT FP32": len(fp32),
+             **{k: os.path.getsize(p) for k, p in files.items()}}  # fmt: skip
     log(f"sizes {sizes}; timing")
     lat = latency_table(sessions, {1: x_test[:1], 32: x_test[:32]}, threads=args.threads,
                         warmup=3, runs=args.runs)  # fmt: skip

@@ -134,3 +134,23 @@ def test_cpu_rule_and_bad_values():
     assert resolve_weight_codes("auto") == ("uint8" if u8s8_saturates() else "int8")
     with pytest.raises(ConfigError, match="weight_codes"):
         resolve_weight_codes("u4")
+
+
+def test_activation_codes_become_uint8_with_the_same_values():
+    """With uint8 weight codes every 8-bit activation quantizer writes uint8 codes too: ONNX
+    Runtime's int8 × int8 kernels on x86 without VNNI add 128 to the activation and multiply as
+    uint8 × int8, which saturates as well (a 4-bit asymmetric activation, codes 0..15 stored as
+    int8, before a QGemm with 8-bit weights moved outputs by up to 38 output steps, the median
+    sample by 22)."""
+    from squeezer.export.codes import _unsigned_act
+    from squeezer.export.layers import _Act
+
+    def values(a):
+        return [(c - a.zero_point) * a.scale for c in (a.qmin, a.qmax)]
+
+    for act in (_Act(0.1, 0, -128, 127), _Act(0.1, 3, 0, 15), _Act(0.5, -2, -8, 7)):
+        u = _unsigned_act(act)
+        assert u.qmin >= 0 and u.qmax <= 255 and u.zero_point == act.zero_point + 128
+        assert values(u) == values(act)
+    kept = _Act(0.1, 7, 0, 255)
+    assert _unsigned_act(kept) is kept and _unsigned_act(None) is None

@@ -74,6 +74,16 @@ def _full_range_8bit(act: _Act | None) -> bool:
     return dtype is not None and (act.qmin, act.qmax) == (np.iinfo(dtype).min, np.iinfo(dtype).max)
 
 
+def _unsigned_act(act: _Act | None) -> _Act | None:
+    """``act`` with uint8 codes (codes and zero point + 128 where its codes fit int8: the same
+    values), for ONNX Runtime's exact uint8 × uint8 kernels. Its int8 × int8 kernels on x86
+    without VNNI flip the activation's sign bit (+128) and then multiply as uint8 × int8, which
+    saturates (see :func:`~squeezer.export.runtime.u8s8_saturates`)."""
+    if act is None or _code_dtype(act.qmin, act.qmax) != np.int8:
+        return act
+    return _Act(act.scale, act.zero_point + 128, act.qmin + 128, act.qmax + 128)
+
+
 def _code_dtype(qmin: int, qmax: int):
     """int8 or uint8, whichever holds codes ``qmin..qmax``; None if neither does."""
     if qmin >= -128 and qmax <= 127:

@@ -118,6 +118,8 @@ def export_onnx(
             int8 elsewhere, see :func:`~squeezer.export.runtime.u8s8_saturates`). On x86 without
             VNNI ONNX Runtime's uint8 × int8 kernels add pairs of products in int16 and saturate
             (a ResNet's outputs move by several output steps); its uint8 × uint8 kernels do not.
+            With ``"uint8"`` activation codes that fit int8 are stored as uint8 too (same
+            values): the int8 × int8 kernels there add 128 to them and saturate alike.
             The check runs on this CPU, so ``"int8"`` made on a CPU without VNNI fails it when
             the sums saturate (the file is still what a VNNI target runs exactly).
 

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .activations import _ActQuantizers, _int8_inputs, _place_act_quantizers
+from .codes import _unsigned_act
 from .fuse import _fuse_integer_matmuls
 from .layers import _Layer
 from .onnx_graph import _Graph
@@ -56,7 +57,12 @@ def _rewrite(
 ):
     """The QDQ/MatMulNBits ModelProto of the float graph ``proto`` (see the module docstring for
     the steps). Sets each layer's ``status`` (and ``block``) to how it was written. ``weight_codes``
-    is ``"int8"`` or ``"uint8"`` (see :func:`~.weights._unsigned`)."""
+    is ``"int8"`` or ``"uint8"``; with ``"uint8"`` every 8-bit activation quantizer has uint8
+    codes (:func:`~.codes._unsigned_act`) and wide 8-bit weight codes too
+    (:func:`~.weights._unsigned`)."""
+    if weight_codes == "uint8":
+        for layer in layers.values():
+            layer.act = _unsigned_act(layer.act)
     graph = _Graph(proto)
     nodes, act_of = _rewrite_weights(
         graph, layers, accuracy_level=accuracy_level, weight_codes=weight_codes
