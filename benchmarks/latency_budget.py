@@ -112,7 +112,11 @@ def main() -> None:
                 b1 = json.loads((r / "metrics.json").read_text())["latency"]["batch_1"]
                 meas = b1["ONNX (squeezer)"]["median_ms"]
                 f32 = b1.get("ORT FP32", {}).get("median_ms")
-            meas_s = "– (all float)" if meas is None else f"{meas:.3f} ms | {meas / budget:.2f}"
+            meas_s = (
+                "– (all float: not exported) | –"
+                if meas is None
+                else f"{meas:.3f} ms | {meas / budget:.2f}"
+            )
             f32s = "–" if f32 is None else f"{f32:.3f} ms"
             print(f"| {budget:.3f} ms | {plan['meta']['achieved']['latency_ms']:.3f} ms | "
                   f"{', '.join(map(str, checks))} | {meas_s} | {f32s} | "
