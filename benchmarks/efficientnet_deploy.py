@@ -14,8 +14,9 @@ margin is over 0.1 too. ``onnx``: the run folder's ``model.onnx`` (``squeezer ex
 against ORT ``quantize_static`` (QDQ, per-channel s8 weights, u8 activations, the comparable
 settings; and with uint8 weights, its saturation-free form on x86 without VNNI) of the same FP32
 graph calibrated on the same crops the run calibrated on, squeezer's file with int8 weight codes
-forced where its default stores uint8 (unchecked), and ORT FP32: file sizes against the theoretical size, agreement with FP32 on the evaluation crops,
-latency at batch 1 and 32 (1 intra-op thread, medians of round-robin rounds in one process).
+forced where its default stores uint8 (unchecked), and ORT FP32: file sizes against the
+theoretical size, agreement with FP32 on the evaluation crops, latency at batch 1 and 32 (1
+intra-op thread, medians of round-robin rounds in one process).
 """
 
 from __future__ import annotations

@@ -361,16 +361,26 @@ def _first_calls(
 
 
 def _exported_session(qmodel: nn.Module, path: Any, example: Any, requantize: bool, threads: int):
-    """An ONNX Runtime session of ``qmodel`` exported to ``path`` as ``squeezer export`` does."""
+    """An ONNX Runtime session of ``qmodel`` exported to ``path`` as ``squeezer export`` does,
+    with its weight codes chosen as ``squeezer export`` chooses them: where the choice depends on
+    the check (x86 without VNNI, :func:`~squeezer.export.onnx.weight_code_forms`) the file is
+    checked on ``example``, and one that fails in both forms is timed in the last (uint8)."""
+    from .errors import ExportError
     from .export import export_float_onnx, export_onnx, ort_session
+    from .export.onnx import weight_code_forms
     from .quant.modules import QuantMixin
 
     if not any(isinstance(m, QuantMixin) for m in qmodel.modules()):  # a plan all in float
         return ort_session(export_float_onnx(qmodel, example), threads=threads)
+    forms = weight_code_forms("auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_onnx(copy_model(qmodel).eval(), path, example, verify=False,
-                    requantize=requantize, threads=threads)  # fmt: skip
+        try:
+            export_onnx(copy_model(qmodel).eval(), path, example, verify=len(forms) > 1,
+                        requantize=requantize, threads=threads)  # fmt: skip
+        except ExportError:  # no form agrees on this example: time the saturation-free one
+            export_onnx(copy_model(qmodel).eval(), path, example, verify=False,
+                        requantize=requantize, threads=threads, weight_codes=forms[-1])  # fmt: skip
     return ort_session(path, threads=threads)
 
 

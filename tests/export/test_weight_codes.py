@@ -19,7 +19,8 @@ from squeezer.errors import ConfigError, ExportError
 
 pytest.importorskip("onnxruntime")
 from squeezer.export import export_onnx  # noqa: E402
-from squeezer.export.runtime import _saturates, resolve_weight_codes, u8s8_saturates  # noqa: E402
+from squeezer.export.onnx import weight_code_forms  # noqa: E402
+from squeezer.export.runtime import _saturates, u8s8_saturates  # noqa: E402
 
 from .test_onnx import optimized_ops  # noqa: E402
 
@@ -87,7 +88,10 @@ def test_int8_codes_saturate_exactly_where_the_cpu_says_so(tmp_path):
     else:
         rep = export_onnx(q, tmp_path / "s8.onnx", x, weight_codes="int8")
         assert rep.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())
-    assert export_onnx(q, tmp_path / "auto.onnx", x).weight_codes == resolve_weight_codes("auto")
+    # "auto" falls back to uint8 exactly where int8 fails the check
+    auto = export_onnx(q, tmp_path / "auto.onnx", x)
+    assert auto.weight_codes == ("uint8" if u8s8_saturates() else "int8")
+    assert auto.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())
 
 
 def test_token_linears_fuse_with_uint8_codes(tmp_path):
@@ -103,6 +107,20 @@ def test_token_linears_fuse_with_uint8_codes(tmp_path):
              if n.op_type == "MatMulIntegerToFloat"]  # fmt: skip
     assert len(fused) == 2 and all(len(n.input) == 7 for n in fused)
     assert rep.max_abs_error <= rep.atol
+
+
+def test_auto_keeps_int8_where_it_cannot_saturate(tmp_path):
+    """Inputs within the lower half of their range (codes <= 128): 2 · 128 · 127 < 32,767, so the
+    int8 file passes the check on any CPU and "auto" keeps that faster form."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = 0.5 * torch.rand(64, 16, generator=g)
+    calib = torch.cat([x, torch.ones(1, 16)])  # the range is [0, 1]
+    q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[calib])
+    rep = export_onnx(q, tmp_path / "auto.onnx", x)
+    assert rep.weight_codes == "int8"
+    assert rep.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())
 
 
 def test_narrow_codes_keep_int8():
@@ -130,10 +148,12 @@ def test_cpu_rule_and_bad_values():
     assert _saturates("AMD64", "flags : avx2 avx_vnni") is False
     assert _saturates("x86_64", None) is True  # cannot tell: the safe side
     assert _saturates("aarch64", None) is False
-    assert resolve_weight_codes("int8") == "int8"
-    assert resolve_weight_codes("auto") == ("uint8" if u8s8_saturates() else "int8")
+    saturates = u8s8_saturates()
+    assert weight_code_forms("auto") == (["int8", "uint8"] if saturates else ["int8"])
+    assert weight_code_forms("auto", verify=False) == (["uint8"] if saturates else ["int8"])
+    assert weight_code_forms("int8") == ["int8"] and weight_code_forms("uint8") == ["uint8"]
     with pytest.raises(ConfigError, match="weight_codes"):
-        resolve_weight_codes("u4")
+        weight_code_forms("u4")
 
 
 def test_activation_codes_become_uint8_with_the_same_values():

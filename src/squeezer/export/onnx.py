@@ -114,8 +114,10 @@ def export_onnx(
             code.
         weight_codes: how the 8-bit weight codes of layers with uint8 inputs are stored:
             ``"int8"`` (zero point 0, ONNX Runtime's usual form), ``"uint8"`` (codes + 128, zero
-            point 128: the same values) or ``"auto"`` (default: uint8 on x86 CPUs without VNNI,
-            int8 elsewhere, see :func:`~squeezer.export.runtime.u8s8_saturates`). On x86 without
+            point 128: the same values) or ``"auto"`` (default): int8, except on x86 CPUs
+            without VNNI (:func:`~squeezer.export.runtime.u8s8_saturates`) where the int8 file
+            fails the check, then uint8 (and uint8 there with ``verify=False``); the report's
+            ``weight_codes`` says which (:func:`weight_code_forms`). On x86 without
             VNNI ONNX Runtime's uint8 × int8 kernels add pairs of products in int16 and saturate
             (a ResNet's outputs move by several output steps); its uint8 × uint8 kernels do not.
             With ``"uint8"`` activation codes that fit int8 are stored as uint8 too (same
@@ -138,54 +140,24 @@ def export_onnx(
         {'0': 'qdq-int8', '2': 'qdq-int8'}
     """
     _require_onnx()
-    import onnx
-
     threads = threads or torch.get_num_threads()
-    codes_form = resolve_weight_codes(weight_codes)
     qmodel = copy_model(qmodel).eval()
-    layers = _collect_layers(qmodel)
-    fmodel = _float_twin(qmodel, layers)
-    proto = _torch_export(fmodel, example)
-    proto = _rewrite(
-        proto,
-        layers,
-        accuracy_level=accuracy_level,
-        requantize=requantize,
-        example=example,
-        threads=threads,
-        weight_codes=codes_form,
-    )
-    lost = [
-        f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
-    ]
-    if lost:
-        raise ExportError(
-            f"layers {lost[:3]} quantize their inputs but the exported graph has no node with their "
-            "weights (the exporter fused them); keep their activations in float (act_bits=None)"
-        )
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug in the rewriter
-        raise ExportError(f"the rewritten ONNX graph is invalid ({first_line(exc)})") from exc
-    data = proto.SerializeToString()
-    packed, note = {}, None
-    if pack:
-        data, packed, note = _packed(proto, data, layers, threads)
-
-    checks = dict.fromkeys(CHECK_FIELDS)
-    if verify:
-        with torch.no_grad():
-            ref = _outputs(forward(qmodel, example))
-            fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
-        got, one = _run_two_batches(ort_session(data, threads=threads), example, proto)
-        loose = requantize or (accuracy_level or 0) > 1
+    forms = weight_code_forms(weight_codes, verify)
+    for i, codes_form in enumerate(forms):
+        layers, fmodel, proto, data, packed, note = _build(
+            qmodel, example, codes_form, accuracy_level=accuracy_level, requantize=requantize,
+            threads=threads, pack=pack,
+        )  # fmt: skip
+        checks = dict.fromkeys(CHECK_FIELDS)
+        if not verify:
+            break
         try:
-            checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
-            # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
-            first = [r[:1] for r in ref], [f[:1] for f in fp32]
-            _verify("ONNX Runtime at batch 1", first[0], one, first[1], atol, loose=loose,
-                    max_slack=1.0, step=checks["output_step"])  # fmt: skip
+            checks = _check(qmodel, layers, data, proto, example, atol, threads=threads,
+                            loose=requantize or (accuracy_level or 0) > 1)  # fmt: skip
+            break
         except ExportError as exc:
+            if i + 1 < len(forms):  # "auto": int8 saturated on this CPU; the same values as uint8
+                continue
             if codes_form == "int8" and u8s8_saturates():
                 raise ExportError(
                     f"{exc}. This CPU has no VNNI: ONNX Runtime's uint8 x int8 kernels saturate "
@@ -209,6 +181,69 @@ def export_onnx(
         threads=threads,
         weight_codes=codes_form,
     )
+
+
+def weight_code_forms(weight_codes: str, verify: bool = True) -> list[str]:
+    """The forms :func:`export_onnx` tries, in order, for its ``weight_codes``: the one asked
+    for; for ``"auto"`` int8, then uint8 if the check fails, on a CPU where ONNX Runtime's
+    uint8 × int8 kernels saturate (just uint8 there without a check), else int8."""
+    if weight_codes != "auto":
+        return [resolve_weight_codes(weight_codes)]
+    if not u8s8_saturates():
+        return ["int8"]
+    return ["int8", "uint8"] if verify else ["uint8"]
+
+
+def _build(qmodel: nn.Module, example: Any, codes_form: str, *, accuracy_level: int | None,
+           requantize: bool, threads: int, pack: bool):  # fmt: skip
+    """(layers, float twin, proto, file bytes, packed bits, storage note) of ``qmodel``'s QDQ
+    graph with weight codes ``codes_form``."""
+    import onnx
+
+    layers = _collect_layers(qmodel)
+    fmodel = _float_twin(qmodel, layers)
+    proto = _rewrite(
+        _torch_export(fmodel, example),
+        layers,
+        accuracy_level=accuracy_level,
+        requantize=requantize,
+        example=example,
+        threads=threads,
+        weight_codes=codes_form,
+    )
+    lost = [
+        f for f, layer in layers.items() if layer.act is not None and "not found" in layer.status
+    ]
+    if lost:
+        raise ExportError(
+            f"layers {lost[:3]} quantize their inputs but the exported graph has no node with their "
+            "weights (the exporter fused them); keep their activations in float (act_bits=None)"
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - a bug in the rewriter
+        raise ExportError(f"the rewritten ONNX graph is invalid ({first_line(exc)})") from exc
+    data = proto.SerializeToString()
+    packed, note = {}, None
+    if pack:
+        data, packed, note = _packed(proto, data, layers, threads)
+    return layers, fmodel, proto, data, packed, note
+
+
+def _check(qmodel: nn.Module, layers, data: bytes, proto, example: Any, atol: float | None, *,
+           threads: int, loose: bool) -> dict:  # fmt: skip
+    """The :data:`CHECK_FIELDS` of the file ``data`` run in ONNX Runtime against ``qmodel``, on
+    ``example`` and on its first sample alone (:func:`_verify`)."""
+    with torch.no_grad():
+        ref = _outputs(forward(qmodel, example))
+        fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
+    got, one = _run_two_batches(ort_session(data, threads=threads), example, proto)
+    checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
+    # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
+    first = [r[:1] for r in ref], [f[:1] for f in fp32]
+    _verify("ONNX Runtime at batch 1", first[0], one, first[1], atol, loose=loose,
+            max_slack=1.0, step=checks["output_step"])  # fmt: skip
+    return checks
 
 
 def export_float_onnx(model: nn.Module, example: Any) -> bytes:

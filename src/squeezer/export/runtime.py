@@ -51,14 +51,12 @@ def _saturates(machine: str, cpuinfo: str | None) -> bool:
 
 
 def resolve_weight_codes(weight_codes: str) -> str:
-    """``"int8"`` or ``"uint8"`` for the ``weight_codes`` asked for (``"auto"``: uint8 where
-    :func:`u8s8_saturates`, else int8)."""
+    """``weight_codes`` if it is one of :data:`WEIGHT_CODES`, else a ConfigError. (What
+    ``"auto"`` writes depends on the check: :func:`squeezer.export.onnx.weight_code_forms`.)"""
     if weight_codes not in WEIGHT_CODES:
         raise ConfigError(
             f"unknown weight_codes {weight_codes!r}; choose one of {', '.join(WEIGHT_CODES)}"
         )
-    if weight_codes == "auto":
-        return "uint8" if u8s8_saturates() else "int8"
     return weight_codes
 
 

@@ -19,7 +19,8 @@ What it does, and the choices it makes:
   :data:`BN_CLASSIFIER_RECIPE` (lr 1e-3, LSQ, batch 32, BatchNorm in train mode): on the zoo's
   BN nets at W4A4 the plain defaults (lr 1e-4, batch 64, BatchNorm frozen) recovered a third of
   the gap in 5 epochs, this recipe 37–78% (mnist1d, three seeds, by machine: docs/benchmarks.md).
-  Everything else (encoders above all, whose lr 1e-4 stays) takes :data:`PLAIN_RECIPE`. Any setting given explicitly wins.
+  Everything else (encoders above all, whose lr 1e-4 stays) takes :data:`PLAIN_RECIPE`. Any
+  setting given explicitly wins.
 - **Distillation** (:mod:`squeezer.train.distill`): KL with temperature on a classifier's logits
   (``alpha``, ``temperature``; HAWQ's recipe α 0.95, T 6 is the default) from ``teacher``, or
   ``1 − cos`` to the FP32 embeddings of an encoder's labels-free embedding task (no labels needed);
