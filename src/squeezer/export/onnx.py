@@ -143,16 +143,23 @@ def export_onnx(
     threads = threads or torch.get_num_threads()
     qmodel = copy_model(qmodel).eval()
     forms = weight_code_forms(weight_codes, verify)
+    fmodel = _float_twin(qmodel, _collect_layers(qmodel))
+    float_graph = _torch_export(fmodel, example)  # each form rewrites a copy of it
+    ref = None
     for i, codes_form in enumerate(forms):
-        layers, fmodel, proto, data, packed, note = _build(
-            qmodel, example, codes_form, accuracy_level=accuracy_level, requantize=requantize,
-            threads=threads, pack=pack,
+        layers, proto, data, packed, note = _build(
+            qmodel, float_graph, example, codes_form, accuracy_level=accuracy_level,
+            requantize=requantize, threads=threads, pack=pack,
         )  # fmt: skip
         checks = dict.fromkeys(CHECK_FIELDS)
         if not verify:
             break
+        if ref is None:  # squeezer's outputs and FP32's, once for every form tried
+            with torch.no_grad():
+                ref = _outputs(forward(qmodel, example))
+                fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
         try:
-            checks = _check(qmodel, layers, data, proto, example, atol, threads=threads,
+            checks = _check(ref, fp32, data, proto, example, atol, threads=threads,
                             loose=requantize or (accuracy_level or 0) > 1)  # fmt: skip
             break
         except ExportError as exc:
@@ -194,16 +201,18 @@ def weight_code_forms(weight_codes: str, verify: bool = True) -> list[str]:
     return ["int8", "uint8"] if verify else ["uint8"]
 
 
-def _build(qmodel: nn.Module, example: Any, codes_form: str, *, accuracy_level: int | None,
-           requantize: bool, threads: int, pack: bool):  # fmt: skip
-    """(layers, float twin, proto, file bytes, packed bits, storage note) of ``qmodel``'s QDQ
-    graph with weight codes ``codes_form``."""
+def _build(qmodel: nn.Module, float_graph, example: Any, codes_form: str, *,
+           accuracy_level: int | None, requantize: bool, threads: int, pack: bool):  # fmt: skip
+    """(layers, proto, file bytes, packed bits, storage note) of ``qmodel``'s QDQ graph with
+    weight codes ``codes_form``, rewritten from a copy of ``float_graph`` (its float twin's
+    export)."""
     import onnx
 
     layers = _collect_layers(qmodel)
-    fmodel = _float_twin(qmodel, layers)
+    graph = onnx.ModelProto()
+    graph.CopyFrom(float_graph)
     proto = _rewrite(
-        _torch_export(fmodel, example),
+        graph,
         layers,
         accuracy_level=accuracy_level,
         requantize=requantize,
@@ -227,16 +236,14 @@ def _build(qmodel: nn.Module, example: Any, codes_form: str, *, accuracy_level: 
     packed, note = {}, None
     if pack:
         data, packed, note = _packed(proto, data, layers, threads)
-    return layers, fmodel, proto, data, packed, note
+    return layers, proto, data, packed, note
 
 
-def _check(qmodel: nn.Module, layers, data: bytes, proto, example: Any, atol: float | None, *,
+def _check(ref: list, fp32: list, data: bytes, proto, example: Any, atol: float | None, *,
            threads: int, loose: bool) -> dict:  # fmt: skip
-    """The :data:`CHECK_FIELDS` of the file ``data`` run in ONNX Runtime against ``qmodel``, on
-    ``example`` and on its first sample alone (:func:`_verify`)."""
-    with torch.no_grad():
-        ref = _outputs(forward(qmodel, example))
-        fp32 = _outputs(forward(_float_twin(qmodel, layers, dequantized=False), example))
+    """The :data:`CHECK_FIELDS` of the file ``data`` run in ONNX Runtime against squeezer's
+    outputs ``ref`` (FP32's: ``fp32``), on ``example`` and on its first sample alone
+    (:func:`_verify`)."""
     got, one = _run_two_batches(ort_session(data, threads=threads), example, proto)
     checks = _verify("ONNX Runtime", ref, got, fp32, atol, loose=loose, max_slack=1.0)
     # The batch dimension is dynamic: one sample alone must give what it gave in the batch.
