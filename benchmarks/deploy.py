@@ -232,7 +232,7 @@ def minilm(args, work: Path) -> dict[str, Any] | None:
         from squeezer.hf import load_hf
         from squeezer.qbert import qbert_plan
         from squeezer.text import (
-            embed_batches,
+            embed,
             embedding_metrics,
             split_sentences,
             stdlib_sentences,
@@ -247,7 +247,7 @@ def minilm(args, work: Path) -> dict[str, Any] | None:
     x_test = tokenize(tok, test[: args.n_test], 128)
     x_cal = tokenize(tok, train[:256], 128)
     calib = token_batches(x_cal, batch_size=32)
-    e_fp32 = embed_batches(model, x_test)
+    e_fp32 = embed(model, x_test)
     log(f"MiniLM: {param_count(model):,} parameters, {args.n_test} test sentences")
 
     layers = quantizable_layers(model)
@@ -273,7 +273,7 @@ def minilm(args, work: Path) -> dict[str, Any] | None:
             qmodels.clear()
             qmodels[id(plan)] = quantize(model, plan, calib=calib)
             fid[f"squeezer fake-quant {label}"] = embedding_metrics(
-                e_fp32, embed_batches(qmodels[id(plan)], x_test)
+                e_fp32, embed(qmodels[id(plan)], x_test)
             )
         name = f"squeezer ONNX {label}"
         p = work / f"minilm_{len(paths)}.onnx"

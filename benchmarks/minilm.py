@@ -56,7 +56,7 @@ from squeezer.templates import TEMPLATES
 from squeezer.text import (
     EmbeddingTask,
     TokenDataset,
-    embed_batches,
+    embed,
     embedding_metrics,
     split_sentences,
     stdlib_sentences,
@@ -176,7 +176,7 @@ def main() -> None:
         f"{len(test[: args.n_test])} test sentences, {args.n_calib} calibration; tokens per "
         f"sentence mean {lens.mean():.1f}, max {int(lens.max())} (max_len {args.max_len})"
     )
-    e_fp32 = embed_batches(model, x_test)
+    e_fp32 = embed(model, x_test)
     rows: list[dict] = []
 
     def record(name: str, emb: torch.Tensor, plan: Plan | None, extra: dict | None = None):
@@ -194,7 +194,7 @@ def main() -> None:
 
     def fake(name: str, plan: Plan) -> nn.Module:
         qm = quantize(model, plan, calib=calib)
-        record(name, embed_batches(qm, x_test), plan)
+        record(name, embed(qm, x_test), plan)
         return qm
 
     record("FP32", e_fp32, None)
@@ -205,9 +205,9 @@ def main() -> None:
     t0 = time.perf_counter()
     imodel = to_integer_encoder(q8, calib)
     t1 = time.perf_counter()
-    e_int = embed_batches(imodel, x_test)
+    e_int = embed(imodel, x_test)
     t2 = time.perf_counter()
-    e_q8 = embed_batches(q8, x_test)
+    e_q8 = embed(q8, x_test)
     t3 = time.perf_counter()
     vs_fake = embedding_metrics(e_q8, e_int)
     record(
@@ -244,7 +244,7 @@ def main() -> None:
 
     if args.granularity:
         for how in ("tensor", "head-rows", "channel", "group128", "group64", "group32"):
-            emb = embed_batches(granularity_variant(model, how), x_test)
+            emb = embed(granularity_variant(model, how), x_test)
             record(f"granularity study: Linear W4 {how}, tables float", emb, None)
 
     # Hessian analysis and mixed precision.
@@ -256,8 +256,8 @@ def main() -> None:
         n = x_hes["input_ids"].shape[0]
         settings = replace(TEMPLATES["qbert"].analysis, samples=n, max_probes=args.probes,
                            min_probes=args.probes, top_k=1)  # fmt: skip
-        hes = TokenDataset("hessian", x_hes, embed_batches(model, x_hes), x_hes,
-                           embed_batches(model, x_hes), EmbeddingTask())  # fmt: skip
+        hes = TokenDataset("hessian", x_hes, embed(model, x_hes), x_hes,
+                           embed(model, x_hes), EmbeddingTask())  # fmt: skip
         spec = analyse(model, hes, replace(TEMPLATES["qbert"], analysis=settings))
         log(
             f"Hessian analysis: {spec.samples} sentences, {spec.probes} probes, "
@@ -282,7 +282,7 @@ def main() -> None:
         t0 = time.perf_counter()
         msens = sensitivity(
             model, None, bits=MIXED_BITS, method="measured", template=tpl,
-            data=token_batches(x_hes, embed_batches(model, x_hes), 32),
+            data=token_batches(x_hes, embed(model, x_hes), 32),
             loss_fn=EmbeddingTask().loss,
         )  # fmt: skip
         log(f"measured sensitivity: {time.perf_counter() - t0:.0f} s")

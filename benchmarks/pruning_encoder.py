@@ -44,7 +44,7 @@ from squeezer.measure import param_count
 from squeezer.prune import PruneSpec, prune
 from squeezer.prune.heads import architecture, encoder_blocks, encoder_macs, rebuild
 from squeezer.prune.tokens import TokenPruned
-from squeezer.text import embed_batches, mean_cosine, tokenize
+from squeezer.text import embed, mean_cosine, tokenize
 from squeezer.train.finetune import finetune
 
 SEQ = 128
@@ -72,8 +72,8 @@ def passages(tokenizer: Any, sentences: list[str], n: int) -> dict[str, torch.Te
 
 def fidelity(model, data, pas, pas_ref) -> dict[str, float]:
     return {
-        "cosine": mean_cosine(data.y_test, embed_batches(model, data.x_test)),
-        "cosine_passages": mean_cosine(pas_ref, embed_batches(model, pas)),
+        "cosine": mean_cosine(data.y_test, embed(model, data.x_test)),
+        "cosine_passages": mean_cosine(pas_ref, embed(model, pas)),
     }
 
 
@@ -124,7 +124,7 @@ def passage_data(fp32, tok, data, n_train: int, n_test: int):
 
     xtr = passages(tok, list(data.meta["train_text"]), n_train)
     xte = passages(tok, list(data.meta["test_text"]), n_test)
-    ytr, yte = embed_batches(fp32, xtr), embed_batches(fp32, xte)
+    ytr, yte = embed(fp32, xtr), embed(fp32, xte)
     meta = {"n_train": len(ytr), "n_test": len(yte)}
     return TokenDataset("passages", xtr, ytr, xte, yte, EmbeddingTask(), meta)
 
@@ -141,13 +141,13 @@ def token_curve(fp32, data, pdata, ratios, args) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         p = prune(fp32, spec, pdata)
         thr_s = time.perf_counter() - t0
-        oneshot = mean_cosine(pdata.y_test, embed_batches(p.model, pdata.x_test))
+        oneshot = mean_cosine(pdata.y_test, embed(p.model, pdata.x_test))
         log(f"tokens {ratio:.2f}: cosine {oneshot:.4f} after {thr_s:.0f} s threshold training")
         r = finetune(p.model, pdata, epochs=n_epochs, lr=args.lr, batch_size=32,
                      steps_per_epoch=args.steps, progress=False, seed=0)  # fmt: skip
         model = r.model
-        fid = {"cosine_passages": mean_cosine(pdata.y_test, embed_batches(model, pdata.x_test)),
-               "cosine": mean_cosine(data.y_test, embed_batches(model, data.x_test))}  # fmt: skip
+        fid = {"cosine_passages": mean_cosine(pdata.y_test, embed(model, pdata.x_test)),
+               "cosine": mean_cosine(data.y_test, embed(model, data.x_test))}  # fmt: skip
         kept = kept_fractions(model, pdata.test_batches(32))
         log(f"tokens {ratio:.2f}: passages cosine {fid['cosine_passages']:.4f} after "
             f"{r.seconds:.0f} s fine-tuning; kept {[round(k, 2) for k in kept]}")  # fmt: skip
@@ -278,7 +278,7 @@ def main() -> None:
                      n_train=args.n_train, n_test=512)  # fmt: skip
     log(f"data: {data.n_train} train / 512 test sentences ({time.perf_counter() - t0:.0f} s)")
     pas = passages(tok, list(data.meta["test_text"]) + list(data.meta["train_text"]), 128)
-    pas_ref = embed_batches(fp32, pas)
+    pas_ref = embed(fp32, pas)
 
     rows = []
     if "heads" in args.methods:

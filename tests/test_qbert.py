@@ -32,7 +32,7 @@ from squeezer.quant.apply import quantize
 from squeezer.quant.primitives import quantize_weight
 from squeezer.sensitivity import Sensitivity, sensitivity
 from squeezer.templates import TEMPLATES, AnalysisSettings, template_for
-from squeezer.text import EmbeddingTask, TokenDataset, embed_batches, restore_order, token_batches
+from squeezer.text import EmbeddingTask, TokenDataset, embed, restore_order, token_batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,7 +150,13 @@ def test_token_batches_cut_padding_and_keep_outputs(model):
     assert all(int(b["attention_mask"][:, -1].sum()) > 0 for b in batches)  # no empty column
     with torch.no_grad():
         full = model(**x)
-    torch.testing.assert_close(embed_batches(model, x, batch_size=6), full, atol=1e-6, rtol=0)
+    model.train()
+    torch.testing.assert_close(embed(model, x, batch_size=6), full, atol=1e-6, rtol=0)
+    assert model.training  # restored
+    with pytest.raises(DataError, match="attention_mask"):
+        embed(model, {"input_ids": x["input_ids"]})
+    assert model.training
+    model.eval()
     ys = torch.arange(20.0)[:, None]
     pairs = token_batches(x, ys, batch_size=6)
     torch.testing.assert_close(restore_order([y for _, y in pairs], x), ys)
@@ -316,11 +322,11 @@ def test_minilm_groups_beat_per_channel_at_four_bits():
 
     model, tok = load_hf("hf:minilm")
     x = tokenize(tok, split_sentences(stdlib_sentences(), seed=0)[1][:64], 128)
-    e32 = embed_batches(model, x)
+    e32 = embed(model, x)
     cos = {}
     for name, gs in (("channel", None), ("group128", 128)):
         q = quantize(model, qbert_plan(model, 4, group_size=gs, act_bits=None))
-        cos[name] = mean_cosine(e32, embed_batches(q, x))
+        cos[name] = mean_cosine(e32, embed(q, x))
     # Measured: per channel 0.907, groups of 128 0.941 (template: position/type tables 8-bit).
     assert cos["group128"] > cos["channel"] + 0.03
     assert cos["group128"] > 0.93

@@ -192,29 +192,6 @@ def tokenize(
     return {k: enc[k].to(torch.int64) for k in ("input_ids", "attention_mask")}
 
 
-@torch.no_grad()
-def embed(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """The model's outputs over ``inputs`` in batches, eval mode (training mode restored), on CPU.
-
-    Example:
-        >>> e = embed(encoder, tokenize(tokenizer, ["A sentence."]))  # doctest: +SKIP
-    """
-    n = int(next(iter(inputs.values())).shape[0])
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    outs = []
-    try:
-        with progress(total=n, desc="embed", unit="sent") as bar:
-            for i in range(0, n, batch_size):
-                batch = {k: v[i : i + batch_size] for k, v in inputs.items()}
-                outs.append(forward(model, to_device(batch, device)).float().cpu())
-                bar.update(int(next(iter(batch.values())).shape[0]))
-    finally:
-        model.train(was_training)
-    return torch.cat(outs)
-
-
 # --------------------------------------------------------------------------------------------------
 # Batches cut to their longest sentence.
 
@@ -271,18 +248,29 @@ def restore_order(
 
 
 @torch.no_grad()
-def embed_batches(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int = 32):
-    """``model``'s outputs over token ``inputs`` through :func:`token_batches` (eval mode, restored).
+def embed(model: nn.Module, inputs: Mapping[str, torch.Tensor], batch_size: int = 32):
+    """``model``'s outputs over token ``inputs``, in input order: eval mode (training mode
+    restored), on the model's device, returned on CPU in float32.
+
+    The batches are :func:`token_batches` (length-sorted, each cut to its longest sentence), so a
+    corpus of short sentences padded to ``max_len`` costs what its real tokens cost (6.5× less on
+    the 20-token `sentences` at ``max_len`` 128), with the same embeddings.
 
     Example:
-        >>> e = embed_batches(encoder, tokenize(tokenizer, sentences))  # doctest: +SKIP
+        >>> e = embed(encoder, tokenize(tokenizer, sentences))  # doctest: +SKIP
     """
-    was = model.training
+    batches, outs = token_batches(inputs, batch_size=batch_size), []
+    n = int(inputs["attention_mask"].shape[0])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
     model.eval()
     try:
-        outs = [model(**b).float() for b in token_batches(inputs, batch_size=batch_size)]
+        with progress(total=n, desc="embed", unit="sent") as bar:
+            for batch in batches:
+                outs.append(forward(model, to_device(batch, device)).float().cpu())
+                bar.update(int(batch["attention_mask"].shape[0]))
     finally:
-        model.train(was)
+        model.train(was_training)
     return restore_order(outs, inputs)
 
 

