@@ -7,6 +7,7 @@ Torch-Pruning (DepGraph) on the zoo's BN ResNets, and LEAP against magnitude pru
     python benchmarks/pruning.py leap [--ratios 0.5,0.7,0.9] [--finetune 10] [--json FILE]
     python benchmarks/pruning.py joint [--models digits_resnet_deep] [--budgets 0.3,0.4]
         [--latency-budgets 0.25,0.5] [--omega hessian|measured] [--finetune 20]
+        [--recover float|qat|float,qat]
     python benchmarks/pruning.py joint-zeros [--budgets 0.3,0.4,0.5]   (magnitude zeros, no FT)
     python benchmarks/pruning.py large [--model mnist1d_resnet] [--widths 8,16,32]
 
@@ -331,10 +332,12 @@ def _extreme(table, key: str, top: bool) -> float:
 
 def bench_joint(args: argparse.Namespace) -> dict:
     """Bits and structured sparsity under one budget (:func:`squeezer.plan_joint.plan_structured`):
-    joint against bits only (no channel removed) and prune only (8 bits), each plan pruned for real,
-    fine-tuned ``--finetune`` epochs with distillation from the dense net (as the structured rows;
-    plans that remove nothing are not fine-tuned), then quantized (8-bit activations, min-max
-    per-channel weights, calibration on 512 training samples), evaluated and exported to ONNX
+    joint against bits only (no channel removed) and prune only (8 bits), each plan pruned for real
+    and recovered as each ``--recover`` says (:data:`RECOVERIES`): ``float`` fine-tunes
+    ``--finetune`` epochs with distillation from the dense net (as the structured rows; plans that
+    remove nothing are not fine-tuned), then quantizes (8-bit activations, min-max per-channel
+    weights, calibration on 512 training samples); ``qat`` quantizes first, then gives every plan
+    the same ``--finetune`` epochs of QAT + KD. Each variant is evaluated and exported to ONNX
     Runtime, timed at batch 32. Size budgets are fractions of the all-8-bit size; latency budgets
     are points between the prune-only floor and the int8 dense model's measured latency."""
     from squeezer.errors import InfeasibleBudgetError
@@ -342,6 +345,9 @@ def bench_joint(args: argparse.Namespace) -> dict:
 
     modes = {"joint": None, "bits only": lambda c: c[1] == 0 and c[2] == 0,
              "prune only (8 bit)": lambda c: c[0] == 8}  # fmt: skip
+    recovers = [r for r in args.recover.split(",") if r]
+    if not recovers or set(recovers) - set(RECOVERIES):
+        raise SystemExit(f"--recover {args.recover!r}: give one or more of {', '.join(RECOVERIES)}")
     rows = []
     for name in args.models.split(","):
         data, dense = _data_and_dense(name, args)
@@ -371,26 +377,30 @@ def bench_joint(args: argparse.Namespace) -> dict:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     continue
-                key = json.dumps([ch.groups, ch.bits()], sort_keys=True)
-                if key not in done:
-                    done[key] = _joint_variant(dense, data, space, ch, template, args, example)
-                    models[key] = done[key].pop("qmodel")
                 n = {k: m.weight.numel() for k, m in quantizable(dense).items()}
-                row.update(done[key], omega=ch.omega, predicted=dict(ch.achieved),
-                           avg_bits=sum(n[k] * b for k, b in ch.bits().items()) / sum(n.values()),
-                           groups=ch.groups)  # fmt: skip
-                print(json.dumps({k: v for k, v in row.items() if k != "groups"}), flush=True)
-                rows.append({**row, "variant": key})
+                for recover in recovers:
+                    key = json.dumps([ch.groups, ch.bits(), recover], sort_keys=True)
+                    if key not in done:
+                        done[key] = _joint_variant(dense, data, space, ch, template, args, example,
+                                                   recover)  # fmt: skip
+                        models[key] = done[key].pop("qmodel")
+                    r = {**row, **done[key], "recover": recover, "omega": ch.omega,
+                         "predicted": dict(ch.achieved), "groups": ch.groups,
+                         "avg_bits": sum(n[k] * b for k, b in ch.bits().items()) / sum(n.values())}
+                    quiet = ("groups", "qat_options")
+                    print(json.dumps({k: v for k, v in r.items() if k not in quiet}), flush=True)
+                    rows.append({**r, "variant": key})
         times = _round_robin(models, example, args)
         for row in rows:
             if row.get("model") == name and "variant" in row:
                 row["ort_b32_ms"] = times[row["variant"]]
                 row["int8_dense_b32_ms"] = times["int8 dense"]
                 print(json.dumps({"mode": row["mode"], "budget": row["budget"], "frac": row["frac"],
-                                  "ort_b32_ms": row["ort_b32_ms"],
+                                  "recover": row["recover"], "ort_b32_ms": row["ort_b32_ms"],
                                   "int8_dense_b32_ms": times["int8 dense"]}), flush=True)  # fmt: skip
     return {"bits": args.bits, "ratios": args.ratios, "omega": args.omega, "seed": args.seed,
-            "dense_epochs": args.dense_epochs, "finetune_epochs": args.finetune, "rows": rows}  # fmt: skip
+            "dense_epochs": args.dense_epochs, "finetune_epochs": args.finetune,
+            "recover": recovers, "rows": rows}  # fmt: skip
 
 
 def quantizable(model: nn.Module) -> dict[str, nn.Module]:
@@ -399,25 +409,40 @@ def quantizable(model: nn.Module) -> dict[str, nn.Module]:
     return quantizable_layers(model)
 
 
-def _joint_variant(dense, data, space, ch, template, args, example) -> dict:
-    """Prune by the choice, fine-tune (if anything was removed), quantize, evaluate, time."""
+#: How a joint-benchmark plan recovers: ``float``: fine-tune the pruned float net (plans that
+#: remove nothing are not fine-tuned), then quantize post-training; ``qat``: prune, quantize with
+#: the plan's bits, then quantization-aware fine-tuning with distillation from the dense net, for
+#: every plan alike (the trainer's defaults for a quantized BN classifier).
+RECOVERIES = ("float", "qat")
+
+
+def _joint_variant(dense, data, space, ch, template, args, example, recover="float") -> dict:
+    """Prune by the choice, recover as ``recover`` says (:data:`RECOVERIES`), evaluate."""
     from squeezer.measure import model_bytes
     from squeezer.prune import PruneSpec
     from squeezer.prune import joint as jp
     from squeezer.quant.apply import quantize
+    from squeezer.train.finetune import finetune
 
     t = time.perf_counter()
     p = jp.apply_choice(dense, space, ch, PruneSpec("structured", 0.0, seed=args.seed))
-    model, secs = p.model, 0.0
+    model, secs, out = p.model, 0.0, {}
     pruned_acc = _accuracy(model, data)
-    if any(ch.groups.values()):
+    if recover == "float" and any(ch.groups.values()):
         model, secs = _recover(model, dense, data, args)
     plan = jp.bits_plan(model, ch, template)
     q = quantize(model, plan, calib=data.calibration_batches(seed=args.seed))
-    out = {"accuracy": _accuracy(q, data), "float_pruned": pruned_acc,
-           "float_finetuned": _accuracy(model, data), "size_bytes": model_bytes(model, plan),
-           "macs_ratio": _macs(model, example) / _macs(dense, example),
-           "finetune_s": secs, "variant_s": time.perf_counter() - t, "qmodel": q}  # fmt: skip
+    if recover == "qat" and args.finetune:
+        out["ptq"] = _accuracy(q, data)
+        r = finetune(q, data, teacher=dense, epochs=args.finetune, seed=args.seed,
+                     progress=False)  # fmt: skip
+        q, secs = r.model, r.seconds
+        out.update(best_epoch=r.best_epoch, qat_options=r.options)
+    out.update(accuracy=_accuracy(q, data), float_pruned=pruned_acc,
+               float_finetuned=_accuracy(model, data) if recover == "float" else None,
+               size_bytes=model_bytes(model, plan),
+               macs_ratio=_macs(model, example) / _macs(dense, example),
+               finetune_s=secs, variant_s=time.perf_counter() - t, qmodel=q)  # fmt: skip
     return out
 
 
@@ -489,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     jo.add_argument("--combined-size", type=float, default=0.4)
     jo.add_argument("--combined-latency", default="0.5", help="with --combined-size")
     jo.add_argument("--dense-epochs", type=int, default=40)
+    jo.add_argument("--recover", default="float",
+                    help="float (FT in float, then PTQ) and/or qat (PTQ, then QAT + KD for every "
+                         "plan), comma-separated: each plan is recovered each way")  # fmt: skip
     jz = sub.add_parser("joint-zeros", help="the unstructured (magnitude zeros) joint ILP")
     jz.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
     jz.add_argument("--bits", default="2,3,4,8")
