@@ -15,8 +15,9 @@ Parts:
 - ``peer``: Brevitas QAT (QuantConv2d / QuantLinear, 4-bit per-channel weights, 4-bit asymmetric
   per-tensor inputs, activation ranges calibrated on the same batches) trained by the same loop
   (``finetune``: same data order, loss, optimizer, schedule, seed) against squeezer's QAT.
-- ``sweep``: QAT + KD variants of the trainer's defaults on one net and plan, scored on the
-  held-out split (a recipe is chosen on it, never on the test split).
+- ``sweep``: QAT + KD variants of the trainer's defaults on one net and plan, every epoch's
+  logits recorded; each epoch-selection rule and each variant judged on the held-out split only
+  (epoch picked on one half of it, scored on the other), never on the test split.
 - ``export RUN``: ``squeezer finetune`` on a copy of a CNN run folder, then ``squeezer export``
   and ``to_integer`` on the fine-tuned model, each compared with it.
 
@@ -25,7 +26,8 @@ Usage:
     python benchmarks/finetune.py minilm RUN_UNIFORM RUN_MIXED --epochs 2 --json ft-minilm.json
     python benchmarks/finetune.py peer --net digits --epochs 5 --seeds 0,1,2 --json ft-peer.json
     python benchmarks/finetune.py export RUN
-    python benchmarks/finetune.py sweep --net mnist1d --seeds 0,1 --variants recipe,mse,slr3
+    python benchmarks/finetune.py sweep --net mnist1d --seeds 0,1,2 --variants qat,recipe --save r.pt
+    python benchmarks/finetune.py sweep --load r.pt t.pt   # re-judge saved records
     python benchmarks/finetune.py cnn --nets digits --seeds 0 --epochs 1 --fp32-epochs 2  # quick
 """
 
@@ -49,6 +51,7 @@ from squeezer.data import evaluate, load_data
 from squeezer.pipeline import compress, test_metrics
 from squeezer.train import fit
 from squeezer.train.finetune import BN_CLASSIFIER_RECIPE, finetune
+from squeezer.train.select import SELECT, halves, per_sample, pick_on, split_half_scores
 from squeezer.zoo import create
 
 NETS = {"digits": ("digits_resnet_deep", "digits"), "mnist1d": ("mnist1d_resnet", "mnist1d")}
@@ -159,15 +162,15 @@ def run_cnn(args: argparse.Namespace) -> dict:
 
 
 def print_cnn(out: dict) -> None:
-    print("\n| net | setting | avg bits | FP32 | PTQ | QAT (labels) | QAT + KD | gap recovered "
-          "(KD, of means) | s / run (QAT+KD) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| net | setting | avg bits | FP32 | PTQ | QAT (labels) | QAT + KD | gap recovered (KD, "
+          "of means; per seed) | kept epoch (KD) | s / run (QAT+KD) |\n" + "|---" * 10 + "|")
     for n in out["nets"].values():
         for plan_name, c in n["plans"].items():
+            per_seed = ", ".join(f"{g:.0%}" for g in c["recovered_kd"])
             print(f"| {n['model']} | {plan_name} | {statistics.mean(c['bits']):.2f} | "
                   f"{n['fp32']:.2f} | {mean_spread(c['ptq'])} | {mean_spread(c['qat'])} | "
-                  f"{mean_spread(c['kd'])} | {c['recovered_kd_of_means']:.0%} | "
-                  f"{statistics.median(c['kd_s']):.0f} |")  # fmt: skip
+                  f"{mean_spread(c['kd'])} | {c['recovered_kd_of_means']:.0%} ({per_seed}) | "
+                  f"{c['kd_best']} | {statistics.median(c['kd_s']):.0f} |")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,42 +197,127 @@ def mse_scales(q: nn.Module) -> nn.Module:
 
 VARIANTS: dict[str, tuple[dict[str, Any], Any]] = {  # name: (finetune options, model preparation)
     "recipe": ({}, None),
+    "qat": ({"distill": False}, None),  # QAT on the labels alone, for the selection rules
     "alpha1": ({"alpha": 1.0}, None),
     "mse": ({}, mse_scales),
     "slr3": ({"scale_lr": 3.0}, None),
     "mse_slr3": ({"scale_lr": 3.0}, mse_scales),
+    "T1": ({"temperature": 1.0}, None),
+    "T2": ({"temperature": 2.0}, None),
     "T4": ({"temperature": 4.0}, None),
 }
+RULES = tuple(SELECT)  # the trainer's selection rules, judged here
+
+
+def recorded_run(q: nn.Module, data: Any, teacher: nn.Module, val: Any, kw: dict) -> dict:
+    """``finetune(q, ...)`` with every epoch's logits on the held-out and the test samples kept:
+    the trainer's held-out measurement (``squeezer.train.finetune.validate``) is wrapped for the
+    length of the run, the training itself is untouched."""
+    import importlib
+    from unittest import mock
+
+    ft = importlib.import_module("squeezer.train.finetune")  # the package exports the function
+    xv = torch.cat([x for x, _ in val])
+    seen, inner = [], ft.validate
+
+    def recording(net, *a, **k):  # eval mode is what validation sets; each epoch resets modes
+        with torch.no_grad():
+            seen.append((net.eval()(xv), net(data.x_test)))
+        return inner(net, *a, **k)
+
+    with mock.patch.object(ft, "validate", recording):
+        r = finetune(q, data, teacher=teacher, val_data=val, **kw)
+    return {"val": torch.stack([v for v, _ in seen]), "test": torch.stack([t for _, t in seen]),
+            "best_epoch": r.best_epoch, "seconds": r.seconds, "final_test": top1(r.model, data),
+            "history": [dict(h) for h in r.history]}  # fmt: skip
+
+
+def judge(rec: dict, splits: int) -> dict:
+    """Each rule on each run, fairly (``split_half_scores``): ``half`` on each seed's own halving
+    of the held-out samples, ``many`` on ``splits`` more; ``oracle``: the best epoch on the
+    scoring half itself. The test top-1 of the epoch each rule keeps on the whole held-out split
+    (and of every epoch) is for the record only."""
+    y, tv, yt = rec["y_val"], rec["teacher_val"], rec["y_test"]
+    out: dict[str, Any] = {}
+    for name, runs in rec["runs"].items():
+        t = float(VARIANTS[name][0].get("temperature", 6.0))
+        cell: dict[str, Any] = {r: {"half": [], "many": [], "test": [], "epoch": []} for r in RULES}
+        cell["oracle"], cell["epoch_test"] = [], []
+        for seed, run in runs.items():
+            ps = per_sample(run["val"], y, tv, t)
+            test_acc = ((run["test"].argmax(-1) == yt).double().mean(-1) * 100).tolist()
+            cell["epoch_test"].append(test_acc)
+            for r in RULES:
+                cell[r]["half"] += split_half_scores(ps, r, seed=int(seed))
+                cell[r]["many"] += split_half_scores(ps, r, seed=int(seed) + 100, splits=splits)
+                cell[r]["epoch"].append(pick_on(ps, torch.arange(len(y)), r))
+                cell[r]["test"].append(test_acc[cell[r]["epoch"][-1]])
+            # the best any rule could do: the scoring half's own best epoch
+            cell["oracle"] += [float(ps["right"][:, b].mean(1).max()) for b in halves(len(y), int(seed))]
+        out[name] = cell
+    return out
+
+
+def print_judged(rec: dict, judged: dict) -> None:
+    fp32, ptq = rec["fp32"], rec["ptq"]
+    print(f"\nFP32 test {fp32:.2f}; PTQ test by seed {[round(p, 2) for p in ptq]}")
+    print("| run | rule | held-out half B top-1, picked on half A (seed's split; mean of seeds x 2) "
+          "| same, more random splits | kept epoch by seed | test top-1 of the kept epoch (record "
+          "only) | gap recovered by seed |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, cell in judged.items():
+        for r in RULES:
+            c = cell[r]
+            many = f"{statistics.mean(c['many']):.2f}" if c["many"] else "—"
+            gaps = ", ".join(f"{recovered(p, a, fp32):.0%}" for p, a in zip(ptq, c["test"],
+                                                                           strict=True))  # fmt: skip
+            print(f"| {name} | {r} | {statistics.mean(c['half']):.2f} | {many} | {c['epoch']} | "
+                  f"{mean_spread(c['test'])} | {gaps} |")  # fmt: skip
+    for name, cell in judged.items():
+        print(f"{name}: the scoring half's own best epoch {statistics.mean(cell['oracle']):.2f}; "
+              f"test top-1 by epoch, per seed: {[[round(a, 1) for a in s] for s in cell['epoch_test']]}")
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
-    """QAT + KD from the FP32 net with the trainer's defaults and each variant of them; the
-    held-out top-1 (the 10% the FP32 net never trained on) is what a choice may rest on, the test
-    top-1 is printed beside it for the record only."""
+    """QAT + KD from the FP32 net with the trainer's defaults and each variant of them (and QAT
+    on the labels, variant ``qat``), every epoch's held-out and test logits recorded; then each
+    selection rule and each variant judged on the held-out split only (``judge``), the test top-1
+    printed beside it for the record. ``--load`` re-judges saved records instead of training."""
+    if args.load:
+        rec = torch.load(args.load[0], weights_only=True)
+        for f in args.load[1:]:
+            rec["runs"].update(torch.load(f, weights_only=True)["runs"])
+    else:
+        rec = record_sweep(args)
+        if args.save:
+            torch.save(rec, args.save)
+    judged = judge(rec, args.splits)
+    print_judged(rec, judged)
+    return {"judged": judged, "fp32": rec["fp32"], "ptq": rec["ptq"],
+            "runs": {n: {s: {k: r[k] for k in ("best_epoch", "seconds", "final_test", "history")}
+                         for s, r in runs.items()} for n, runs in rec["runs"].items()}}  # fmt: skip
+
+
+def record_sweep(args: argparse.Namespace) -> dict:
     net, data, val = trained(args.net, args.fp32_epochs, args.cache)
     budget, method, act = PLANS[args.plan]
-    out: dict[str, Any] = {"net": NETS[args.net][0], "plan": args.plan, "fp32": top1(net, data),
-                           "fp32_held_out": float(evaluate(net, val, data.task)), "rows": []}  # fmt: skip
-    log(f"FP32 test {out['fp32']:.2f} held-out {out['fp32_held_out']:.2f}")
+    rec: dict[str, Any] = {"net": NETS[args.net][0], "plan": args.plan, "fp32": top1(net, data),
+                           "y_val": torch.cat([y for _, y in val]), "y_test": data.y_test,
+                           "teacher_val": net(torch.cat([x for x, _ in val])).detach(), "ptq": [],
+                           "runs": {v: {} for v in args.variants}}  # fmt: skip
+    log(f"FP32 test {rec['fp32']:.2f} held-out {float(evaluate(net, val, data.task)):.2f}")
     for seed in args.seeds:
         q = compress(net, data, budget, method=method, act_bits=act, seed=seed).qmodel
-        log(f"seed {seed} PTQ test {top1(q, data):.2f} held-out "
-            f"{float(evaluate(q, val, data.task)):.2f}")  # fmt: skip
+        rec["ptq"].append(top1(q, data))
+        log(f"seed {seed} PTQ test {rec['ptq'][-1]:.2f} held-out {evaluate(q, val, data.task):.2f}")
         for name in args.variants:
             kw, prep = VARIANTS[name]
-            r = finetune(prep(q) if prep else q, data, teacher=net, epochs=args.epochs, seed=seed,
-                         progress=False, val_data=val, **kw)  # fmt: skip
-            row = {"seed": seed, "variant": name, "held_out": float(evaluate(r.model, val, data.task)),
-                   "val_loss": r.history[r.best_epoch]["val_loss"], "best_epoch": r.best_epoch,
-                   "test": top1(r.model, data), "seconds": r.seconds}  # fmt: skip
-            out["rows"].append(row)
-            log(f"seed {seed} {name}: held-out {row['held_out']:.2f} (loss {row['val_loss']:.4f}, "
-                f"best epoch {r.best_epoch}) test {row['test']:.2f} ({r.seconds:.0f} s)")  # fmt: skip
-    print("\n| variant | seed | held-out top-1 (loss) | test top-1 |\n|---|---|---|---|")
-    for r in out["rows"]:
-        print(f"| {r['variant']} | {r['seed']} | {r['held_out']:.2f} ({r['val_loss']:.4f}) | "
-              f"{r['test']:.2f} |")  # fmt: skip
-    return out
+            run = recorded_run(prep(q) if prep else q, data, net, val,
+                               dict(epochs=args.epochs, seed=seed, progress=False, **kw))  # fmt: skip
+            rec["runs"][name][str(seed)] = run
+            log(f"seed {seed} {name}: best epoch {run['best_epoch']}, test {run['final_test']:.2f}"
+                f" ({run['seconds']:.0f} s); held-out top-1 by epoch "
+                f"{[round(h['val_metric'], 2) for h in run['history']]}")  # fmt: skip
+    return rec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,7 +538,7 @@ def main() -> None:
     seeds = dict(type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     for name in ("cnn", "peer", "sweep", "minilm", "export"):
         s = sub.add_parser(name)
-        s.add_argument("--epochs", type=int, default=5 if name in ("cnn", "peer") else 2)
+        s.add_argument("--epochs", type=int, default=5 if name in ("cnn", "peer", "sweep") else 2)
         s.add_argument("--lr", type=float, default=None, help="default: the trainer's")
         s.add_argument("--json", type=Path, default=None)
         if name in ("cnn", "peer", "sweep"):
@@ -470,8 +558,13 @@ def main() -> None:
             s.add_argument("--net", choices=tuple(NETS), default="digits" if name == "peer" else "mnist1d")
         if name == "sweep":
             s.add_argument("--plan", choices=tuple(PLANS), default="W4A4")
-            s.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+            s.add_argument("--variants", type=lambda s: s.split(","), default=["qat", "recipe"],
                            help=f"of {', '.join(VARIANTS)}")  # fmt: skip
+            s.add_argument("--splits", type=int, default=50,
+                           help="random halvings of the held-out split beyond each seed's own")  # fmt: skip
+            s.add_argument("--save", type=Path, default=None, help="keep the recorded logits")
+            s.add_argument("--load", type=Path, nargs="+", default=None,
+                           help="re-judge saved records (their runs merged) instead of training")  # fmt: skip
         if name == "minilm":
             s.add_argument("runs", nargs="+", type=Path)
             s.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench",

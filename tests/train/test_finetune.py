@@ -19,6 +19,7 @@ from squeezer.templates import uniform_plan
 from squeezer.train.distill import kd_loss, make_loss
 from squeezer.train.finetune import FinetuneResult, finetune
 from squeezer.train.lsq import fix_scales, learn_scales, learnable
+from squeezer.train.select import validate
 
 # The package exports the function under the module's name (as it does fit): the module itself.
 finetune_module = importlib.import_module("squeezer.train.finetune")
@@ -304,11 +305,12 @@ def test_validation_is_one_pass_with_the_loss_and_metric_of_two():
     calls = []
     net.register_forward_hook(lambda *a: calls.append(1))
     val = Batches(x, y, 32)  # batches of 32, 32, 6: the loss weighted by samples
-    loss, metric = finetune_module._validate(net, val, Classification())
+    loss, metric, kd = validate(net, val, Classification())
     assert len(calls) == len(val) == 3  # one forward per held-out batch
     assert loss == pytest.approx(mean_loss(net, val, Classification()), rel=1e-6)
     assert metric == pytest.approx(evaluate(net, val, Classification()))
-    assert finetune_module._validate(net, None, Classification()) == (None, None)
+    assert kd is None  # no teacher's outputs given
+    assert validate(net, None, Classification()) == (None, None, None)
 
 
 def test_given_held_out_batches_replace_the_split_of_the_training_data(monkeypatch):
@@ -331,7 +333,7 @@ def test_given_held_out_batches_replace_the_split_of_the_training_data(monkeypat
     assert r.options["val_data"] is True
     # the held-out figures of epoch 0 are the given model's on the given batches
     assert (r.history[0]["val_loss"], r.history[0]["val_metric"]) == pytest.approx(
-        finetune_module._validate(net, held, Classification()))
+        validate(net, held, Classification())[:2])
     assert all(h["val_metric"] is not None for h in r.history)
 
 

@@ -30,11 +30,9 @@ What it does, and the choices it makes:
 - **Held-out split and early stop**: ``val_fraction`` of the training split is held out (a seeded
   subset; every k-th batch of a streamed set); its loss (the task's: cross-entropy on the labels,
   or the error to the FP32 embeddings) and metric are measured before training (epoch 0) and after
-  every epoch. The best epoch is the one of lowest held-out loss, the metric breaking ties
-  (``select="loss"``); ``select="metric"`` ranks by the metric, the loss breaking ties. The loss
-  comes first because a small held-out split saturates the metric: a trained digits net is right
-  on all 144 held-out images before fine-tuning, so no epoch could beat epoch 0 on accuracy and
-  the training was thrown away, while the loss still tells the epochs apart. Training stops after
+  every epoch, and with a teacher the distillation loss to it. The best epoch is ranked by the
+  rule ``select`` of :data:`~squeezer.train.select.SELECT` (:mod:`squeezer.train.select`: lowest
+  held-out loss, best metric, lowest distillation loss, or the last epoch). Training stops after
   ``patience`` epochs without a better epoch, and ``restore_best`` returns the best epoch's
   weights (epoch 0 included: fine-tuning never returns a model worse on the held-out split than
   the one it was given). ``val_data`` validates on batches of your own instead: data the model
@@ -70,7 +68,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data import Classification, _accumulate, _index, batch_size, forward, to_device
+from ..data import Classification, _index, batch_size, forward, to_device
 from ..distributed import all_reduce_sum, world
 from ..errors import ConfigError
 from ..graph import copy_model, model_device
@@ -87,6 +85,7 @@ from .distill import (
 )
 from .lsq import fix_scales, learn_scales
 from .optim import OPTIMIZERS, cosine_schedule, make_optimizer
+from .select import check_select, score, teacher_outputs, validate
 
 #: Default fine-tuning learning rates per optimizer (a tenth of training's, or less).
 FINETUNE_LR: dict[str, float] = {"adamw": 1e-4, "lamb": 1e-3, "lars": 0.1, "sgd": 1e-3}
@@ -101,7 +100,6 @@ BN_CLASSIFIER_RECIPE: dict[str, Any] = {"lr": 1e-3, "lsq": True, "batch_size": 3
 PLAIN_RECIPE: dict[str, Any] = {"lr": None, "lsq": False, "batch_size": 64, "freeze_bn": True}
 
 WEIGHT_SCALES = ("track", "frozen")
-SELECT = ("loss", "metric")
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,8 @@ class FinetuneResult:
     Attributes:
         model: the fine-tuned model (a new object, in eval mode).
         history: one row per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_metric``,
-            ``lr``, ``seconds``; row 0 is the model as given (its held-out metric, no training).
+            ``val_kd`` (None without a teacher), ``lr``, ``seconds``; row 0 is the model as
+            given (its held-out metric, no training).
         seconds: wall time of the whole run (this process; a resumed run counts its own part).
         metric_name: the task's metric (``top1``, ``cosine`` ...).
         best_epoch: the epoch whose weights ``model`` holds.
@@ -211,8 +210,10 @@ def finetune(
             ``val_fraction`` is ignored.
         patience: stop after this many epochs without a better held-out epoch (None: never).
         restore_best: return the weights of the best held-out epoch (epoch 0 included).
-        select: what makes an epoch best: ``"loss"`` (lowest held-out loss, then metric) or
-            ``"metric"`` (best held-out metric, then loss).
+        select: what makes an epoch best, a rule of :data:`~squeezer.train.select.SELECT`:
+            ``"loss"`` (lowest held-out loss, then metric), ``"metric"`` (best held-out metric,
+            then loss), ``"kd"`` (lowest held-out distillation loss to the teacher) or
+            ``"last"``.
         optimizer: one of :data:`~squeezer.train.optim.OPTIMIZERS`.
         weight_decay: decoupled weight decay (AdamW) or L2 (others).
         steps_per_epoch: at most this many steps per epoch (None: the whole split).
@@ -251,6 +252,7 @@ def finetune(
     scales = [p for _, p in learn_scales(net)] if lsq else []
     uses_teacher = needs_teacher(task, distill, hidden_weight)
     teach = _frozen_copy(teacher) if teacher is not None and uses_teacher else None
+    check_select(select, task, teach is not None and needs_teacher(task, distill))
     loss_fn = make_loss(task, distill=distill, alpha=alpha, temperature=temperature,
                         embedding_loss=embedding_loss)  # fmt: skip
     if hidden_weight > 0:
@@ -259,6 +261,10 @@ def finetune(
     train_epoch, val = _split(data, 0.0 if val_data is not None else val_fraction, seed,
                               batch_size)  # fmt: skip
     val = val if val_data is None else val_data
+    ref = teacher_outputs(teach if needs_teacher(task, distill) else None, val, task)
+
+    def measure() -> tuple[float | None, float | None, float | None]:
+        return validate(net, val, task, ref, temperature)
     n_steps = _steps(train_epoch(0), steps_per_epoch)
     opt = _optimizer(net, scales, opts)
     sched = cosine_schedule(opt, epochs * n_steps)
@@ -270,8 +276,9 @@ def finetune(
     if resume and ckpt is not None and ckpt.is_file():
         state = _load_checkpoint(ckpt, opts, net, opt, sched)
     else:
-        state.history.append(_row(0, None, *_validate(net, val, task), 0.0, 0.0))
-        state.best_score = _score(state.history[0], task, select)
+        vl, vm, vk = measure()
+        state.history.append({**_row(0, None, vl, vm, 0.0, 0.0), "val_kd": vk})
+        state.best_score = score(state.history[0], task, select)
         state.best_state = _snapshot(net) if restore_best and val is not None else None
 
     ddp = _data_parallel(net) if world_size > 1 else net
@@ -300,12 +307,13 @@ def finetune(
             if track:
                 _track_scales(quantized)
             net.eval()
-            val_loss, metric = _validate(net, val, task)
+            val_loss, metric, kd = measure()
             train_loss = float(_summed(total, world_size)) / max(seen, 1)
-            state.history.append(_row(epoch, train_loss, val_loss, metric,
-                                      opt.param_groups[0]["lr"], time.perf_counter() - t_epoch))  # fmt: skip
+            state.history.append({**_row(epoch, train_loss, val_loss, metric,
+                                         opt.param_groups[0]["lr"], time.perf_counter() - t_epoch),
+                                  "val_kd": kd})  # fmt: skip
             state.epoch = epoch
-            state.update_best(_score(state.history[-1], task, select), net, restore_best)
+            state.update_best(score(state.history[-1], task, select), net, restore_best)
             if patience is not None and metric is not None and state.bad_epochs >= patience:
                 state.stopped_early = True
             state.done = state.stopped_early or state.epoch >= epochs
@@ -340,8 +348,6 @@ def _options(**kw: Any) -> dict[str, Any]:
         raise ConfigError(
             f"unknown optimizer {kw['optimizer']!r}; use one of {', '.join(OPTIMIZERS)}"
         )
-    if kw["select"] not in SELECT:
-        raise ConfigError(f"unknown select {kw['select']!r}; use one of {', '.join(SELECT)}")
     if kw["hidden_loss"] not in HIDDEN_LOSSES:
         raise ConfigError(
             f"unknown hidden loss {kw['hidden_loss']!r}; use one of {', '.join(HIDDEN_LOSSES)}"
@@ -479,34 +485,6 @@ class _Every:
 def _steps(batches: Any, cap: int | None) -> int:
     n = len(batches)
     return n if cap is None else min(n, cap)
-
-
-def _validate(net: nn.Module, val: Any, task: Any) -> tuple[float | None, float | None]:
-    """The held-out ``(loss, metric)`` from one pass over ``val`` (None, None without a held-out
-    split): the loss sample-weighted as :func:`~squeezer.data.mean_loss` weights it, the metric
-    as :func:`~squeezer.data.evaluate` sums it."""
-    if val is None:
-        return None, None
-    loss = [0.0, 0]
-
-    def both(out: Any, targets: Any) -> tuple[float, int]:
-        n = batch_size(targets) if isinstance(targets, torch.Tensor) else batch_size(out)
-        loss[0] += float(task.loss(out, targets)) * n
-        loss[1] += n
-        return task.metric_sums(out, targets)
-
-    total, count = _accumulate(net, val, both)
-    return loss[0] / loss[1], total / count
-
-
-def _score(row: dict[str, Any], task: Any, select: str) -> tuple[float, float] | None:
-    """An epoch's rank key, lower is better: (loss, −metric) or (−metric, loss) for ``select``
-    ``"loss"`` or ``"metric"`` (the metric's sign flipped when higher is better)."""
-    loss, metric = row["val_loss"], row["val_metric"]
-    if loss is None or metric is None:
-        return None
-    m = -metric if task.higher_is_better else metric
-    return (loss, m) if select == "loss" else (m, loss)
 
 
 # --------------------------------------------------------------------------------------------------
