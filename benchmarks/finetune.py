@@ -196,16 +196,11 @@ def mse_scales(q: nn.Module) -> nn.Module:
 
 
 VARIANTS: dict[str, tuple[dict[str, Any], Any]] = {  # name: (finetune options, model preparation)
-    "recipe": ({}, None),
-    "qat": ({"distill": False}, None),  # QAT on the labels alone, for the selection rules
-    "alpha1": ({"alpha": 1.0}, None),
-    "mse": ({}, mse_scales),
-    "slr3": ({"scale_lr": 3.0}, None),
-    "mse_slr3": ({"scale_lr": 3.0}, mse_scales),
-    "T1": ({"temperature": 1.0}, None),
-    "T2": ({"temperature": 2.0}, None),
-    "T4": ({"temperature": 4.0}, None),
-}
+    "recipe": ({}, None), "qat": ({"distill": False}, None),  # qat: on the labels alone
+    "alpha1": ({"alpha": 1.0}, None), "mse": ({}, mse_scales), "slr3": ({"scale_lr": 3.0}, None),
+    "mse_slr3": ({"scale_lr": 3.0}, mse_scales), "T1": ({"temperature": 1.0}, None),
+    "T2": ({"temperature": 2.0}, None), "T4": ({"temperature": 4.0}, None),
+}  # fmt: skip
 RULES = tuple(SELECT)  # the trainer's selection rules, judged here
 
 
@@ -242,7 +237,7 @@ def judge(rec: dict, splits: int) -> dict:
     for name, runs in rec["runs"].items():
         t = float(VARIANTS[name][0].get("temperature", 6.0))
         cell: dict[str, Any] = {r: {"half": [], "many": [], "test": [], "epoch": []} for r in RULES}
-        cell["oracle"], cell["epoch_test"] = [], []
+        cell["oracle"], cell["epoch_test"], cell["ptq"] = [], [], [run["ptq"] for run in runs.values()]
         for seed, run in runs.items():
             ps = per_sample(run["val"], y, tv, t)
             test_acc = ((run["test"].argmax(-1) == yt).double().mean(-1) * 100).tolist()
@@ -259,8 +254,8 @@ def judge(rec: dict, splits: int) -> dict:
 
 
 def print_judged(rec: dict, judged: dict) -> None:
-    fp32, ptq = rec["fp32"], rec["ptq"]
-    print(f"\nFP32 test {fp32:.2f}; PTQ test by seed {[round(p, 2) for p in ptq]}")
+    fp32 = rec["fp32"]
+    print(f"\nFP32 test {fp32:.2f}; PTQ test by seed {[round(p, 2) for p in rec['ptq']]}")
     print("| run | rule | held-out half B top-1, picked on half A (seed's split; mean of seeds x 2) "
           "| same, more random splits | kept epoch by seed | test top-1 of the kept epoch (record "
           "only) | gap recovered by seed |\n|---|---|---|---|---|---|---|")  # fmt: skip
@@ -268,7 +263,7 @@ def print_judged(rec: dict, judged: dict) -> None:
         for r in RULES:
             c = cell[r]
             many = f"{statistics.mean(c['many']):.2f}" if c["many"] else "—"
-            gaps = ", ".join(f"{recovered(p, a, fp32):.0%}" for p, a in zip(ptq, c["test"],
+            gaps = ", ".join(f"{recovered(p, a, fp32):.0%}" for p, a in zip(cell["ptq"], c["test"],
                                                                            strict=True))  # fmt: skip
             print(f"| {name} | {r} | {statistics.mean(c['half']):.2f} | {many} | {c['epoch']} | "
                   f"{mean_spread(c['test'])} | {gaps} |")  # fmt: skip
@@ -283,18 +278,24 @@ def run_sweep(args: argparse.Namespace) -> dict:
     selection rule and each variant judged on the held-out split only (``judge``), the test top-1
     printed beside it for the record. ``--load`` re-judges saved records instead of training."""
     if args.load:
-        rec = torch.load(args.load[0], weights_only=True)
-        for f in args.load[1:]:
-            rec["runs"].update(torch.load(f, weights_only=True)["runs"])
+        rec = None
+        for f in args.load:  # each file's runs merged seed by seed, each run with its seed's PTQ
+            r = torch.load(f, weights_only=True)
+            for name, runs in r["runs"].items():
+                for i, run in enumerate(runs.values()):
+                    run.setdefault("ptq", r["ptq"][i])
+                if rec is not None:
+                    rec["runs"].setdefault(name, {}).update(runs)
+            rec = rec or r
     else:
         rec = record_sweep(args)
         if args.save:
             torch.save(rec, args.save)
     judged = judge(rec, args.splits)
     print_judged(rec, judged)
-    return {"judged": judged, "fp32": rec["fp32"], "ptq": rec["ptq"],
-            "runs": {n: {s: {k: r[k] for k in ("best_epoch", "seconds", "final_test", "history")}
-                         for s, r in runs.items()} for n, runs in rec["runs"].items()}}  # fmt: skip
+    keep = ("best_epoch", "seconds", "final_test", "history", "ptq")
+    return {"judged": judged, "fp32": rec["fp32"], "runs": {n: {s: {k: r[k] for k in keep}
+            for s, r in runs.items()} for n, runs in rec["runs"].items()}}  # fmt: skip
 
 
 def record_sweep(args: argparse.Namespace) -> dict:
@@ -313,7 +314,7 @@ def record_sweep(args: argparse.Namespace) -> dict:
             kw, prep = VARIANTS[name]
             run = recorded_run(prep(q) if prep else q, data, net, val,
                                dict(epochs=args.epochs, seed=seed, progress=False, **kw))  # fmt: skip
-            rec["runs"][name][str(seed)] = run
+            rec["runs"][name][str(seed)] = {**run, "ptq": rec["ptq"][-1]}
             log(f"seed {seed} {name}: best epoch {run['best_epoch']}, test {run['final_test']:.2f}"
                 f" ({run['seconds']:.0f} s); held-out top-1 by epoch "
                 f"{[round(h['val_metric'], 2) for h in run['history']]}")  # fmt: skip
@@ -560,8 +561,7 @@ def main() -> None:
             s.add_argument("--plan", choices=tuple(PLANS), default="W4A4")
             s.add_argument("--variants", type=lambda s: s.split(","), default=["qat", "recipe"],
                            help=f"of {', '.join(VARIANTS)}")  # fmt: skip
-            s.add_argument("--splits", type=int, default=50,
-                           help="random halvings of the held-out split beyond each seed's own")  # fmt: skip
+            s.add_argument("--splits", type=int, default=50, help="random halvings of held-out")
             s.add_argument("--save", type=Path, default=None, help="keep the recorded logits")
             s.add_argument("--load", type=Path, nargs="+", default=None,
                            help="re-judge saved records (their runs merged) instead of training")  # fmt: skip
