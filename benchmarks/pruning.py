@@ -171,7 +171,11 @@ def bench_structured(args: argparse.Namespace) -> dict:
 
 def bench_leap(args: argparse.Namespace) -> dict:
     """LEAP (thresholds learned over ``--finetune`` epochs) against global magnitude pruning
-    followed by the same number of fine-tuning epochs (zeros held), at each ratio."""
+    followed by the same number of fine-tuning epochs (zeros held), at each ratio; with
+    ``--granularity channels``, structured LEAP (ratio of the MACs) against structured L1 pruning
+    followed by the same fine-tuning."""
+    target, baseline = (("weights", "unstructured") if args.granularity == "weights"
+                        else ("macs", "structured"))  # fmt: skip
     from squeezer.data import load_data
     from squeezer.prune import PruneSpec, prune
     from squeezer.prune.stage import prune_stage
@@ -185,17 +189,23 @@ def bench_leap(args: argparse.Namespace) -> dict:
         for ratio in (float(r) for r in args.ratios.split(",")):
             t = time.perf_counter()
             opts = {"epochs": args.finetune, "lr": args.lr}
-            leap = prune(dense, PruneSpec("leap", ratio, target="weights", seed=args.seed,
+            leap = prune(dense, PruneSpec("leap", ratio, target=target, seed=args.seed,
                                           options=opts), data)  # fmt: skip
             t_leap = time.perf_counter() - t
             t = time.perf_counter()
-            mag = prune_stage(dense, data, PruneSpec("unstructured", ratio, target="weights"),
+            mag = prune_stage(dense, data, PruneSpec(baseline, ratio, target=target),
                               finetune_epochs=args.finetune, lr=args.lr, seed=args.seed)  # fmt: skip
             row = {
                 "model": name, "data": data.name, "ratio": ratio, "dense": acc,
-                "leap": _accuracy(leap.model, data), "leap_ratio": leap.stats["sparsity"],
-                "leap_learned_ratio": leap.stats["learned_ratio"],
-                "leap_threshold_factor": leap.stats["threshold_factor"], "leap_s": t_leap,
+                "granularity": args.granularity,
+                "leap": _accuracy(leap.model, data), "leap_learned_ratio": leap.stats["learned_ratio"],
+                **({"leap_ratio": leap.stats["sparsity"],
+                    "leap_threshold_factor": leap.stats["threshold_factor"]}
+                   if target == "weights" else
+                   {"leap_ratio": 1 - leap.stats["macs_after"] / leap.stats["macs_before"],
+                    "magnitude_ratio": 1 - mag.pruned.stats["macs_after"] / mag.pruned.stats["macs_before"],
+                    "leap_architecture": leap.architecture}),
+                "leap_s": t_leap,
                 "magnitude": _accuracy(mag.model, data),
                 "magnitude_no_ft": mag.record["pruned"]["metric"],
                 "magnitude_s": time.perf_counter() - t,
@@ -503,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     le.add_argument("--models", default="digits_cnn,mnist1d_cnn")
     le.add_argument("--ratios", default="0.5,0.7,0.9")
     le.add_argument("--dense-epochs", type=int, default=30)
+    le.add_argument("--granularity", choices=("weights", "channels"), default="weights",
+                    help="unstructured LEAP vs magnitude, or structured LEAP vs L1 channels")
     jo = sub.add_parser("joint")
     jo.add_argument("--models", default="digits_resnet_deep,mnist1d_resnet")
     jo.add_argument("--bits", default="2,3,4,8")

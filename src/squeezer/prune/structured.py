@@ -331,6 +331,16 @@ def prune_structured(model: nn.Module, spec: PruneSpec, data: Dataset | None = N
     counter = _Counter(work, graph, example)
     removed = select(graph, counter, scores, spec)
     pruned, arch = shrink(model, graph, removed)
+    return finish(model, pruned, arch, spec, counter, graph, removed, example)
+
+
+def finish(
+    model: nn.Module, pruned: nn.Module, arch: dict, spec: PruneSpec, counter: _Counter,
+    graph: DependencyGraph, removed: set[int], example: Any,
+) -> Pruned:  # fmt: skip
+    """The :class:`Pruned` of a structured pruner: per-layer ratios, MACs and parameters before
+    and after (the counted MACs checked against the pruned model's), ``pruned`` in ``model``'s
+    training mode."""
     pruned.train(model.training)
     ratios = {}
     old_layers = quantizable_layers(model)
