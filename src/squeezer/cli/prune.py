@@ -32,7 +32,8 @@ def prune_args(p: argparse.ArgumentParser) -> None:
                    "or the loss increase measured per layer and choice")  # fmt: skip
     g.add_argument("--prune-target", choices=("macs", "params", "weights"), default=None,
                    help="what the ratio is a fraction of (default: macs for structured and "
-                   "heads, weights for zeroing methods)")  # fmt: skip
+                   "heads, weights for zeroing methods and leap; --prune leap --prune-target "
+                   "macs learns thresholds on whole channels and removes them)")  # fmt: skip
     g.add_argument(
         "--prune-importance",
         choices=("l1", "l2", "hessian"),
