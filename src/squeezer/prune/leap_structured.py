@@ -167,6 +167,10 @@ class ChannelLeap(Thresholded):
         return _removal(order, learned if k is None else k, groups, self.spec.round_to)
 
     def hard_density(self, factor: float = 1.0) -> float:
+        """The exact density the thresholds give now (``factor`` is the weights' landing knob;
+        channels land on the target by :meth:`final_removal` instead, so it must stay 1)."""
+        if factor != 1.0:
+            raise ValueError("channel LEAP lands on its target by final_removal, not a factor")
         return self.density(self.removal())
 
     def density(self, removed: set[int]) -> float:
