@@ -32,7 +32,7 @@ from ..data import Dataset
 from ..errors import ConfigError
 from .base import Pruned, PruneSpec
 from .depgraph import DependencyGraph, Use
-from .structured import _Counter, _example, _removal, finish, shrink, traced_graph
+from .structured import _Counter, _example, _removal, fewest, finish, shrink, traced_graph
 from .thresholds import DEFAULTS, Thresholded, check_options, train_thresholds
 
 #: LEAP's options for channels: slower thresholds (e⁴ of travel, not e⁸) and a weaker
@@ -70,7 +70,7 @@ class ChannelLeap(Thresholded):
     def __init__(self, model: nn.Module, spec: PruneSpec, total_steps: int, opts: dict, *,
                  graph: DependencyGraph, counter: _Counter) -> None:  # fmt: skip
         super().__init__(model, spec, total_steps, opts)
-        self.graph, self.counter, self.spec = graph, counter, spec
+        self.counter, self.spec = counter, spec  # not the graph: the trainer copies us
         self.what = "macs" if spec.target == "macs" else "params"
         channels = graph.channels()
         self.ids = sorted(channels)
@@ -124,9 +124,12 @@ class ChannelLeap(Thresholded):
 
     def best(self, s: torch.Tensor) -> torch.Tensor:
         """True at each group's best-scored channel, which no mask removes (as no pruner does)."""
-        out = torch.zeros(len(self.ids), dtype=torch.bool)
-        for members in self.members:
-            out[max(members, key=lambda i: (float(s[i]), -i))] = True
+        groups, n = len(self.members), len(self.ids)
+        top = torch.full((groups,), -math.inf).scatter_reduce(0, self.group, s, "amax")
+        first = torch.where(s == top[self.group], torch.arange(n), n)  # the lowest index of a tie
+        pick = torch.full((groups,), n).scatter_reduce(0, self.group, first, "amin")
+        out = torch.zeros(n, dtype=torch.bool)
+        out[pick] = True
         return out
 
     def prepare(self) -> None:
@@ -160,11 +163,11 @@ class ChannelLeap(Thresholded):
         groups = [[self.ids[i] for i in sorted(m, key=lambda i: (r[i], i))] for m in self.members]
         return [self.ids[i] for i in listed], groups, sum(1 for i in listed if r[i] <= 1.0)
 
-    def removal(self, k: int | None = None) -> set[int]:
-        """The elements removed by the first ``k`` channels of :meth:`order` (by default those
-        the thresholds remove), each group's count rounded to ``round_to``."""
+    def removal(self) -> set[int]:
+        """The elements the thresholds remove (score at or below), each group's count rounded to
+        ``round_to``."""
         order, groups, learned = self.order()
-        return _removal(order, learned if k is None else k, groups, self.spec.round_to)
+        return _removal(order, learned, groups, self.spec.round_to)
 
     def hard_density(self, factor: float = 1.0) -> float:
         """The exact density the thresholds give now (``factor`` is the weights' landing knob;
@@ -178,23 +181,16 @@ class ChannelLeap(Thresholded):
 
     def final_removal(self) -> tuple[set[int], int, int]:
         """The fewest channels in :meth:`order` whose removal brings the density to the target or
-        below (the thresholds' own choice when it is within ``tol`` of it, or below); and how
-        many the thresholds remove, how many go."""
+        below (the thresholds' own choice when its density is within ``tol`` of it); and how many
+        the thresholds remove, how many go."""
         order, groups, learned = self.order()
         step = self.spec.round_to
         mine = _removal(order, learned, groups, step)
         if abs(self.density(mine) - self.target) <= self.opts["tol"]:
             return mine, learned, learned
-        lo, hi = 0, len(order)
-        if self.density(_removal(order, hi, groups, step)) > self.target + 1e-9:
-            return _removal(order, hi, groups, step), learned, hi  # all it can: said in stats
-        while lo < hi:  # smallest k with density <= target (the density falls as k grows)
-            mid = (lo + hi) // 2
-            if self.density(_removal(order, mid, groups, step)) <= self.target + 1e-9:
-                hi = mid
-            else:
-                lo = mid + 1
-        return _removal(order, lo, groups, step), learned, lo
+        k = fewest(order, groups, step, self.density, self.target)
+        k = len(order) if k is None else k  # all it can: the stats say how far it got
+        return _removal(order, k, groups, step), learned, k
 
 
 def prune_leap_channels(model: nn.Module, spec: PruneSpec, data: Dataset | None) -> Pruned:

@@ -153,24 +153,35 @@ def select(
     groups = _groups(scores, graph)
     order = _order(scores, groups, spec.scope)
 
-    def cost(k: int) -> float:
-        return counter.total(_removal(order, k, groups, spec.round_to), what)
-
-    lo, hi = 0, len(order)
-    if cost(hi) > goal + 1e-9:
-        reach = 1 - cost(hi) / counter.total(set(), what)
+    k = fewest(order, groups, spec.round_to, lambda r: counter.total(r, what), goal)
+    if k is None:
+        reach = 1 - counter.total(_removal(order, len(order), groups, spec.round_to), what) / (
+            counter.total(set(), what)
+        )
         raise ConfigError(
             f"structured pruning can remove at most {reach:.0%} of the {what} of this model "
             f"(pinned channels and {spec.round_to} channel(s) per group stay); ask for less, or "
             "a smaller round_to"
         )
-    while lo < hi:  # smallest k with cost(k) <= goal (cost falls as k grows)
+    return _removal(order, k, groups, spec.round_to)
+
+
+def fewest(
+    order: list[int], groups: list[list[int]], step: int, cost: Any, goal: float
+) -> int | None:
+    """The smallest ``k`` whose :func:`_removal` of the first ``k`` channels of ``order`` costs
+    ``goal`` or less (``cost(removed)``, falling as ``k`` grows); None if even all of them do
+    not."""
+    lo, hi = 0, len(order)
+    if cost(_removal(order, hi, groups, step)) > goal + 1e-9:
+        return None
+    while lo < hi:
         mid = (lo + hi) // 2
-        if cost(mid) <= goal + 1e-9:
+        if cost(_removal(order, mid, groups, step)) <= goal + 1e-9:
             hi = mid
         else:
             lo = mid + 1
-    return _removal(order, lo, groups, spec.round_to)
+    return lo
 
 
 def shrink(model: nn.Module, graph: DependencyGraph, removed: set[int]) -> tuple[nn.Module, dict]:
