@@ -23,13 +23,22 @@ Usage:
     python benchmarks/pruning_encoder.py --methods heads --stages 0.25,0.4 --epochs 1,2 \
         --no-time --out runs/heads
     python benchmarks/pruning_encoder.py --time runs/heads,runs/tokens --out runs/timed
+    python benchmarks/pruning_encoder.py --methods heads --extra-text torch,transformers \
+        --no-time --out runs/heads-more     # more training text: those packages' docstrings
+
+``--extra-text PKG,PKG`` adds the docstring sentences of those installed packages (parsed, not
+imported, as the ``sentences`` corpus parses the standard library) to the TRAINING split only;
+every sentence that is also in the standard library's corpus (train or test) is dropped from them,
+so the test sentences stay unseen. The package versions are recorded in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +53,7 @@ from squeezer.measure import param_count
 from squeezer.prune import PruneSpec, prune
 from squeezer.prune.heads import architecture, encoder_blocks, encoder_macs, rebuild
 from squeezer.prune.tokens import TokenPruned
-from squeezer.text import embed, mean_cosine, tokenize
+from squeezer.text import embed, embedding_dataset, mean_cosine, stdlib_sentences, tokenize
 from squeezer.train.finetune import finetune
 
 SEQ = 128
@@ -68,6 +77,32 @@ def passages(tokenizer: Any, sentences: list[str], n: int) -> dict[str, torch.Te
     x = tokenize(tokenizer, texts, SEQ)
     assert bool((x["attention_mask"] == 1).all()), "a passage is shorter than SEQ tokens"
     return x
+
+
+def with_extra_text(data, fp32, tok, packages: list[str]):
+    """``data`` with the docstring sentences of installed ``packages`` added to its training split
+    (sentences of the standard-library corpus, train or test, are left out), and the record of
+    what was added."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    known = set(data.meta["train_text"]) | set(data.meta["test_text"]) | set(stdlib_sentences())
+    extra: set[str] = set()
+    record = {}
+    for name in packages:
+        root = site / name
+        if not root.is_dir():
+            raise SystemExit(f"--extra-text: {name!r} is not an installed package folder")
+        found = set(stdlib_sentences(str(root))) - known
+        dist = {"sklearn": "scikit-learn"}.get(name, name)
+        record[name] = {"version": importlib.metadata.version(dist), "sentences": len(found - extra)}
+        extra |= found
+    g = torch.Generator().manual_seed(0)  # sorted then shuffled: a function of the set only
+    ordered = sorted(extra)
+    extra_list = [ordered[i] for i in torch.randperm(len(ordered), generator=g).tolist()]
+    train = list(data.meta["train_text"]) + extra_list
+    out = embedding_dataset("sentences+docstrings", train, list(data.meta["test_text"]),
+                            model=fp32, tokenizer=tok, max_len=SEQ, n_train=None, n_test=None,
+                            meta={"extra_text": record})  # fmt: skip
+    return out, record
 
 
 def fidelity(model, data, pas, pas_ref) -> dict[str, float]:
@@ -236,6 +271,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--extra-text", default="",
+                    help="PKG,PKG: add these installed packages' docstring sentences to the "
+                         "training split")  # fmt: skip
     ap.add_argument("--methods", default="heads,tokens")
     ap.add_argument("--ratios", default="0.3,0.45,0.55", help="token-pruning ratios")
     ap.add_argument("--ltp-steps", type=int, default=50, help="soft threshold-training steps")
@@ -277,6 +315,12 @@ def main() -> None:
     data = load_data("sentences", model=fp32, tokenizer=tok, max_len=SEQ,
                      n_train=args.n_train, n_test=512)  # fmt: skip
     log(f"data: {data.n_train} train / 512 test sentences ({time.perf_counter() - t0:.0f} s)")
+    extra = {}
+    if args.extra_text:
+        t0 = time.perf_counter()
+        data, extra = with_extra_text(data, fp32, tok, args.extra_text.split(","))
+        log(f"data + docstrings: {data.n_train} train sentences {extra} "
+            f"({time.perf_counter() - t0:.0f} s)")
     pas = passages(tok, list(data.meta["test_text"]) + list(data.meta["train_text"]), 128)
     pas_ref = embed(fp32, pas)
 
@@ -302,7 +346,8 @@ def main() -> None:
         variants[r["name"]] = model = r.pop("model")
         torch.save(model.state_dict(), out / "models" / f"{r['name']}.pt")
     result = {"machine": machine, "args": vars(args), "macs_fp32": encoder_macs(fp32),
-              "params_fp32": param_count(fp32), "rows": rows}  # fmt: skip
+              "params_fp32": param_count(fp32), "extra_text": extra,
+              "n_train": data.n_train, "rows": rows}  # fmt: skip
     if not args.no_time:
         lat = time_rows(fp32, rows, variants, example, args)
         result["fp32_ms"] = {"pt": lat["pt:fp32"], "ort": lat["ort:fp32"]}
