@@ -372,7 +372,7 @@ def _exported_session(qmodel: nn.Module, path: Any, example: Any, requantize: bo
 
     if not any(isinstance(m, QuantMixin) for m in qmodel.modules()):  # a plan all in float
         return ort_session(export_float_onnx(qmodel, example), threads=threads)
-    forms = weight_code_forms("auto")
+    forms = weight_code_forms("auto", qmodel=qmodel)  # int8 unchecked if nothing can saturate
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

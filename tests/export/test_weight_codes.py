@@ -20,16 +20,23 @@ from squeezer.errors import ConfigError, ExportError
 pytest.importorskip("onnxruntime")
 from squeezer.export import export_onnx  # noqa: E402
 from squeezer.export.onnx import weight_code_forms  # noqa: E402
-from squeezer.export.runtime import _saturates, u8s8_saturates  # noqa: E402
+from squeezer.export.runtime import (  # noqa: E402
+    _saturates,
+    ort_feeds,
+    ort_session,
+    saturating_layers,
+    u8s8_saturates,
+)
 
 from .test_onnx import optimized_ops  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _saturating_net():
+def _saturating_net(bits: int = 8):
     """A 1x1 conv over 16 channels whose inputs quantize near code 255 and weights to code 127:
-    every pair of products is 2 · 255 · 127 > 32,767."""
+    every pair of products is 2 · 255 · 127 > 32,767 (at ``bits`` 7 the weights are at code 63:
+    2 · 255 · 63 = 32,130 fits)."""
     net = nn.Sequential(nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
         net[0].weight.fill_(0.05)
@@ -38,7 +45,7 @@ def _saturating_net():
     g = torch.Generator().manual_seed(0)
     x = 0.9 + 0.1 * torch.rand(32, 16, 4, 4, generator=g)
     x[0, :, 0, 0] = 0.0  # the input range starts at 0: zero point 0, codes up to 255
-    q = quantize(net, QuantConfig(LayerQuant(bits=8, act_bits=8)), calib=[x])
+    q = quantize(net, QuantConfig(LayerQuant(bits=bits, act_bits=8)), calib=[x])
     return q, x
 
 
@@ -92,6 +99,61 @@ def test_int8_codes_saturate_exactly_where_the_cpu_says_so(tmp_path):
     auto = export_onnx(q, tmp_path / "auto.onnx", x)
     assert auto.weight_codes == ("uint8" if u8s8_saturates() else "int8")
     assert auto.median_sample_error <= 1e-5 * float(q(x).detach().abs().max())
+
+
+def test_seven_bit_weights_take_int8_codes_directly_and_run_exactly(tmp_path, monkeypatch):
+    """7-bit weights (codes ±63) cannot saturate the uint8 × int8 kernels, so "auto" writes int8
+    codes without trying (or checking) another form, on this CPU as on any; 8-bit ones still go
+    through the check where the CPU saturates."""
+    import onnx
+
+    import squeezer.export.onnx as export_mod
+
+    q7, x = _saturating_net(bits=7)
+    q8, _ = _saturating_net(bits=8)
+    assert saturating_layers(q7) == [] and saturating_layers(q8) == ["0", "2"]
+    monkeypatch.setattr(export_mod, "u8s8_saturates", lambda: True)  # a CPU without VNNI
+    assert weight_code_forms("auto", qmodel=q7) == ["int8"]
+    assert weight_code_forms("auto", verify=False, qmodel=q7) == ["int8"]
+    assert weight_code_forms("auto", qmodel=q8) == ["int8", "uint8"]
+    assert weight_code_forms("auto", verify=False, qmodel=q8) == ["uint8"]
+    monkeypatch.undo()
+    # float rounding of the rescale can flip one code of the 4-channel hidden map (3e-5 relative
+    # measured); saturated sums move outputs by tens of percent (8-bit int8 codes, below)
+    scale = 1e-4 * float(q7(x).detach().abs().max())
+    rep = export_onnx(q7, tmp_path / "w7.onnx", x, pack=False)
+    assert rep.weight_codes == "int8" and rep.median_sample_error <= scale
+    unchecked = export_onnx(q7, tmp_path / "w7u.onnx", x, pack=False, verify=False)
+    assert unchecked.weight_codes == "int8"
+    inits = {i.name: i for i in onnx.load(tmp_path / "w7u.onnx").graph.initializer}
+    assert inits["0.w_q"].data_type == onnx.TensorProto.INT8
+    sess = ort_session(tmp_path / "w7u.onnx", threads=1)  # the unchecked file runs exactly too
+    out = sess.run(None, ort_feeds(x, sess))[0]
+    assert np.abs(out - q7(x).detach().numpy()).max() <= scale
+    if u8s8_saturates():  # where 8-bit codes saturate, "auto" does not keep int8 for them
+        assert export_onnx(q8, tmp_path / "w8.onnx", x).weight_codes == "uint8"
+        assert export_onnx(q8, tmp_path / "w8u.onnx", x, verify=False).weight_codes == "uint8"
+        export_onnx(q8, tmp_path / "w8s.onnx", x, weight_codes="int8", verify=False)
+        sess = ort_session(tmp_path / "w8s.onnx", threads=1)
+        wrong, ref8 = sess.run(None, ort_feeds(x, sess))[0], q8(x).detach().numpy()
+        assert np.abs(wrong - ref8).max() > 0.01 * float(np.abs(ref8).max())
+
+
+def test_saturating_layers_skips_what_runs_without_int8_kernels():
+    """Float inputs, group-wise codes, uint8 (asymmetric 8-bit) codes and narrow asymmetric ones
+    cannot saturate; 7-bit asymmetric codes (0..127, stored as int8) can."""
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    cases = [
+        (LayerQuant(bits=8), []),
+        (LayerQuant(bits=8, act_bits=8, granularity="group", group_size=8), []),
+        (LayerQuant(bits=8, act_bits=8, symmetric=False), []),
+        (LayerQuant(bits=6, act_bits=8, symmetric=False), []),
+        (LayerQuant(bits=7, act_bits=8, symmetric=False), ["0", "2"]),
+        (LayerQuant(bits=8, act_bits=4), ["0", "2"]),
+    ]
+    for spec, expected in cases:
+        assert saturating_layers(quantize(net, QuantConfig(spec), calib=[x])) == expected, spec
 
 
 def test_token_linears_fuse_with_uint8_codes(tmp_path):

@@ -30,7 +30,9 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="form of 8-bit weight codes (ONNX): int8 (zero point 0) or uint8 (codes + 128, "
         "zero point 128, the same values); auto (default): int8, rebuilt as uint8 when it fails "
-        "the check on an x86 CPU without VNNI, where ONNX Runtime's uint8 x int8 kernels saturate",
+        "the check on an x86 CPU without VNNI, where ONNX Runtime's uint8 x int8 kernels "
+        "saturate; int8 directly where every layer with quantized inputs has <= 7-bit weights "
+        "(codes within +-64 cannot saturate)",
     )
     p.add_argument("--samples", type=int, default=64, help="test inputs used for the check")
     p.add_argument("--atol", type=float, default=None, help="tolerance of the check")

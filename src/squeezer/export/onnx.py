@@ -27,7 +27,13 @@ from ..graph import copy_model
 from .common import ATOL, OPSET, CheckedExport, _require_onnx
 from .layers import _collect_layers, _float_twin, _Layer
 from .rewrite import _rewrite
-from .runtime import ort_feeds, ort_session, resolve_weight_codes, u8s8_saturates
+from .runtime import (
+    ort_feeds,
+    ort_session,
+    resolve_weight_codes,
+    saturating_layers,
+    u8s8_saturates,
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,11 @@ def export_onnx(
             ``"int8"`` (zero point 0, ONNX Runtime's usual form), ``"uint8"`` (codes + 128, zero
             point 128: the same values) or ``"auto"`` (default): int8, except on x86 CPUs
             without VNNI (:func:`~squeezer.export.runtime.u8s8_saturates`) where the int8 file
-            fails the check, then uint8 (and uint8 there with ``verify=False``); the report's
-            ``weight_codes`` says which (:func:`weight_code_forms`). On x86 without
+            fails the check, then uint8 (and uint8 there with ``verify=False``); int8 directly
+            on every CPU where no layer can saturate (every layer with quantized inputs at
+            ≤ 7-bit weights, codes within ±64: 2 · 255 · 64 fits int16, as ONNX Runtime's
+            ``reduce_range``); the report's ``weight_codes`` says which
+            (:func:`weight_code_forms`). On x86 without
             VNNI ONNX Runtime's uint8 × int8 kernels add pairs of products in int16 and saturate
             (a ResNet's outputs move by several output steps); its uint8 × uint8 kernels do not.
             With ``"uint8"`` activation codes that fit int8 are stored as uint8 too (same
@@ -142,7 +151,7 @@ def export_onnx(
     _require_onnx()
     threads = threads or torch.get_num_threads()
     qmodel = copy_model(qmodel).eval()
-    forms = weight_code_forms(weight_codes, verify)
+    forms = weight_code_forms(weight_codes, verify, qmodel)
     fmodel = _float_twin(qmodel, _collect_layers(qmodel))
     float_graph = _torch_export(fmodel, example)  # each form rewrites a copy of it
     ref = None
@@ -190,13 +199,23 @@ def export_onnx(
     )
 
 
-def weight_code_forms(weight_codes: str, verify: bool = True) -> list[str]:
+def weight_code_forms(
+    weight_codes: str, verify: bool = True, qmodel: nn.Module | None = None
+) -> list[str]:
     """The forms :func:`export_onnx` tries, in order, for its ``weight_codes``: the one asked
     for; for ``"auto"`` int8, then uint8 if the check fails, on a CPU where ONNX Runtime's
-    uint8 × int8 kernels saturate (just uint8 there without a check), else int8."""
+    uint8 × int8 kernels saturate (just uint8 there without a check), else int8. Given
+    ``qmodel``, ``"auto"`` is int8 alone on every CPU when none of its layers can saturate
+    (:func:`~squeezer.export.runtime.saturating_layers`: e.g. every layer with quantized
+    inputs at ≤ 7-bit weights), with or without a check.
+
+    Example:
+        >>> weight_code_forms("uint8")
+        ['uint8']
+    """
     if weight_codes != "auto":
         return [resolve_weight_codes(weight_codes)]
-    if not u8s8_saturates():
+    if not u8s8_saturates() or (qmodel is not None and not saturating_layers(qmodel)):
         return ["int8"]
     return ["int8", "uint8"] if verify else ["uint8"]
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data import forward
 from ..errors import ConfigError, ExportError, first_line
+from .codes import _code_dtype
 from .layers import _Act
 
 #: The forms of 8-bit weight codes :func:`~squeezer.export.export_onnx` can write.
@@ -48,6 +49,38 @@ def _saturates(machine: str, cpuinfo: str | None) -> bool:
     if machine.lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
         return False
     return cpuinfo is None or re.search(r"\b(avx512_vnni|avx_vnni)\b", cpuinfo) is None
+
+
+def saturating_layers(qmodel: nn.Module) -> list[str]:
+    """The layers of ``qmodel`` whose integer kernel can saturate where :func:`u8s8_saturates`:
+    those that quantize their input and store int8 weight codes beyond ±64 with one range per
+    row or tensor (group-wise codes run in float ops). Codes within ±64 cannot saturate:
+    2 · 255 · 64 = 32,640 fits int16. So 7-bit symmetric weights (codes ±63, what ONNX
+    Runtime's own quantizer gets with ``reduce_range``) run exactly in the fast uint8 × int8
+    kernels; 8-bit ones (±127) do not.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4))
+        >>> x = torch.randn(16, 8)
+        >>> from squeezer import LayerQuant, QuantConfig, quantize
+        >>> saturating_layers(quantize(net, QuantConfig(LayerQuant(8, act_bits=8)), calib=[x]))
+        ['0']
+        >>> saturating_layers(quantize(net, QuantConfig(LayerQuant(7, act_bits=8)), calib=[x]))
+        []
+    """
+    from ..quant.modules import QuantMixin
+    from ..quant.primitives import qrange
+
+    out = []
+    for fqn, m in qmodel.named_modules():
+        if not isinstance(m, QuantMixin) or m.spec.act_bits is None or m.spec.act_bits > 8:
+            continue
+        if m.spec.granularity == "group" or m.spec.is_float:
+            continue
+        lo, hi = qrange(m.spec.bits, m.spec.symmetric)
+        if _code_dtype(lo, hi) == np.int8 and max(-lo, hi) > 64:
+            out.append(fqn)
+    return out
 
 
 def resolve_weight_codes(weight_codes: str) -> str:
