@@ -58,6 +58,8 @@ CASES = {
     "flatten_linear": (lambda: create("digits_cnn"), (1, 8, 8)),
     "concat": (lambda: create("squeezenet1_1", classes=10), (3, 64, 64)),
     "depthwise": (DepthwiseNet, (3, 8, 8)),
+    # stride-2 depthwise convs after an asymmetric F.pad (TensorFlow "SAME"), inverted residuals
+    "efficientnet": (lambda: create("efficientnet_lite0", classes=10, image_size=32), (3, 32, 32)),
 }
 
 
@@ -102,6 +104,18 @@ def test_rebuild_and_reload(case, tmp_path):
     x = torch.randn(3, *shape)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), p.model(x))
+
+
+def test_same_padding_keeps_channels_prunable():
+    """The expansion channels of EfficientNet's stride-2 blocks (padded by ``F.pad`` before their
+    depthwise conv) are prunable, not pinned as an unknown op's would be."""
+    model = create("efficientnet_lite0", classes=10, image_size=32).eval()
+    graph = build(model, torch.zeros(2, 3, 32, 32))
+    owners = {u.fqn for uses in graph.channels().values() for u in uses}
+    padded = [f"blocks.{i}" for i, b in enumerate(model.blocks) if b.depthwise.pad]
+    assert padded, "the test net has no padded block"
+    for name in padded:
+        assert f"{name}.depthwise.conv" in owners, name
 
 
 def test_residual_channels_are_coupled():

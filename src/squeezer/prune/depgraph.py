@@ -3,9 +3,9 @@
 Every tensor of the traced model (``torch.fx`` plus shape propagation on an example) carries a
 list of *channel elements*, one per channel (dimension 1; after a flatten, one per feature, so a
 channel spread over ``S`` positions appears ``S`` times). A conv or Linear creates fresh elements
-for its outputs; BatchNorm, activations, pooling, dropout and depthwise convs pass their input's
-elements through; an element-wise add or multiply of two same-shaped tensors *unites* their
-elements (a residual add couples both branches' channels); ``torch.cat`` on dimension 1
+for its outputs; BatchNorm, activations, pooling, dropout, padding of the positions and depthwise
+convs pass their input's elements through; an element-wise add or multiply of two same-shaped
+tensors *unites* their elements (a residual add couples both branches' channels); ``torch.cat`` on dimension 1
 concatenates the lists. Each united set of elements is one prunable channel: removing it drops one
 filter from every layer that produces it, one input slice from every layer that consumes it, one
 entry from every BatchNorm between. This is the idea of DepGraph (Fang et al., arXiv:2301.12900),
@@ -260,6 +260,8 @@ def _function_step(node, chans, uf, fresh, pin_inputs) -> list[int]:
         out = None
     elif target in _PASS_FUNCTIONS or target in _PASS_METHODS:
         out = list(first) if out_shape[:2] == in_shape[:2] else None
+    elif target is torch.nn.functional.pad:
+        out = list(first) if _spatial_pad(node, in_shape, out_shape) else None
     elif target in _BINARY:
         out = _binary(node, chans, uf, out_shape)
     elif target in _CATS:
@@ -284,6 +286,15 @@ def _function_step(node, chans, uf, fresh, pin_inputs) -> list[int]:
         pin_inputs(node)
         return fresh(node, pin=True)
     return out
+
+
+def _spatial_pad(node, in_shape, out_shape) -> bool:
+    """True if an ``F.pad`` pads only the positions (dims ≥ 2), so each channel stays where it is
+    (e.g. TensorFlow-"SAME" padding before a stride-2 conv)."""
+    pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):
+        return False
+    return len(pad) <= 2 * (len(in_shape) - 2) and out_shape[:2] == in_shape[:2]
 
 
 def _binary(node, chans, uf, out_shape) -> list[int] | None:
