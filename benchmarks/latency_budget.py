@@ -14,6 +14,16 @@ analysis on ``--hessian-samples`` sentences (default 64) in batches of 16 (more 
 memory here) with at most ``--hessian-probes`` probes per trace, and the table by encoder layer
 (the ``auto`` unit: 12 exports of the 90 MB model instead of 72).
 
+``--bits 7``: the planner's integer widths (default: the template's), so the table's integer
+graph is at 7 bits; ``--per-channel``: MiniLM's Linears with one weight range per output row
+instead of the Q-BERT template's groups of 128 (group-wise codes run as float ops in ONNX
+Runtime, so that "int8" graph is not an integer one). Both replace the template in this process
+(under its own name; the run folder keeps the per-layer quantizers it planned with). At ≤ 7 bits
+the export keeps int8 weight codes even on x86 without VNNI (they cannot saturate ONNX Runtime's
+uint8 × int8 kernels there):
+
+    python benchmarks/latency_budget.py --model minilm --bits 7 --per-channel --hessian-probes 16
+
 The table is measured by ``compress --budget latency=1r`` (the all-float plan, relative, so not
 checked by export); ``--out DIR`` keeps the run folder. Each budget's row is printed as it is done.
 """
@@ -40,6 +50,27 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"squeezer {' '.join(argv)} exited {code}")
 
 
+def set_template(model: str, bits: str | None, per_channel: bool) -> None:
+    """Replace the model's layer template in this process: integer widths ``bits`` (a comma
+    list), and for MiniLM with ``per_channel`` per-row Linears (see the module docstring)."""
+    from dataclasses import replace
+
+    from squeezer.qbert import qbert_plan
+    from squeezer.templates import TEMPLATES, register_template
+
+    tpl = TEMPLATES["qbert" if model == "minilm" else "default"]
+    changes = {}
+    if bits:
+        changes["bits"] = tuple(sorted({int(b) for b in bits.split(",")}))
+        if max(changes["bits"]) > 8:
+            raise SystemExit(f"--bits {bits}: integer widths are at most 8")
+    if per_channel:
+        if model != "minilm":
+            raise SystemExit("--per-channel is for --model minilm (zoo CNNs are per channel)")
+        changes["mixed"] = lambda m, act_bits: qbert_plan(m, 8, group_size=None, act_bits=act_bits)
+    register_template(replace(tpl, **changes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet_cifar")
@@ -51,7 +82,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="keep the run folder here (default: temporary)")
     ap.add_argument("--reuse", action="store_true",
                     help="--out already holds a compress run: re-plan it, do not re-measure")  # fmt: skip
+    ap.add_argument("--bits", default=None,
+                    help="integer widths to plan with, e.g. 7 or 4,7")  # fmt: skip
+    ap.add_argument("--per-channel", action="store_true",
+                    help="MiniLM: Linears per output row, not in groups of 128")  # fmt: skip
     args = ap.parse_args()
+    if args.bits or args.per_channel:
+        set_template(args.model, args.bits, args.per_channel)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         r = Path(args.out) if args.out else work / "run"

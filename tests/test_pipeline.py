@@ -143,6 +143,36 @@ def test_latency_table_on_the_exported_model(trained_digits_cnn, digits):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model untouched
 
 
+def test_latency_table_takes_the_widest_integer_width_of_the_template(
+    trained_digits_cnn, digits, monkeypatch
+):
+    """With a template whose widths stop at 7 bits (7-bit weight codes cannot saturate ONNX
+    Runtime's uint8 x int8 kernels), the table's integer graph is the 7-bit model, not an 8-bit
+    one the planner could never choose."""
+    from dataclasses import replace
+
+    import squeezer.layer_timing as layer_timing
+    from squeezer.pipeline import LatencyOptions
+    from squeezer.quant.modules import QuantMixin
+
+    net, _ = trained_digits_cnn
+    monkeypatch.setitem(TEMPLATES, "w7", replace(TEMPLATES["default"], name="w7", bits=(4, 7)))
+    seen, real = [], layer_timing.context_latency_costs
+
+    def spy(model, qmodel, *args, **kwargs):
+        seen.append({m.spec.bits for m in qmodel.modules() if isinstance(m, QuantMixin)})
+        return real(model, qmodel, *args, **kwargs)
+
+    monkeypatch.setattr(layer_timing, "context_latency_costs", spy)
+    first = compress(net, digits, "bits=7", hessian_samples=64, template="w7")
+    assert first.analysis.sensitivity.bits == (4, 7)
+    r = replan(net, digits, first.analysis, Budget.parse("latency=1000ms"),
+               latency=LatencyOptions(runs=3))  # fmt: skip
+    assert seen == [{7}]
+    assert r.analysis.sensitivity.bits == (4, 7, 32)
+    assert set(r.plan.bits().values()) <= {4, 7, 32}
+
+
 def test_hessian_batch_size_and_probes_reach_the_analysis(digits, monkeypatch):
     # --hessian-batch-size / --hessian-probes replace the template's analysis settings, and
     # only those (the samples, stopping rule and top_k stay the template's)

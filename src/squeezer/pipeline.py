@@ -258,8 +258,9 @@ def with_latency(
     sens = analysis.sensitivity.with_float_width(32)
     example = calibration.example
     if options.backend == "onnxruntime":
+        top = max(b for b in sens.bits if b <= 8)  # the integer graph: the widest integer width
         int8 = plan(sens, Budget(bits=8), costs=analysis.costs, ties=analysis.ties,
-                    template=analysis.template, pin=dict.fromkeys(sens.layers, 8))  # fmt: skip
+                    template=analysis.template, pin=dict.fromkeys(sens.layers, top))  # fmt: skip
         qmodel = quantize(model, int8, calib=calibration.batches)
         table, fixed, edges, record = context_latency_costs(
             model, qmodel, example, sens.bits, sens.layers, groups=analysis.ties,
