@@ -10,17 +10,17 @@ while it misses), then measured again by `squeezer bench`. Prints a markdown tab
     python benchmarks/latency_budget.py [--model resnet_cifar] [--budgets 3] [--runs 50]
 
 ``--model minilm``: all-MiniLM-L6-v2 (``hf:minilm``) on ``--data sentences``, no training; the
-analysis on ``--hessian-samples`` sentences (default 64) in batches of 16 (more runs out of
-memory here) with at most ``--hessian-probes`` probes per trace, and the table by encoder layer
+analysis on ``--hessian-samples`` sentences (default 64) in batches of
+``--hessian-batch-size`` (default 16; more runs out of memory here) with at most ``--hessian-probes`` probes per trace, and the table by encoder layer
 (the ``auto`` unit: 12 exports of the 90 MB model instead of 72).
 
-``--bits 7``: the planner's integer widths (default: the template's), so the table's integer
-graph is at 7 bits; ``--per-channel``: MiniLM's Linears with one weight range per output row
-instead of the Q-BERT template's groups of 128 (group-wise codes run as float ops in ONNX
-Runtime, so that "int8" graph is not an integer one). Both replace the template in this process
-(under its own name; the run folder keeps the per-layer quantizers it planned with). At ≤ 7 bits
-the export keeps int8 weight codes even on x86 without VNNI (they cannot saturate ONNX Runtime's
-uint8 × int8 kernels there):
+``--bits 7``: the planner's integer widths (``squeezer compress --bits 7``; default: the
+template's), so the table's integer graph is at 7 bits; ``--per-channel``: MiniLM's Linears with
+one weight range per output row instead of the Q-BERT template's groups of 128 (``squeezer
+compress --template qbert-channel``; group-wise codes run as float ops in ONNX Runtime, so that
+"int8" graph is not an integer one). Both are recorded in the run folder, so the re-plans use
+them too. At ≤ 7 bits the export keeps int8 weight codes even on x86 without VNNI (they cannot
+saturate ONNX Runtime's uint8 × int8 kernels there):
 
     python benchmarks/latency_budget.py --model minilm --bits 7 --per-channel --hessian-probes 16
 
@@ -50,25 +50,14 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"squeezer {' '.join(argv)} exited {code}")
 
 
-def set_template(model: str, bits: str | None, per_channel: bool) -> None:
-    """Replace the model's layer template in this process: integer widths ``bits`` (a comma
-    list), and for MiniLM with ``per_channel`` per-row Linears (see the module docstring)."""
-    from dataclasses import replace
-
-    from squeezer.qbert import qbert_plan
-    from squeezer.templates import TEMPLATES, register_template
-
-    tpl = TEMPLATES["qbert" if model == "minilm" else "default"]
-    changes = {}
-    if bits:
-        changes["bits"] = tuple(sorted({int(b) for b in bits.split(",")}))
-        if max(changes["bits"]) > 8:
-            raise SystemExit(f"--bits {bits}: integer widths are at most 8")
+def template_flags(model: str, bits: str | None, per_channel: bool) -> list[str]:
+    """``squeezer compress``'s ``--bits`` and ``--template`` for this benchmark's options."""
+    flags = ["--bits", bits] if bits else []
     if per_channel:
         if model != "minilm":
             raise SystemExit("--per-channel is for --model minilm (zoo CNNs are per channel)")
-        changes["mixed"] = lambda m, act_bits: qbert_plan(m, 8, group_size=None, act_bits=act_bits)
-    register_template(replace(tpl, **changes))
+        flags += ["--template", "qbert-channel"]
+    return flags
 
 
 def main() -> None:
@@ -79,16 +68,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--hessian-samples", type=int, default=None, help="default 64")
     ap.add_argument("--hessian-probes", type=int, default=None, help="per trace (default 100)")
+    ap.add_argument("--hessian-batch-size", type=int, default=16,
+                    help="MiniLM: sentences per Hessian-vector product (default 16)")  # fmt: skip
     ap.add_argument("--out", default=None, help="keep the run folder here (default: temporary)")
     ap.add_argument("--reuse", action="store_true",
                     help="--out already holds a compress run: re-plan it, do not re-measure")  # fmt: skip
     ap.add_argument("--bits", default=None,
-                    help="integer widths to plan with, e.g. 7 or 4,7")  # fmt: skip
+                    help="integer widths to plan with, e.g. 7 or 4,7 (compress --bits)")  # fmt: skip
     ap.add_argument("--per-channel", action="store_true",
-                    help="MiniLM: Linears per output row, not in groups of 128")  # fmt: skip
+                    help="MiniLM: Linears per output row, not in groups of 128 "
+                    "(compress --template qbert-channel)")  # fmt: skip
     args = ap.parse_args()
-    if args.bits or args.per_channel:
-        set_template(args.model, args.bits, args.per_channel)
+    flags = template_flags(args.model, args.bits, args.per_channel)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         r = Path(args.out) if args.out else work / "run"
@@ -100,7 +91,8 @@ def main() -> None:
             raise SystemExit(f"--reuse needs a compress run in --out; {r} has no costs.json")
         if not args.reuse:
             if args.model == "minilm":
-                model = ["hf:minilm", "--data", "sentences", *hessian, "--hessian-batch-size", "16"]
+                model = ["hf:minilm", "--data", "sentences", *hessian, "--hessian-batch-size",
+                         str(args.hessian_batch_size)]  # fmt: skip
             else:
                 digits32(work, seed=0)
                 data = str(work / "digits32.npz")
@@ -110,7 +102,7 @@ def main() -> None:
                 model = [f"zoo:{args.model}", "--weights", weights, "--data", data, *hessian]
             # The analysis and the table, then re-plans (milliseconds). A relative budget is not
             # checked by export (a generous absolute one would export the all-float plan 3 times).
-            run(["compress", *model, "--budget", "latency=1r", "--out", str(r), "--quiet"])
+            run(["compress", *model, *flags, "--budget", "latency=1r", "--out", str(r), "--quiet"])
         t_table = time.perf_counter() - t0
         costs = json.loads((r / "costs.json").read_text())["costs"]
         rec = costs["meta"]["latency"]

@@ -45,7 +45,7 @@ from .quant.apply import quantize
 from .quant.bias_correction import default_bias_correction as default_bias_correction
 from .sensitivity import Sensitivity, sensitivity
 from .spectrum import Spectrum, analyze
-from .templates import LayerTemplate, template_for, uniform_plan
+from .templates import LayerTemplate, template_for, uniform_plan, with_bits
 
 __all__ = [
     "CALIBRATION_SOURCES", "Analysis", "Calibration", "Evaluation", "Result", "analyse",
@@ -437,6 +437,7 @@ def compress(
     hessian_probes: int | None = None,
     extra_variants: tuple[Plan, ...] = (),
     template: str | None = None,
+    bits: tuple[int, ...] | None = None,
     latency: LatencyOptions | None = None,
     bias_correction: bool | None = None,
     seed: int = 0,
@@ -460,7 +461,10 @@ def compress(
             lower it when a large model's analysis runs out of memory).
         hessian_probes: most Hutchinson probes per trace (default: the template's).
         extra_variants: more plans to quantize and evaluate beside the chosen one.
-        template: a layer template name (default: the one matching the model).
+        template: a layer template name (default: the one matching the model); it must match
+            the model. The run records it, so a re-plan quantizes the same way.
+        bits: the planner's candidate integer widths, each 2..8 (default: the template's); the
+            saved sensitivity keeps them, so a re-plan chooses among the same.
         latency: how a latency budget's per-layer table is measured (default: ONNX Runtime, one
             thread); measured only when ``budget`` limits latency.
         bias_correction: correct each quantized layer's bias for its mean output error on the
@@ -480,6 +484,7 @@ def compress(
         raise ConfigError(f"unknown method {method!r}; use 'hessian' or 'uniform'")
     model = split_attention(model)
     tpl = with_analysis(template_for(model, template), hessian_batch_size, hessian_probes)
+    tpl = with_bits(tpl, bits)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     calibration = source(calib)(

@@ -1,5 +1,6 @@
 """Q-BERT for BERT-family encoders: the layer template (group-wise weights), per-block Hessian
-traces, and per-block ties, registered in the one compression chain as the ``"qbert"`` template.
+traces, and per-block ties, registered in the one compression chain as the ``"qbert"`` template
+(and ``"qbert-channel"``: every Linear per output row, which ONNX Runtime runs in integer kernels).
 
 Q-BERT (Shen et al., "Q-BERT: Hessian Based Ultra Low Precision Quantization of BERT",
 arXiv:1909.05840) makes two points. (1) One range per weight matrix is too coarse for BERT; giving
@@ -170,6 +171,13 @@ def block_ties(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
+# 32 Hutchinson probes of the Gauss–Newton Hessian over the quantizable weights only: one product
+# costs ~3 forward passes, so the fixed count keeps MiniLM's analysis ~20 minutes.
+ANALYSIS = AnalysisSettings(
+    samples=HESSIAN_SAMPLES, batch_size=16, max_probes=32, min_probes=32,
+    rel_stderr=None, top_k=0, weights_only=True, probe_batch=1,
+)  # fmt: skip
+
 register_template(
     LayerTemplate(
         name="qbert",
@@ -180,12 +188,27 @@ register_template(
             model, bits, group_size=None if bits >= 8 else 128, act_bits=act_bits
         ),
         bits=MIXED_BITS,
-        # 32 Hutchinson probes of the Gauss–Newton Hessian over the quantizable weights only: one
-        # product costs ~3 forward passes, so the fixed count keeps MiniLM's analysis ~20 minutes.
-        analysis=AnalysisSettings(
-            samples=HESSIAN_SAMPLES, batch_size=16, max_probes=32, min_probes=32,
-            rel_stderr=None, top_k=0, weights_only=True, probe_batch=1,
-        ),  # fmt: skip
+        analysis=ANALYSIS,
         ties=lambda model: (),
+    )
+)
+
+# The same with every Linear (and the word embeddings) per output row: ONNX Runtime runs those as
+# integer kernels (MatMulIntegerToFloat), while groups are exported as DequantizeLinear + a float
+# MatMul, so only this one gives a latency budget on ONNX Runtime int8 layers to trade. Chosen by
+# name (``--template qbert-channel``); groups stay the default for their accuracy at <= 4 bits.
+register_template(
+    LayerTemplate(
+        name="qbert-channel",
+        label="Q-BERT mixed, per channel",
+        matches=is_bert_like,
+        mixed=lambda model, act_bits: qbert_plan(model, 8, group_size=None, act_bits=act_bits),
+        uniform=lambda model, bits, act_bits: qbert_plan(
+            model, bits, group_size=None, act_bits=act_bits
+        ),
+        bits=MIXED_BITS,
+        analysis=ANALYSIS,
+        ties=lambda model: (),
+        auto=False,
     )
 )

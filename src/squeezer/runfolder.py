@@ -66,6 +66,9 @@ class RunSpec:
         prune_finetune: epochs of fine-tuning (distilled from the unpruned model) after pruning.
         bias_correction: biases corrected for the quantization's mean output error (None: the
             default, on for conv nets; a finished run records what it did).
+        template: the layer template asked for (``--template``; None: the one matching the
+            model). The template a run planned with is recorded in ``costs.json`` too.
+        bits: the planner's candidate integer widths (``--bits``; None: the template's).
 
     Example:
         >>> s = RunSpec("compress", "zoo:digits_cnn", data="digits", budget=Budget(bits=4))
@@ -95,6 +98,8 @@ class RunSpec:
     prune: dict[str, Any] | None = None
     prune_finetune: int = 0
     bias_correction: bool | None = None
+    template: str | None = None
+    bits: tuple[int, ...] | None = None
 
     def manifest(self, **extra: Any) -> dict[str, Any]:
         """The ``manifest.json`` document: the spec's fields, flat, beside the tool's provenance
@@ -126,8 +131,9 @@ class RunSpec:
             raise ConfigError("the run's manifest.json names no model; make the run again")
         if d.get("budget"):
             d["budget"] = Budget.parse(d["budget"])
-        if d.get("input_shape"):
-            d["input_shape"] = tuple(d["input_shape"])
+        for key in ("input_shape", "bits"):
+            if d.get(key):
+                d[key] = tuple(d[key])
         d.setdefault("command", "compress")
         return cls(**d)
 
@@ -219,6 +225,14 @@ def _check_numbers(spec: RunSpec) -> None:
          spec.input_shape is None or (len(spec.input_shape) > 0 and min(spec.input_shape) >= 1)),
         ("--seed", spec.seed, spec.seed >= 0),
     ]  # fmt: skip
+    if spec.template is not None:
+        from .templates import check_template_name
+
+        check_template_name(spec.template)
+    if spec.bits is not None:
+        from .templates import check_widths
+
+        check_widths(spec.bits)
     for flag, value, ok in checks:
         if not ok:
             limits = {"--max-len": "at least 2", "--act-bits": "2..16 (0 keeps float)",

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from .budget import Budget
 from .calibration import NEEDS_DATA
+from .config import Plan
 from .errors import ConfigError, SqueezerError
 from .pipeline import LatencyOptions, Result, apply_plan, compress, replan
 from .runfolder import (
@@ -43,6 +45,13 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
         raise ConfigError(NEEDS_DATA)
     check_output_dir(out)
     model, data = load_inputs(spec)
+    if spec.method != "uniform" and "latency_ms" in spec.budget.limits():
+        from .graph import split_attention
+        from .templates import template_for
+
+        split = split_attention(model)
+        warn_grouped_linears(split, template_for(split, spec.template).mixed(split, spec.act_bits),
+                             spec.budget, spec.latency_backend)  # fmt: skip
     with Stage(out) as stage:
         pruned = _prune(model, data, spec, progress)
         if pruned is not None and pruned.plan is not None:  # the joint plan chose the bits too
@@ -57,6 +66,7 @@ def compress_run(spec: RunSpec, out: str | os.PathLike, *, progress: bool = Fals
                 hessian_batch_size=spec.hessian_batch_size, hessian_probes=spec.hessian_probes,
                 progress=progress, samples=spec.calib_samples, input_shape=spec.input_shape,
                 latency=_latency(spec), bias_correction=spec.bias_correction,
+                template=spec.template, bits=spec.bits,
             )  # fmt: skip
         spec = replace(spec, bias_correction=result.extras["bias_correction"]["enabled"])
         if pruned:
@@ -104,11 +114,13 @@ def replan_run(
     s = replace(run.spec, latency_backend=latency_backend or run.spec.latency_backend)
     common = {"calib": s.calib, "calib_inputs": run.calib_inputs, "act_bits": s.act_bits,
               "seed": s.seed, "bias_correction": s.bias_correction}  # fmt: skip
+    if budget is not None and run.analysis.template is not None:
+        warn_grouped_linears(model, run.analysis.template, budget, s.latency_backend)
     with Stage(run.dir, update=True) as stage:
-        if budget is not None:
+        if budget is not None:  # the saved analysis holds the run's template and widths
             result = replan(model, data, run.analysis, budget, latency=_latency(s), **common)
         else:
-            template = run.analysis.template_name if run.analysis else None
+            template = run.analysis.template_name if run.analysis else run.spec.template
             result = apply_plan(model, data, run.plan, template=template, **common)
         if run.spec.prune:
             from .prune.stage import read_record
@@ -118,6 +130,32 @@ def replan_run(
                        bias_correction=result.extras["bias_correction"]["enabled"])  # fmt: skip
         write_compress_run(stage, redo, result, data)
     return result, data
+
+
+def warn_grouped_linears(model, template: Plan, budget: Budget, backend: str) -> bool:
+    """One line on stderr when a latency budget on ONNX Runtime meets Linears quantized in
+    groups: ONNX Runtime runs those as DequantizeLinear + float MatMul, so their "int8" form is
+    not faster and the budget has little to trade. Returns whether it warned.
+
+    Example:
+        >>> warn_grouped_linears(encoder, qbert_plan(encoder), Budget.parse("latency=40ms"),
+        ...                      "onnxruntime")  # doctest: +SKIP
+        True
+    """
+    from torch import nn
+
+    from .graph import quantizable_layers
+
+    if "latency_ms" not in budget.limits() or backend != "onnxruntime":
+        return False
+    linears = {k for k, m in quantizable_layers(model).items() if isinstance(m, nn.Linear)}
+    grouped = [k for k, q in template.layers.items() if k in linears and q.granularity == "group"]
+    if grouped:
+        print(f"squeezer: warning: {len(grouped)} Linear layers are quantized in groups, which "
+              "ONNX Runtime runs as float MatMuls, so a latency budget has little to trade; "
+              "quantize them per output row (for BERT-family encoders: --template qbert-channel)",
+              file=sys.stderr)  # fmt: skip
+    return bool(grouped)
 
 
 def _latency(spec: RunSpec) -> LatencyOptions:

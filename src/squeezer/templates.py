@@ -6,9 +6,12 @@ analysis is run for it (how many samples, probes, which parameters), and which l
 width. The pipeline (:mod:`squeezer.pipeline`) asks :func:`template_for` and never branches on the
 kind of model itself.
 
-Two templates ship: ``"default"`` (every layer per output channel, residual adds tied, HAWQ-V2/V3
-style) and ``"qbert"`` (BERT-family encoders, :mod:`squeezer.qbert`). A new family registers one
-with :func:`register_template`.
+Three templates ship: ``"default"`` (every layer per output channel, residual adds tied, HAWQ-V2/V3
+style), ``"qbert"`` (BERT-family encoders, :mod:`squeezer.qbert`: Linears in groups of 128) and
+``"qbert-channel"`` (the same with one range per output row, which ONNX Runtime runs as integer
+kernels; chosen by name only). A new family registers one with :func:`register_template`; a run
+may name its template and the planner's widths (``squeezer compress --template NAME --bits
+4,7``, :func:`template_for` and :func:`with_bits`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class LayerTemplate:
         bits: the widths the planner may choose.
         analysis: how the Hessian analysis runs.
         ties: ``ties(model)``: groups of layers that must share one width.
+        auto: :func:`template_for` picks it for a model it matches; False: only by name.
     """
 
     name: str
@@ -73,9 +77,10 @@ class LayerTemplate:
     bits: tuple[int, ...]
     analysis: AnalysisSettings
     ties: Callable[[nn.Module], Ties]
+    auto: bool = True
 
 
-#: name -> template; :func:`template_for` tries them newest first, "default" last.
+#: name -> template; :func:`template_for` tries the ``auto`` ones newest first, "default" last.
 TEMPLATES: dict[str, LayerTemplate] = {}
 
 
@@ -86,20 +91,64 @@ def register_template(template: LayerTemplate) -> LayerTemplate:
 
 
 def template_for(model: nn.Module, name: str | None = None) -> LayerTemplate:
-    """The template named ``name``, or the newest registered one that matches ``model``.
+    """The template named ``name`` (it must match ``model``), or the newest registered ``auto``
+    one that matches ``model``.
 
     Example:
         >>> template_for(nn.Sequential(nn.Linear(4, 2))).name
         'default'
     """
     if name is not None:
-        if name not in TEMPLATES:
-            raise ConfigError(f"unknown layer template {name!r}; choose one of {list(TEMPLATES)}")
-        return TEMPLATES[name]
+        check_template_name(name)
+        t = TEMPLATES[name]
+        if not t.matches(model):
+            fits = [k for k, v in TEMPLATES.items() if v.matches(model)]
+            raise ConfigError(
+                f"layer template {name!r} does not apply to this model; choose one of {fits} "
+                "(or leave --template out to take the matching one)"
+            )
+        return t
     for t in reversed(list(TEMPLATES.values())):
-        if t.name != "default" and t.matches(model):
+        if t.name != "default" and t.auto and t.matches(model):
             return t
     return TEMPLATES["default"]
+
+
+def check_template_name(name: str) -> None:
+    """A ConfigError unless ``name`` is a registered template (checked before any loading)."""
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown layer template {name!r}; choose one of {list(TEMPLATES)}")
+
+
+#: The planner's integer widths a run may ask for (:func:`with_bits`).
+INTEGER_BITS = range(2, 9)
+
+
+def check_widths(bits: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """``bits`` as the planner's candidate widths (sorted, unique), or a ConfigError unless it is a
+    non-empty list of integer widths 2..8.
+
+    Example:
+        >>> check_widths([7, 4, 4])
+        (4, 7)
+    """
+    widths = tuple(sorted({int(b) for b in bits}))
+    if not widths or any(b not in INTEGER_BITS for b in widths):
+        raise ConfigError(
+            f"--bits {','.join(map(str, bits)) or '(empty)'}: each integer width must be 2..8, "
+            "e.g. --bits 4,8 or --bits 2,3,4,7"
+        )
+    return widths
+
+
+def with_bits(template: LayerTemplate, bits: tuple[int, ...] | list[int] | None) -> LayerTemplate:
+    """``template`` with the planner's candidate integer widths ``bits`` (None keeps its own).
+
+    Example:
+        >>> with_bits(TEMPLATES["default"], (4, 7)).bits
+        (4, 7)
+    """
+    return template if bits is None else replace(template, bits=check_widths(bits))
 
 
 # --------------------------------------------------------------------------------------------------

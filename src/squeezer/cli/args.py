@@ -95,6 +95,19 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--input-shape {text!r} is not a shape like 1,8,8") from None
 
 
+def parse_bits(text: str | None) -> tuple[int, ...] | None:
+    """``--bits 2,3,4,7`` as the planner's candidate widths (None: the template's)."""
+    if text is None:
+        return None
+    from ..templates import check_widths
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--bits {text!r} is not a comma list of widths like 2,3,4,8") from None
+    return check_widths(values)
+
+
 def print_summary(result, data, out) -> None:
     from ..report import text_summary
 

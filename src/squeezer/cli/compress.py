@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from .args import command, latency_arg, model_args, parse_shape, print_summary, spec_of
+from .args import (
+    command,
+    latency_arg,
+    model_args,
+    parse_bits,
+    parse_shape,
+    print_summary,
+    spec_of,
+)
 from .prune import prune_args, prune_of
 
 
@@ -54,6 +62,14 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         help="hessian: per-layer bits from Hessian traces and an exact integer program (default); "
         "uniform: every layer at a whole --budget bits=N",
     )
+    p.add_argument("--template", metavar="NAME", default=None,
+                   help="layer template: default (per channel), qbert (BERT-family encoders, "
+                   "Linears in groups of 128), qbert-channel (the same per output row: integer "
+                   "kernels in ONNX Runtime, what a latency budget there needs); default: the "
+                   "one that matches the model")  # fmt: skip
+    p.add_argument("--bits", metavar="B,B,...", default=None,
+                   help="the planner's candidate integer weight widths, each 2..8 (e.g. 2,3,4,7; "
+                   "default: the template's: 2,3,4,8, or 2,3,4,5,6,8 for qbert)")  # fmt: skip
     p.add_argument("--max-len", type=int, default=128, help="token length of text inputs (128)")
     p.add_argument("--act-bits", type=int, default=8,
                    help="activation bits (0 keeps activations in float; default 8)")  # fmt: skip
@@ -79,7 +95,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args, "compress", budget=Budget.parse(args.budget), method=args.method, calib=args.calib,
         act_bits=args.act_bits or None, hessian_samples=args.hessian_samples,
         hessian_batch_size=args.hessian_batch_size, hessian_probes=args.hessian_probes,
-        bias_correction=args.bias_correction,
+        bias_correction=args.bias_correction, template=args.template, bits=parse_bits(args.bits),
         input_shape=parse_shape(args.input_shape), latency_backend=args.latency_backend,
         **prune_of(args),
     )  # fmt: skip
