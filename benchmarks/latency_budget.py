@@ -10,9 +10,9 @@ while it misses), then measured again by `squeezer bench`. Prints a markdown tab
     python benchmarks/latency_budget.py [--model resnet_cifar] [--budgets 3] [--runs 50]
 
 ``--model minilm``: all-MiniLM-L6-v2 (``hf:minilm``) on ``--data sentences``, no training; the
-analysis on ``--hessian-samples`` sentences (default 64) in batches of
-``--hessian-batch-size`` (default 16; more runs out of memory here) with at most ``--hessian-probes`` probes per trace, and the table by encoder layer
-(the ``auto`` unit: 12 exports of the 90 MB model instead of 72).
+analysis on ``--hessian-samples`` sentences (default 64) in batches of ``--hessian-batch-size``
+(default 16; more runs out of memory here) with at most ``--hessian-probes`` probes per trace,
+and the table by encoder layer (the ``auto`` unit: 12 exports of the 90 MB model instead of 72).
 
 ``--bits 7``: the planner's integer widths (``squeezer compress --bits 7``; default: the
 template's), so the table's integer graph is at 7 bits; ``--per-channel``: MiniLM's Linears with
