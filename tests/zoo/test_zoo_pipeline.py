@@ -142,8 +142,11 @@ TRAIN = {"squeezenet1_0": ("adamw", 1e-3), "squeezenet1_1": ("adamw", 1e-3),
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR_NETS)
 def test_every_cifar_net_learns_digits(name, digits32):
-    net, info = fit(create(name, classes=10), digits32, epochs=6, seed=0, batch_size=32)
-    assert info["top1"] > 20.0  # above chance (10%) on 256 test digits after 6 short epochs
+    # the smallest ShiftResNet (35k parameters) needs more of the 8-step epochs: seed 0 is at 18%
+    # after 6 and 85% after 10 on this data
+    epochs = 10 if name == "shiftresnet20_e1" else 6
+    net, info = fit(create(name, classes=10), digits32, epochs=epochs, seed=0, batch_size=32)
+    assert info["top1"] > 20.0  # above chance (10%) on 256 test digits after a few short epochs
 
 
 @pytest.mark.slow
