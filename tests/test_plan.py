@@ -441,6 +441,11 @@ def test_fit_to_latency_rescales_the_cap_until_the_measured_plan_meets_the_budge
     got = layer_timing.fit_to_latency(plan_for(10.0), 10.0, floor, build, None)
     assert got.meta["measured_latency_ms"] == pytest.approx(20.0)
     assert len(got.meta["latency_checks"]) == 1
+    # with the table's floor known, the scaled cap (5) stops at it and the fastest plan is
+    # checked too, once (the next scaling would fall below the floor again)
+    got = layer_timing.fit_to_latency(plan_for(10.0), 10.0, floor, build, None, floor_ms=6.0)
+    assert [round(c["cap_ms"], 6) for c in got.meta["latency_checks"]] == [10.0, 6.0]
+    assert got.meta["measured_latency_ms"] == pytest.approx(12.0)
 
 
 # --------------------------------------------------------------------------------------------------

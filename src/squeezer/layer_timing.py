@@ -410,14 +410,17 @@ def fit_to_latency(
     threads: int = 1,
     runs: int = 50,
     tries: int = 3,
+    floor_ms: float | None = None,
 ) -> Any:
     """A plan checked on the runtime: ``chosen`` (a :class:`~squeezer.config.Plan` the table
     predicts within ``target_ms``) is built (``build(plan)`` → quantized model), exported and
     timed (:func:`exported_latency`); while it runs over the target, or more than 10% under it,
     the latency cap is scaled by target / measured and ``solve(cap)`` plans again, at most
-    ``tries`` exports in all. Returned: the slowest plan that met the target (the least loss for
-    its time), else the fastest one tried, with ``meta["measured_latency_ms"]`` and every check
-    in ``meta["latency_checks"]``."""
+    ``tries`` exports in all. ``floor_ms``, the table's fastest plan, bounds the cap from below:
+    a table that under-counts by more than the budget's headroom would otherwise scale the cap
+    below every plan and stop, where the fastest plan is still worth a check. Returned: the
+    slowest plan that met the target (the least loss for its time), else the fastest one tried,
+    with ``meta["measured_latency_ms"]`` and every check in ``meta["latency_checks"]``."""
     from .config import Plan
     from .errors import InfeasibleBudgetError
 
@@ -429,7 +432,12 @@ def fit_to_latency(
         tried.append((ms, chosen))
         if 0.9 * target_ms <= ms <= target_ms:
             break
-        cap *= target_ms / ms
+        new = cap * target_ms / ms
+        if floor_ms is not None:
+            new = max(new, floor_ms * (1 + 1e-9))
+        if new == cap:  # already at the floor: nothing faster to try
+            break
+        cap = new
         try:
             chosen = solve(cap)
         except InfeasibleBudgetError:

@@ -320,10 +320,12 @@ def fit_latency(
     target = budget.limits().get("latency_ms")
     if target is None or "latency_ms" in budget.relative or options.backend != "onnxruntime":
         return chosen
+    costs = analysis.costs
+    floor = costs.fixed("latency_ms") + sum(min(t.values()) for t in costs.latency_ms.values())
     best = fit_to_latency(
         chosen, target, lambda cap: choose_plan(analysis, replace(budget, latency_ms=cap)),
         lambda p: quantize(model, p, calib=calibration.batches), calibration.example,
-        threads=options.threads, runs=options.runs,
+        threads=options.threads, runs=options.runs, floor_ms=floor,
     )  # fmt: skip
     return Plan(
         best.layers, meta={**best.meta, "name": f"{label} ({budget})", "budget": str(budget)}
