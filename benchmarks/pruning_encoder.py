@@ -25,6 +25,8 @@ Usage:
     python benchmarks/pruning_encoder.py --time runs/heads,runs/tokens --out runs/timed
     python benchmarks/pruning_encoder.py --methods heads --extra-text torch,transformers \
         --no-time --out runs/heads-more     # more training text: those packages' docstrings
+    python benchmarks/pruning_encoder.py --methods heads --resume runs/heads/heads+ffn0.40 \
+        --stages 0.4 --epochs 2 --no-time --out runs/heads-on   # two more epochs at 40%
 
 ``--extra-text PKG,PKG`` adds the docstring sentences of those installed packages (parsed, not
 imported, as the ``sentences`` corpus parses the standard library) to the TRAINING split only;
@@ -112,27 +114,35 @@ def fidelity(model, data, pas, pas_ref) -> dict[str, float]:
     }
 
 
-def head_curve(fp32, data, pas, pas_ref, stages, args) -> list[dict[str, Any]]:
-    """Gradual head + neuron pruning: one point per MACs target (fraction of encoder MACs removed)."""
-    rows, model, done, macs0 = [], fp32, 0.0, encoder_macs(fp32)
+def head_curve(fp32, data, pas, pas_ref, stages, args, start=None) -> list[dict[str, Any]]:
+    """Gradual head + neuron pruning: one point per MACs target (fraction of encoder MACs removed).
+
+    ``start``: a pruned model to go on from (``--resume``); a stage at the MACs it already has
+    removed only fine-tunes it further."""
+    rows, model, macs0 = [], start or fp32, encoder_macs(fp32)
+    done = 1 - encoder_macs(model) / macs0
     epochs = per_stage(args.epochs, len(stages))
     for target, n_epochs in zip(stages, epochs, strict=True):
-        ratio = 1 - (1 - target) / (1 - done)  # of the current model's MACs
-        spec = PruneSpec(
-            "heads",
-            ratio=ratio,
-            importance=args.importance,
-            options={"samples": args.samples, "probes": 4, "min_heads": 1, "min_neurons": 32},
-        )
+        if target < done - 1e-3:
+            raise SystemExit(f"--stages: {target} is below the {done:.3f} already removed")
         t0 = time.perf_counter()
-        p = prune(model, spec, data)
+        if target <= done + 1e-3:  # nothing more to remove: fine-tune the model as it is
+            pruned = model
+        else:
+            spec = PruneSpec(
+                "heads",
+                ratio=1 - (1 - target) / (1 - done),  # of the current model's MACs
+                importance=args.importance,
+                options={"samples": args.samples, "probes": 4, "min_heads": 1, "min_neurons": 32},
+            )
+            pruned = prune(model, spec, data).model
         score_s = time.perf_counter() - t0
-        oneshot = fidelity(p.model, data, pas, pas_ref)
+        oneshot = fidelity(pruned, data, pas, pas_ref)
         log(
             f"heads {target:.2f}: one-shot cosine {oneshot['cosine']:.4f} ({score_s:.0f} s scoring)"
         )
         # distilled from the unpruned model: its embeddings, and with --hidden its hidden states
-        r = finetune(p.model, data, teacher=fp32, epochs=n_epochs, lr=args.lr, batch_size=32,
+        r = finetune(pruned, data, teacher=fp32, epochs=n_epochs, lr=args.lr, batch_size=32,
                      steps_per_epoch=args.steps, progress=False, seed=0,
                      hidden_weight=args.hidden, hidden_loss=args.hidden_loss,
                      hidden_attention=args.hidden_attention)  # fmt: skip
@@ -212,6 +222,20 @@ def rebuild_variant(fp32, row: dict, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def resumed(fp32, spec: str) -> torch.nn.Module:
+    """The saved heads model ``DIR/NAME`` (a row of an earlier run), to go on from."""
+    d, _, name = spec.rpartition("/")
+    try:
+        rows = json.loads((Path(d) / "pruning_encoder.json").read_text())["rows"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume: cannot read {d}/pruning_encoder.json ({e})") from None
+    row = next((r for r in rows if r["name"] == name and r["method"] == "heads+ffn"), None)
+    if row is None:
+        names = [r["name"] for r in rows if r["method"] == "heads+ffn"]
+        raise SystemExit(f"--resume: no heads model {name!r} in {d} (there: {names})")
+    return rebuild_variant(fp32, row, Path(d) / "models" / f"{name}.pt")
+
+
 def latencies(
     variants: dict[str, torch.nn.Module], example: dict, runs: int, threads: int
 ) -> dict[str, Any]:
@@ -282,6 +306,9 @@ def main() -> None:
     ap.add_argument("--time-threads", type=int, default=2, help="threads for the timing")
     ap.add_argument("--no-time", action="store_true", help="train and save; time later")
     ap.add_argument("--time", default=None, help="DIR,DIR: time the saved models of these runs")
+    ap.add_argument("--resume", default=None,
+                    help="DIR/NAME: head stages go on from that saved model of an earlier run "
+                         "(e.g. runs/heads/heads+ffn0.40); a stage at its MACs only fine-tunes")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -326,8 +353,9 @@ def main() -> None:
 
     rows = []
     if "heads" in args.methods:
+        start = resumed(fp32, args.resume) if args.resume else None
         rows += head_curve(
-            fp32, data, pas, pas_ref, [float(s) for s in args.stages.split(",")], args
+            fp32, data, pas, pas_ref, [float(s) for s in args.stages.split(",")], args, start
         )
     if "tokens" in args.methods:
         n_tr, n_te = (64, 32) if args.quick else (args.passages, 128)
